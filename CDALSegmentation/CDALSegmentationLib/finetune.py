@@ -1,0 +1,293 @@
+"""Fine-tuning from the scene (Qt-free): export (volume, segmentation) pairs to an MSD-style folder, run
+``python -m cdal_core.cli finetune ... --json-progress`` in a child process, follow its progress, cancel it
+(process tree killed), and register the result as a per-user model (``cdal_core.model_io.user_models_dir()``,
+never the install folder) so that it appears in the model list.
+"""
+import json
+import os
+import re
+import shutil
+import time
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from . import geometry
+from .jobs import ProcessJob, pythonModuleCommand
+from .paths import ensureCoreOnPath, subprocessEnvironment
+
+ensureCoreOnPath()
+from cdal_core.errors import CDALError  # noqa: E402
+
+
+def safeName(text):
+    # type: (str) -> str
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text).strip()).strip("-.")
+    return name or "model"
+
+
+def trainingPairsInScene(scene):
+    """[(volumeNode, segmentationNode)] for every segmentation whose reference geometry is an image volume."""
+    pairs = []
+    for segNode in _nodesByClass(scene, "vtkMRMLSegmentationNode"):
+        role = segNode.GetReferenceImageGeometryReferenceRole()
+        volume = segNode.GetNodeReference(role)
+        if volume is not None and volume.IsA("vtkMRMLScalarVolumeNode") and not volume.IsA(
+                "vtkMRMLLabelMapVolumeNode"):
+            pairs.append((volume, segNode))
+    return pairs
+
+
+def _nodesByClass(scene, className):
+    nodes = []
+    collection = scene.GetNodesByClass(className)
+    for i in range(collection.GetNumberOfItems()):
+        nodes.append(collection.GetItemAsObject(i))
+    return nodes
+
+
+def labelArrayForPair(volumeNode, segmentationNode, card):
+    """(K, J, I) uint8 label array in the volume's grid, classes matched by segment name (case-insensitive).
+
+    Returns (array, matchedClassNames). Raises CDALError when no segment matches a model class.
+    """
+    import slicer.util
+
+    segmentation = segmentationNode.GetSegmentation()
+    byName = {}
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        byName.setdefault(segment.GetName().strip().lower(), segmentation.GetNthSegmentID(i))
+    dims = volumeNode.GetImageData().GetDimensions()
+    labels = np.zeros((dims[2], dims[1], dims[0]), dtype=np.uint8)
+    matched = []
+    for c in sorted(card["classes"], key=lambda c: int(c["index"])):
+        index, name = int(c["index"]), str(c["name"])
+        if index == 0:
+            continue
+        segmentId = byName.get(name.strip().lower())
+        if segmentId is None:
+            continue
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        if mask is None or tuple(mask.shape) != labels.shape:
+            raise CDALError("segment '%s' of %s could not be resampled onto %s: check the segmentation's geometry"
+                            % (name, segmentationNode.GetName(), volumeNode.GetName()))
+        labels[mask > 0] = index
+        matched.append(name)
+    if not matched:
+        names = [c["name"] for c in card["classes"] if int(c["index"]) != 0]
+        have = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        raise CDALError("segmentation %s has no segment named like the model's classes (%s; it has %s): rename the "
+                        "segments in Segment Editor" % (segmentationNode.GetName(), ", ".join(names),
+                                                        ", ".join(have) or "no segments"))
+    return labels, matched
+
+
+def exportTrainingData(pairs, outDir, card):
+    """Write ``dataset.json``, ``imagesTr/`` and ``labelsTr/`` (NIfTI) for the pairs. Returns (outDir, warnings)."""
+    import SimpleITK as sitk
+
+    if not pairs:
+        raise CDALError("no training data: segment a volume (and correct it in Segment Editor) first, then choose "
+                        "the segmentations to fine-tune on")
+    channels = int(card["input"].get("image_channels", 1))
+    os.makedirs(os.path.join(outDir, "imagesTr"), exist_ok=True)
+    os.makedirs(os.path.join(outDir, "labelsTr"), exist_ok=True)
+    training = []
+    warnings = []
+    used = set()
+    for number, (volumeNode, segNode) in enumerate(pairs):
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            raise CDALError("segmentation %s has no image volume: set its source volume in Segment Editor"
+                            % segNode.GetName())
+        if volumeNode.GetImageData().GetNumberOfScalarComponents() != channels:
+            raise CDALError("%s has %d components per voxel, the model expects %d"
+                            % (volumeNode.GetName(), volumeNode.GetImageData().GetNumberOfScalarComponents(),
+                               channels))
+        labels, matched = labelArrayForPair(volumeNode, segNode, card)
+        missing = [c["name"] for c in card["classes"] if int(c["index"]) != 0 and c["name"] not in matched]
+        if missing:
+            warnings.append("%s: no segment for %s (treated as background)" % (segNode.GetName(), ", ".join(missing)))
+        if not labels.any():
+            warnings.append("%s: all segments are empty" % segNode.GetName())
+        stem = safeName(volumeNode.GetName())[:40]
+        if stem in used:
+            stem = "%s_%03d" % (stem, number)
+        used.add(stem)
+        image = geometry.sitkImageFromVolumeNode(volumeNode)
+        label = sitk.GetImageFromArray(labels)
+        label.CopyInformation(image if image.GetNumberOfComponentsPerPixel() == 1 else
+                              sitk.VectorIndexSelectionCast(image, 0))
+        sitk.WriteImage(image, os.path.join(outDir, "imagesTr", stem + ".nii.gz"), True)
+        sitk.WriteImage(label, os.path.join(outDir, "labelsTr", stem + ".nii.gz"), True)
+        training.append({"image": "./imagesTr/%s.nii.gz" % stem, "label": "./labelsTr/%s.nii.gz" % stem})
+    meta = {
+        "name": "CDALSegmentation fine-tuning data",
+        "description": "exported from 3D Slicer by CDALSegmentation",
+        "tensorImageSize": "3D",
+        "modality": {"0": str(card["input"].get("modality", "MRI"))},
+        "labels": dict((str(int(c["index"])), str(c["name"])) for c in card["classes"]),
+        "numTraining": len(training),
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
+    with open(os.path.join(outDir, "dataset.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return outDir, warnings
+
+
+def fineTuneDevice(requested="auto"):
+    # type: (str) -> Tuple[str, Optional[str]]
+    """(device, warning or None). 'cuda' without a GPU is a CDALError; no GPU means CPU with a warning."""
+    requested = (requested or "auto").lower()
+    try:
+        import torch
+
+        cuda = bool(torch.cuda.is_available())
+    except ImportError:
+        raise CDALError("PyTorch is not installed: install it (PyTorch extension or the module's install prompt)")
+    if requested in ("cuda", "gpu"):
+        if not cuda:
+            raise CDALError("no CUDA GPU is available for fine-tuning: choose device CPU (slow) or auto")
+        return "cuda", None
+    if requested == "cpu" or not cuda:
+        return "cpu", ("No CUDA GPU in use: fine-tuning runs on the CPU and will be slow; keep the number of steps "
+                       "small or set a time limit")
+    return "cuda", None
+
+
+class FineTuneJob(ProcessJob):
+    """``cdal finetune`` in a child process; registers the model in the per-user folder when done."""
+
+    def __init__(self, command, env, runDir, newModelName, baseModelName, numCases, cwd=None):
+        ProcessJob.__init__(self, command, env=env, cwd=cwd, name="fine-tuning")
+        self.runDir = runDir
+        self.newModelName = newModelName
+        self.baseModelName = baseModelName
+        self.numCases = numCases
+        self.step = 0
+        self.maxSteps = None
+        self.modelPath = None  # registered model folder once done
+        self.warnings = []  # type: List[str]
+
+    def handleEvent(self, event):
+        kind = event.get("event")
+        if kind == "progress":
+            self.step = int(event.get("step", self.step))
+            if event.get("max_steps"):
+                self.maxSteps = int(event["max_steps"])
+                self.fraction = min(1.0, float(self.step) / max(1, self.maxSteps))
+            self.etaSeconds = event.get("eta_seconds")
+            self.message = "Step %d/%s" % (self.step, self.maxSteps or "?")
+        elif kind == "validation":
+            dice = event.get("mean_dice")
+            if dice is not None:
+                self.message = "Step %d/%s, validation Dice %.3f" % (self.step, self.maxSteps or "?", float(dice))
+        elif kind == "time_limit":
+            self.message = "Time limit reached at step %s, saving" % event.get("step")
+        elif kind == "error":
+            self.error = str(event.get("message", ""))
+        elif kind == "done":
+            self.message = "Saving model"
+
+    def succeeded(self):
+        return self._trainedModelDir() is not None
+
+    def _trainedModelDir(self):
+        done = [e for e in self.events if e.get("event") == "done" and e.get("model")]
+        candidates = []
+        if done:
+            path = str(done[-1]["model"])
+            if not os.path.isabs(path):
+                path = os.path.join(self.cwd or os.getcwd(), path)
+            candidates.append(path)
+        candidates.append(os.path.join(self.runDir, "model"))
+        for path in candidates:
+            if os.path.isfile(os.path.join(path, "model.json")):
+                return path
+        return None
+
+    def onDone(self):
+        try:
+            self.modelPath = registerModel(self._trainedModelDir(), self.newModelName, self.baseModelName,
+                                           self.numCases)
+            self.message = "Fine-tuned model '%s' is ready" % os.path.basename(self.modelPath)
+        except (CDALError, OSError) as exc:
+            self.state = "failed"
+            self.message = "Failed"
+            self.error = "could not register the fine-tuned model: %s" % exc
+
+
+def registerModel(trainedDir, newModelName, baseModelName="", numCases=0):
+    """Copy a trained model folder into the per-user model folder under a new, unused name. Returns its path."""
+    from .logic import userModelsDir
+
+    root = userModelsDir()
+    os.makedirs(root, exist_ok=True)
+    name = safeName(newModelName)
+    candidate, n = name, 2
+    while os.path.exists(os.path.join(root, candidate)):
+        candidate = "%s-%d" % (name, n)
+        n += 1
+    staging = os.path.join(root, "." + candidate + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(trainedDir, staging)
+    cardPath = os.path.join(staging, "model.json")
+    with open(cardPath) as f:
+        card = json.load(f)
+    card["name"] = candidate
+    card["fine_tuned_from"] = baseModelName
+    card["fine_tuned_cases"] = int(numCases)
+    card["fine_tuned_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(cardPath, "w") as f:
+        json.dump(card, f, indent=2)
+    target = os.path.join(root, candidate)
+    os.rename(staging, target)
+    return target
+
+
+def runsDir():
+    from .logic import userModelsDir
+
+    return os.path.join(os.path.dirname(os.path.abspath(userModelsDir())), "runs")
+
+
+def startFineTune(pairs, baseModel="hippocampus", newModelName=None, maxSteps=200, maxMinutes=None,
+                  device="auto", workDir=None, python=None, config=None):
+    """Export the pairs and start the fine-tuning child process. Returns a running FineTuneJob.
+
+    ``job.warnings`` holds the CPU warning (when no GPU is used) and export warnings; the GUI shows them.
+    ``config``: optional dict of training settings passed to ``cdal finetune --config`` (e.g. batch_size).
+    """
+    from .logic import readModelCard, resolveModelPath
+
+    modelPath = resolveModelPath(baseModel)
+    card = readModelCard(modelPath)
+    baseName = os.path.basename(modelPath.rstrip("/\\"))
+    if not pairs:
+        raise CDALError("no training data: choose at least one segmentation (with its volume) to fine-tune on")
+    if maxSteps is not None and int(maxSteps) < 1:
+        raise CDALError("number of fine-tuning steps must be at least 1")
+    dev, deviceWarning = fineTuneDevice(device)
+    newModelName = safeName(newModelName or "%s-finetuned-%s" % (baseName, time.strftime("%Y%m%d-%H%M")))
+    if workDir is None:
+        workDir = os.path.join(runsDir(), "%s-%s" % (newModelName, time.strftime("%Y%m%d-%H%M%S")))
+    os.makedirs(workDir, exist_ok=True)
+    dataDir, warnings = exportTrainingData(pairs, os.path.join(workDir, "data"), card)
+    runDir = os.path.join(workDir, "run")
+    args = ["finetune", "--model", modelPath, "--data", dataDir, "--out", runDir, "--device", dev, "--json-progress"]
+    if maxSteps:
+        args += ["--max-steps", int(maxSteps)]
+    if maxMinutes:
+        args += ["--max-minutes", float(maxMinutes)]
+    if config:
+        configPath = os.path.join(workDir, "finetune-config.json")
+        with open(configPath, "w") as f:
+            json.dump(config, f, indent=1)
+        args += ["--config", configPath]
+    command = pythonModuleCommand("cdal_core.cli", args, python=python)
+    job = FineTuneJob(command, subprocessEnvironment(), runDir, newModelName, baseName, len(pairs), cwd=workDir)
+    job.warnings = ([deviceWarning] if deviceWarning else []) + warnings
+    job.start()
+    return job

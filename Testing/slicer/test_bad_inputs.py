@@ -1,0 +1,123 @@
+"""Bad input gives one clear CDALError line, creates no node and changes nothing in the scene."""
+import os
+
+import numpy as np
+import pytest
+
+import slicer
+import slicer.util
+from cdal_core.errors import CancelledError, CDALError
+from CDALSegmentationLib.logic import CDALSegmentationLogic, VolumeTooLargeError
+
+from helpers import scene_snapshot, volume_from_array
+
+
+def _volume(app, shape=(12, 20, 22), name="vol", value=None):
+    rng = np.random.default_rng(0)
+    array = rng.normal(100, 20, size=shape).astype(np.float32) if value is None else np.full(shape, value, np.float32)
+    return volume_from_array(array, np.diag([1.0, 1.0, 2.0, 1.0]), name)
+
+
+def _expect_error(app, call, words, error=CDALError):
+    before = scene_snapshot(app.scene)
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and 10 < len(message) < 400, message
+    for word in words:
+        assert word.lower() in message.lower(), (word, message)
+    assert scene_snapshot(app.scene) == before, "a failed run changed the scene"
+    return message
+
+
+def test_no_volume(app, logic, tiny_model):
+    _expect_error(app, lambda: logic.segment(None, model=tiny_model), ["no input volume"])
+
+
+def test_2d_image(app, logic, tiny_model):
+    node = _volume(app, shape=(1, 40, 40), name="slice2d")
+    _expect_error(app, lambda: logic.segment(node, model=tiny_model), ["2D", "3D"])
+
+
+def test_rgb_volume_into_grey_model(app, logic, tiny_model):
+    node = app.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "colour")
+    slicer.util.updateVolumeFromArray(node, np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3)).astype(np.uint8))
+    _expect_error(app, lambda: logic.segment(node, model=tiny_model), ["RGB", "greyscale"])
+
+
+def test_label_map_rejected(app, logic, tiny_model):
+    node = app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    slicer.util.updateVolumeFromArray(node, np.ones((8, 16, 16), np.uint8))
+    _expect_error(app, lambda: logic.segment(node, model=tiny_model), ["label map"])
+
+
+def test_missing_model_and_bad_model_folder(app, logic, tmp_path):
+    node = _volume(app)
+    _expect_error(app, lambda: logic.segment(node, model="no-such-model"), ["not found", "no-such-model"])
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    _expect_error(app, lambda: logic.segment(node, model=str(empty)), ["model.json"])
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model.json").write_text("{not json")
+    _expect_error(app, lambda: logic.segment(node, model=str(broken)), ["model"])
+
+
+def test_incompatible_model_weights(app, logic, tiny_model, tmp_path):
+    import shutil
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(tiny_model, str(bad))
+    with open(str(bad / "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    node = _volume(app)
+    _expect_error(app, lambda: logic.segment(node, model=str(bad)), ["model.safetensors"])
+
+
+def test_nan_and_constant_volumes(app, logic, tiny_model):
+    node = _volume(app, name="nan")
+    array = slicer.util.arrayFromVolume(node)
+    array[2, 3, 4] = np.nan
+    slicer.util.arrayFromVolumeModified(node)
+    _expect_error(app, lambda: logic.segment(node, model=tiny_model), ["NaN"])
+    flat = _volume(app, name="flat", value=5.0)
+    _expect_error(app, lambda: logic.segment(flat, model=tiny_model), ["constant"])
+
+
+def test_huge_volume_asks_for_roi_and_roi_outside(app, tiny_model):
+    logic = CDALSegmentationLogic(maxVoxelsWithoutROI=1000)
+    node = _volume(app)
+    _expect_error(app, lambda: logic.segment(node, model=tiny_model), ["ROI"], error=VolumeTooLargeError)
+    roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "far away")
+    roi.SetCenter(500.0, 500.0, 500.0)
+    roi.SetSize(10.0, 10.0, 10.0)
+    _expect_error(app, lambda: CDALSegmentationLogic().segment(node, model=tiny_model, roiNode=roi),
+                  ["does not overlap"])
+
+
+def test_cancelled_run_leaves_scene_unchanged(app, logic, tiny_model):
+    node = _volume(app)
+
+    def progress(fraction, message):
+        if fraction > 0.05:
+            raise CancelledError("cancelled by the user")
+
+    _expect_error(app, lambda: logic.segment(node, model=tiny_model, samples=1, steps=1, progress=progress),
+                  ["cancelled"], error=CancelledError)
+
+
+def test_cancel_background_job_kills_process(app, logic, tiny_model):
+    node = _volume(app)
+    before = scene_snapshot(app.scene)
+    job = logic.startSegmentation(node, model=tiny_model, samples=1, steps=1, device="cpu")
+    pid = job.pid
+    job.cancel()
+    assert job.state == "cancelled"
+    assert job._process.poll() is not None
+    if os.name != "nt":
+        with pytest.raises(OSError):
+            os.killpg(pid, 0)  # the whole process group is gone
+    with pytest.raises(CDALError):
+        logic.finishSegmentation(job)
+    job.cleanup()
+    assert scene_snapshot(app.scene) == before

@@ -1,0 +1,78 @@
+"""Fine-tuning round trip on CPU: export pairs from the scene, run `cdal finetune`, register, segment with it."""
+import json
+import os
+
+import numpy as np
+
+import slicer.util
+from CDALSegmentationLib import finetune
+from CDALSegmentationLib.logic import listModels, modelKind, userModelsDir
+
+from slicer_harness import load_volume
+
+SMALL = {"batch_size": 2, "val_samples": 1, "val_max_volumes": 1, "log_every": 1}
+
+
+def test_export_training_pairs(app, logic, tiny_model, synthetic_data, tmp_path):
+    volume = load_volume(os.path.join(str(synthetic_data), "imagesTr", "case_000.nii.gz"), name="case 0")
+    result = logic.segment(volume, model=tiny_model, samples=1, steps=1, seed=0)
+    pairs = logic.trainingPairs(app.scene)
+    assert pairs == [(volume, result.segmentationNode)]
+    out, warnings = finetune.exportTrainingData(pairs, str(tmp_path / "msd"), result.card)
+    meta = json.loads((tmp_path / "msd" / "dataset.json").read_text())
+    assert meta["numTraining"] == 1 and meta["labels"]["1"] == result.card["classes"][1]["name"]
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(tmp_path / "msd" / meta["training"][0]["image"]))
+    label = sitk.ReadImage(str(tmp_path / "msd" / meta["training"][0]["label"]))
+    source = sitk.ReadImage(os.path.join(str(synthetic_data), "imagesTr", "case_000.nii.gz"))
+    assert image.GetSize() == source.GetSize()
+    assert np.allclose(image.GetOrigin(), source.GetOrigin()) and np.allclose(image.GetDirection(),
+                                                                             source.GetDirection())
+    assert np.array_equal(sitk.GetArrayFromImage(label), result.labelArray())
+
+
+def test_finetune_round_trip_cpu(app, logic, tiny_model, synthetic_data, user_models):
+    volume = load_volume(os.path.join(str(synthetic_data), "imagesTr", "case_001.nii.gz"), name="case 1")
+    result = logic.segment(volume, model=tiny_model, samples=1, steps=1, seed=0)
+    pairs = logic.trainingPairs(app.scene)
+    job = logic.startFineTune(pairs, baseModel=tiny_model, newModelName="my tuned", maxSteps=3, device="cpu",
+                              config=SMALL)
+    assert any("CPU" in w for w in job.warnings)
+    statuses = []
+    state = job.wait(timeout=240, interval=0.5, callback=lambda j: statuses.append(j.statusText()))
+    assert state == "done", (job.error, job.stderrLines[-10:])
+    assert job.modelPath == os.path.join(userModelsDir(), "my-tuned")
+    assert os.path.dirname(job.modelPath) == str(user_models)
+    assert modelKind(job.modelPath) == "user"
+    card = json.load(open(os.path.join(job.modelPath, "model.json")))
+    assert card["name"] == "my-tuned" and card["fine_tuned_cases"] == 1
+    assert "my-tuned" in listModels()
+    assert any("Step" in s for s in statuses), statuses
+    # the new model is selectable by name and segments
+    tuned = logic.segment(volume, model="my-tuned", samples=1, steps=1, seed=0)
+    assert tuned.segmentationNode.GetSegmentation().GetNumberOfSegments() == 2
+    # registering again never overwrites
+    again = finetune.registerModel(job.modelPath, "my tuned")
+    assert again.endswith("my-tuned-2")
+
+
+def test_finetune_cancel_kills_children(app, logic, tiny_model, synthetic_data, user_models):
+    volume = load_volume(os.path.join(str(synthetic_data), "imagesTr", "case_002.nii.gz"), name="case 2")
+    logic.segment(volume, model=tiny_model, samples=1, steps=1, seed=0)
+    job = logic.startFineTune(logic.trainingPairs(app.scene), baseModel=tiny_model, newModelName="never",
+                              maxSteps=1000, device="cpu", config=SMALL)
+    import time
+
+    time.sleep(1.0)
+    job.poll()
+    job.cancel()
+    assert job.state == "cancelled" and job._process.poll() is not None
+    if os.name != "nt":
+        try:
+            os.killpg(job.pid, 0)
+            alive = True
+        except OSError:
+            alive = False
+        assert not alive
+    assert "never" not in listModels()

@@ -1,0 +1,191 @@
+"""CDALSegmentationLogic.segment with real MRML (slicer-core): outputs, geometry, overlays, per-slice table."""
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import slicer
+import slicer.util
+from CDALSegmentationLib import geometry
+from CDALSegmentationLib.logic import CDALSegmentationLogic, foregroundClasses, readModelCard
+
+from helpers import (dice, labels_to_grid, oblique_copy, permute_flip, scene_snapshot, volume_from_array,
+                     volume_from_sitk)
+from slicer_harness import load_volume
+
+FAST = dict(samples=2, steps=1, seed=7)
+
+
+def _synthetic_case(synthetic_data, index=0):
+    return os.path.join(str(synthetic_data), "imagesTr", "case_%03d.nii.gz" % index)
+
+
+def _anisotropic_oblique_node(synthetic_data, name="Input"):
+    """The synthetic case with anisotropic spacing, a non-zero origin and an oblique direction."""
+    image = sitk.ReadImage(_synthetic_case(synthetic_data))
+    image.SetSpacing((0.9, 1.1, 1.6))
+    image.SetOrigin((12.5, -40.0, 7.25))
+    from helpers import rotation
+
+    image.SetDirection([float(v) for v in rotation((0.2, 1.0, 0.5), 11.0).flatten()])
+    return volume_from_sitk(image, name)
+
+
+def test_outputs_have_input_geometry_names_and_colours(app, logic, tiny_model, synthetic_data, vtk_errors):
+    volume = _anisotropic_oblique_node(synthetic_data)
+    before = scene_snapshot(app.scene)
+    result = logic.segment(volume, model=tiny_model, **FAST)
+
+    dims = volume.GetImageData().GetDimensions()
+    matrix = geometry.ijkToRasArray(volume)
+    for node in (result.uncertaintyNode, result.attentionNode):
+        assert node.IsA("vtkMRMLScalarVolumeNode")
+        assert node.GetScene() is app.scene
+        assert node.GetImageData().GetDimensions() == dims
+        assert np.array_equal(geometry.ijkToRasArray(node), matrix), "overlay IJK-to-RAS differs from the input"
+    unc = slicer.util.arrayFromVolume(result.uncertaintyNode)
+    att = slicer.util.arrayFromVolume(result.attentionNode)
+    assert unc.dtype == np.float32 and np.all(unc >= 0) and np.isfinite(unc).all()
+    assert att.min() >= 0.0 and att.max() <= 1.0
+
+    card = readModelCard(tiny_model)
+    classes = foregroundClasses(card)
+    segmentation = result.segmentationNode.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(classes)
+    for i, (index, name, color) in enumerate(classes):
+        segment = segmentation.GetNthSegment(i)
+        assert segment.GetName() == name
+        assert np.allclose(segment.GetColor(), color)
+    # the segmentation's reference geometry is the input volume and its labelmap lies exactly on the input grid
+    labels = result.labelArray()
+    assert labels.shape == (dims[2], dims[1], dims[0])
+    assert result.segmentationNode.GetNodeReference(
+        result.segmentationNode.GetReferenceImageGeometryReferenceRole()) is volume
+
+    # new nodes only, unique names, nothing removed or renamed
+    after = scene_snapshot(app.scene)
+    assert after[:len(before)] == before
+    names = [n[2] for n in after]
+    assert len(set(n.GetName() for n in result.nodes())) == 4
+    # a second run never overwrites the first one's nodes
+    first_ids = [n.GetID() for n in result.nodes()]
+    first_unc = unc.copy()
+    second = logic.segment(volume, model=tiny_model, **FAST)
+    assert not set(first_ids) & set(n.GetID() for n in second.nodes())
+    assert all(app.scene.GetNodeByID(i) is not None for i in first_ids)
+    assert np.array_equal(slicer.util.arrayFromVolume(result.uncertaintyNode), first_unc)
+    all_names = [app.scene.GetNthNode(i).GetName() for i in range(app.scene.GetNumberOfNodes())]
+    for node in second.nodes():
+        assert all_names.count(node.GetName()) == 1, node.GetName()
+    assert not vtk_errors.messages, vtk_errors.messages
+    del names
+
+
+def test_overlay_display_inferno_low_values_transparent(app, logic, tiny_model, synthetic_data):
+    volume = load_volume(_synthetic_case(synthetic_data), name="case0")
+    result = logic.segment(volume, model=tiny_model, **FAST)
+    for node in (result.uncertaintyNode, result.attentionNode):
+        display = node.GetDisplayNode()
+        color = display.GetColorNode()
+        assert color is not None and "nferno" in (color.GetName() + color.GetID())
+        assert not display.GetAutoWindowLevel()
+        assert display.GetApplyThreshold() and display.GetLowerThreshold() > 0.0
+    att = result.attentionNode.GetDisplayNode()
+    assert att.GetWindow() == pytest.approx(1.0) and att.GetLevel() == pytest.approx(0.5)
+    # one colour table for all runs
+    logic.segment(volume, model=tiny_model, **FAST)
+    assert app.scene.GetNodesByClassByName("vtkMRMLColorTableNode", "CDAL Inferno").GetNumberOfItems() <= 1
+
+
+def test_slice_table_consistent_with_uncertainty_volume(app, logic, tiny_model, synthetic_data):
+    volume = load_volume(_synthetic_case(synthetic_data, 1), name="case1")
+    result = logic.segment(volume, model=tiny_model, **FAST)
+    table = result.sliceTableNode
+    unc = slicer.util.arrayFromVolume(result.uncertaintyNode).astype(np.float64)
+    labels = result.labelArray()
+    K = unc.shape[0]
+    assert table.GetNumberOfRows() == K
+    assert np.array_equal(slicer.util.arrayFromTableColumn(table, "Slice"), np.arange(K))
+    assert np.allclose(slicer.util.arrayFromTableColumn(table, "Mean uncertainty"), unc.reshape(K, -1).mean(1),
+                       rtol=1e-6, atol=1e-12)
+    assert np.allclose(slicer.util.arrayFromTableColumn(table, "Max uncertainty"), unc.reshape(K, -1).max(1),
+                       rtol=1e-6, atol=1e-12)
+    for index, name, _ in foregroundClasses(result.card):
+        counts = slicer.util.arrayFromTableColumn(table, "%s voxels" % name)
+        assert np.array_equal(counts, (labels == index).reshape(K, -1).sum(1)), name
+    # jump target of a row lies on that slice
+    ras = logic.sliceCenterRAS(volume, K // 2)
+    ijk = np.linalg.inv(geometry.ijkToRasArray(volume)).dot(list(ras) + [1.0])
+    assert ijk[2] == pytest.approx(K // 2)
+    chart = logic.createSliceUncertaintyPlot(table)
+    assert chart.GetNumberOfPlotSeriesNodes() == 1
+
+
+def test_same_physical_image_permuted_flipped_and_oblique(app, logic, tiny_model, synthetic_data):
+    image = sitk.ReadImage(_synthetic_case(synthetic_data, 2))
+    image.SetSpacing((1.0, 1.0, 1.0))
+    base = volume_from_sitk(image, "base")
+    base_labels = logic.segment(base, model=tiny_model, **FAST).labelArray()
+    assert base_labels.any(), "tiny model found nothing; the comparison would be vacuous"
+
+    # permuted + flipped voxel axes (exact re-indexing, LPS/RAS-like flips): identical segmentation expected
+    array = slicer.util.arrayFromVolume(base)
+    for perm, flips in (((0, 1, 2), (True, True, False)), ((2, 0, 1), (False, True, True))):
+        new_array, new_matrix, inverse = permute_flip(array, geometry.ijkToRasArray(base), perm, flips)
+        node = volume_from_array(new_array, new_matrix, "permuted")
+        labels = logic.segment(node, model=tiny_model, **FAST).labelArray()
+        back = inverse(labels)
+        assert back.shape == base_labels.shape
+        agreement = float((back == base_labels).mean())
+        assert dice(back, base_labels) > 0.9 and agreement > 0.98, (perm, flips, agreement)
+
+    # oblique storage of the same physical image (resampled): the same structures after mapping back
+    node = volume_from_sitk(oblique_copy(image, degrees=12.0), "oblique")
+    labels = logic.segment(node, model=tiny_model, **FAST).labelArray()
+    back = labels_to_grid(labels, node, base)
+    assert dice(back, base_labels) > 0.6, dice(back, base_labels)
+
+
+def test_roi_crops_and_pastes_back(app, logic, tiny_model, synthetic_data):
+    volume = load_volume(_synthetic_case(synthetic_data), name="roi-input")
+    dims = volume.GetImageData().GetDimensions()
+    matrix = geometry.ijkToRasArray(volume)
+    lo = np.array([4, 6, 5])
+    hi = np.array([dims[0] - 6, dims[1] - 8, dims[2] - 4])
+    center = matrix.dot(list((lo + hi - 1) / 2.0) + [1.0])[:3]
+    size = np.abs(matrix[:3, :3]).dot(hi - lo)
+    roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI")
+    roi.SetCenter(*center)
+    roi.SetSize(*size)
+    result = logic.segment(volume, model=tiny_model, roiNode=roi, **FAST)
+    (i0, j0, k0), (i1, j1, k1) = result.ijkBox
+    assert (i0, j0, k0) == tuple(lo) and (i1, j1, k1) == tuple(hi)
+    unc = slicer.util.arrayFromVolume(result.uncertaintyNode)
+    assert unc.shape == (dims[2], dims[1], dims[0])
+    assert np.array_equal(geometry.ijkToRasArray(result.uncertaintyNode), matrix)
+    outside = np.ones(unc.shape, bool)
+    outside[k0:k1, j0:j1, i0:i1] = False
+    assert not unc[outside].any()
+    assert not result.labelArray()[outside].any()
+    assert unc[~outside].any()
+
+
+def test_background_job_matches_in_process(app, logic, tiny_model, synthetic_data):
+    volume = load_volume(_synthetic_case(synthetic_data), name="job-input")
+    direct = logic.segment(volume, model=tiny_model, device="cpu", **FAST)
+    job = logic.startSegmentation(volume, model=tiny_model, device="cpu", **FAST)
+    try:
+        before = scene_snapshot(app.scene)
+        seen = []
+        state = job.wait(timeout=180, callback=lambda j: seen.append(j.statusText()))
+        assert state == "done", (job.error, job.stderrLines[-5:])
+        assert scene_snapshot(app.scene) == before, "the job must not touch the scene before finishSegmentation"
+        result = logic.finishSegmentation(job)
+    finally:
+        job.cleanup()
+    assert np.array_equal(result.labelArray(), direct.labelArray())
+    assert np.allclose(slicer.util.arrayFromVolume(result.uncertaintyNode),
+                       slicer.util.arrayFromVolume(direct.uncertaintyNode), atol=1e-6)
+    assert any("%" in s for s in seen)
+    assert not os.path.exists(job.workDir)
