@@ -254,7 +254,7 @@ def runsDir():
 
 
 def startFineTune(pairs, baseModel="hippocampus", newModelName=None, maxSteps=200, maxMinutes=None,
-                  device="auto", workDir=None, python=None, config=None):
+                  device="auto", workDir=None, python=None, config=None, baseEnvironment=None):
     """Export the pairs and start the fine-tuning child process. Returns a running FineTuneJob.
 
     ``job.warnings`` holds the CPU warning (when no GPU is used) and export warnings; the GUI shows them.
@@ -287,7 +287,8 @@ def startFineTune(pairs, baseModel="hippocampus", newModelName=None, maxSteps=20
             json.dump(config, f, indent=1)
         args += ["--config", configPath]
     command = pythonModuleCommand("cdal_core.cli", args, python=python)
-    job = FineTuneJob(command, subprocessEnvironment(), runDir, newModelName, baseName, len(pairs), cwd=workDir)
+    job = FineTuneJob(command, subprocessEnvironment(baseEnvironment), runDir, newModelName, baseName,
+                      len(pairs), cwd=workDir)
     job.warnings = ([deviceWarning] if deviceWarning else []) + warnings
     job.start()
     return job

@@ -269,7 +269,14 @@ class ProcessJob(object):
 
 
 def pythonModuleCommand(module, args, python=None):
-    """``[python, -m, module, *args]`` with the interpreter child processes should use."""
-    from .paths import pythonExecutable
+    """Command running ``python -m module args`` with ``cdal_core`` and this library importable.
 
-    return [python or pythonExecutable(), "-m", module] + [str(a) for a in args]
+    The paths are put on ``sys.path`` by a ``-c`` bootstrap rather than only through PYTHONPATH, because
+    Slicer's ``PythonSlicer`` launcher sets its own PYTHONPATH.
+    """
+    from .paths import MODULE_DIR, findCoreParent, pythonExecutable
+
+    paths = [p for p in (findCoreParent(), MODULE_DIR) if p]
+    bootstrap = ("import sys, runpy; sys.path[:0] = %r; sys.argv[0] = %r; "
+                 "runpy.run_module(%r, run_name='__main__', alter_sys=True)" % (paths, module, module))
+    return [python or pythonExecutable(), "-c", bootstrap] + [str(a) for a in args]

@@ -193,6 +193,10 @@ class CDALSegmentationLogic(object):
 
     def __init__(self, maxVoxelsWithoutROI=MAX_VOXELS_WITHOUT_ROI):
         self.maxVoxelsWithoutROI = maxVoxelsWithoutROI
+        #: environment child processes start from (desktop Slicer: slicer.util.startupEnvironment())
+        self.baseEnvironment = None
+        #: interpreter for child processes (default: PythonSlicer in desktop Slicer, else sys.executable)
+        self.python = None
         self._modelCache = {}
 
     # ---- validation / preparation ----------------------------------------------------------------------------
@@ -326,8 +330,9 @@ class CDALSegmentationLogic(object):
             args += ["--steps", int(steps)]
         if seed is not None:
             args += ["--seed", int(seed)]
-        command = pythonModuleCommand("CDALSegmentationLib.segment_worker", args, python=python)
-        job = SegmentationJob(command, env=subprocessEnvironment(), prepared=prepared, workDir=workDir)
+        command = pythonModuleCommand("CDALSegmentationLib.segment_worker", args, python=python or self.python)
+        job = SegmentationJob(command, env=subprocessEnvironment(self.baseEnvironment), prepared=prepared,
+                              workDir=workDir)
         job.start()
         return job
 
@@ -601,7 +606,8 @@ class CDALSegmentationLogic(object):
         from .finetune import startFineTune
 
         return startFineTune(pairs, baseModel=baseModel, newModelName=newModelName, maxSteps=maxSteps,
-                             maxMinutes=maxMinutes, device=device, workDir=workDir, python=python, config=config)
+                             maxMinutes=maxMinutes, device=device, workDir=workDir, python=python or self.python,
+                             config=config, baseEnvironment=self.baseEnvironment)
 
 
 class SegmentationJob(ProcessJob):

@@ -1,0 +1,78 @@
+"""One entry point for all tests.
+
+* Desktop 3D Slicer:  ``Slicer --no-splash --python-script Testing/run_tests.py``
+  registers the CDALSegmentation module from this source tree when it is not loaded yet, runs its
+  ScriptedLoadableModuleTest classes (logic on real MRML, the background job and the widget), and exits with
+  status 0 only if all pass.
+* Plain Python:  ``python Testing/run_tests.py [extra pytest args]``
+  runs pytest over Testing/ (cdal_core tests in Testing/core/, Slicer-module logic tests with PyPI's
+  slicer-core in Testing/slicer/) and returns pytest's exit status.
+"""
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+MODULE_DIR = os.path.join(REPO, "CDALSegmentation")
+MODULE_NAME = "CDALSegmentation"
+
+
+def inDesktopSlicer():
+    try:
+        import slicer
+    except ImportError:
+        return False
+    return hasattr(slicer, "app") and hasattr(slicer, "mrmlScene") and slicer.mrmlScene is not None
+
+
+def runInSlicer():
+    import unittest
+
+    import qt
+    import slicer
+
+    if MODULE_DIR not in sys.path:
+        sys.path.insert(0, MODULE_DIR)
+    if not hasattr(slicer.modules, MODULE_NAME.lower()):
+        # not on the module paths: register and load it from this source tree (as "Additional module paths")
+        factoryManager = slicer.app.moduleManager().factoryManager()
+        factoryManager.registerModule(qt.QFileInfo(os.path.join(MODULE_DIR, MODULE_NAME + ".py")))
+        factoryManager.loadModules([MODULE_NAME])
+        slicer.app.processEvents()
+    module = __import__(MODULE_NAME)
+    suite = unittest.TestSuite()
+    loader = unittest.TestLoader()
+    for name in dir(module):
+        obj = getattr(module, name)
+        if isinstance(obj, type) and issubclass(obj, unittest.TestCase) and obj.__module__ == module.__name__:
+            suite.addTests(loader.loadTestsFromTestCase(obj))
+    result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
+    ok = result.wasSuccessful() and result.testsRun > 0
+    print("CDALSegmentation desktop tests: %s (%d run, %d failures, %d errors, %d skipped)" % (
+        "PASSED" if ok else "FAILED", result.testsRun, len(result.failures), len(result.errors),
+        len(result.skipped)))
+    sys.stdout.flush()
+    slicer.util.exit(0 if ok else 1)
+
+
+def runPytest(args):
+    import pytest
+
+    return int(pytest.main([HERE, "-q"] + list(args)))
+
+
+if __name__ == "__main__":
+    if inDesktopSlicer():
+        try:
+            runInSlicer()
+        except SystemExit:
+            raise
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+            import slicer
+
+            slicer.util.exit(1)
+    else:
+        sys.exit(runPytest(sys.argv[1:]))

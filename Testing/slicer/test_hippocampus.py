@@ -1,0 +1,79 @@
+"""Real data: MSD Task04 hippocampus volumes loaded through MRML storage nodes, segmented with the shipped
+"hippocampus" model; Dice against their labels is reported (skipped when the data or the model is absent)."""
+import os
+
+import numpy as np
+import pytest
+
+from CDALSegmentationLib.logic import foregroundClasses, listModels
+
+from helpers import dice, oblique_copy, volume_from_sitk
+from slicer_harness import load_volume
+
+DATA = os.environ.get("CDAL_HIPPOCAMPUS_DATA") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+    "shared", "data", "Task04_Hippocampus")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _validation_cases(n=3):
+    """First cases of the project's validation split (not used to train the shipped model)."""
+    path = os.path.join(REPO, "configs", "hippocampus_val.txt")
+    if os.path.exists(path):
+        names = [l.strip() for l in open(path) if l.strip() and not l.startswith("#")]
+        if names:
+            return names[:n]
+    return ["hippocampus_008", "hippocampus_014", "hippocampus_025"]
+
+
+CASES = _validation_cases()
+
+
+@pytest.fixture(scope="module")
+def hippocampus_model():
+    if not os.path.isdir(os.path.join(DATA, "imagesTr")):
+        pytest.skip("hippocampus data not found at %s" % DATA)
+    if "hippocampus" not in listModels():
+        pytest.skip("shipped 'hippocampus' model not installed (Resources/Models/hippocampus)")
+    return "hippocampus"
+
+
+def test_real_hippocampus_dice(app, logic, hippocampus_model, capsys):
+    import SimpleITK as sitk
+
+    report = []
+    scores = []
+    for case in CASES:
+        image_path = os.path.join(DATA, "imagesTr", case + ".nii.gz")
+        if not os.path.exists(image_path):
+            continue
+        volume = load_volume(image_path, name=case)
+        truth_node = load_volume(os.path.join(DATA, "labelsTr", case + ".nii.gz"), name=case + "-label",
+                                 labelmap=True)
+        import slicer.util
+
+        truth = slicer.util.arrayFromVolume(truth_node)
+        result = logic.segment(volume, model=hippocampus_model, samples=3, seed=0)
+        labels = result.labelArray()
+        per_class = dict((name, dice(labels, truth, index)) for index, name, _ in foregroundClasses(result.card))
+        scores.append(per_class)
+        report.append("%s: %s (%.1f s)" % (case, ", ".join("%s %.3f" % kv for kv in per_class.items()),
+                                          result.seconds))
+        if case == CASES[0]:
+            # the same physical image stored obliquely gives the same segmentation after mapping back
+            from helpers import labels_to_grid
+            from CDALSegmentationLib import geometry
+
+            image = geometry.sitkImageFromVolumeNode(volume)
+            oblique = volume_from_sitk(oblique_copy(image, degrees=20.0), case + " oblique")
+            back = labels_to_grid(logic.segment(oblique, model=hippocampus_model, samples=3, seed=0).labelArray(),
+                                  oblique, volume)
+            agreement = dice(back, labels)
+            report.append("%s stored oblique (20 deg) vs as stored: Dice %.3f" % (case, agreement))
+            assert agreement > 0.75, agreement
+    assert scores, "no hippocampus cases found"
+    mean = dict((k, float(np.mean([s[k] for s in scores]))) for k in scores[0])
+    report.append("mean Dice: " + ", ".join("%s %.3f" % kv for kv in mean.items()))
+    with capsys.disabled():
+        print("\n[hippocampus via MRML] " + "\n[hippocampus via MRML] ".join(report))
+    assert min(mean.values()) > 0.6, mean
