@@ -1,0 +1,139 @@
+"""The command-line contract, run as a user runs it (a subprocess), bad inputs included."""
+
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from cdal_core.synthetic import make_volume, to_image
+
+
+def cdal(*args, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run([sys.executable, "-m", "cdal_core.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cdal {args} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc
+
+
+def assert_clean_error(proc, *words):
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cdal: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(scope="module")
+def volume_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "scan.nii.gz"
+    img, _ = make_volume(np.random.default_rng(7))
+    image = to_image(img.astype(np.float32))
+    image.SetOrigin((10.0, -5.0, 3.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_predict_writes_three_outputs_in_input_geometry(tiny_model, volume_file, tmp_path):
+    out = tmp_path / "out"
+    proc = cdal("predict", "--model", tiny_model, "--input", volume_file, "--output", out, "--samples", 3,
+                "--device", "cpu")
+    assert "scan_seg.nii.gz" in proc.stdout
+    ref = nib.load(volume_file)
+    for kind, kinds_dtype in (("seg", np.uint8), ("uncertainty", np.float32), ("attention", np.float32)):
+        img = nib.load(out / f"scan_{kind}.nii.gz")
+        assert img.shape == ref.shape and np.allclose(img.affine, ref.affine)
+        assert img.get_data_dtype() == kinds_dtype
+    seg = np.asarray(nib.load(out / "scan_seg.nii.gz").dataobj)
+    assert set(np.unique(seg)) <= {0, 1, 2}
+    assert not list(out.glob(".tmp-*"))  # atomic writes leave no partial files
+
+
+def test_predict_is_seeded(tiny_model, volume_file, tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        cdal("predict", "--model", tiny_model, "--input", volume_file, "--output", tmp_path / name,
+             "--samples", 2, "--seed", seed, "--device", "cpu")
+    read = lambda n: np.asarray(nib.load(tmp_path / n / "scan_uncertainty.nii.gz").dataobj)
+    assert np.array_equal(read("a"), read("b"))
+    assert not np.array_equal(read("a"), read("c"))
+
+
+def test_predict_never_overwrites_silently(tiny_model, volume_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scan_seg.nii.gz").write_bytes(b"precious")
+    assert_clean_error(cdal("predict", "--model", tiny_model, "--input", volume_file, "--output", out,
+                            check=False), "already exists", "--overwrite")
+    assert (out / "scan_seg.nii.gz").read_bytes() == b"precious"
+    cdal("predict", "--model", tiny_model, "--input", volume_file, "--output", out, "--overwrite",
+         "--samples", 1)
+    assert (out / "scan_seg.nii.gz").read_bytes() != b"precious"
+
+
+def _write(path, array, vector=False):
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=vector), str(path))
+    return path
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda d: d / "missing.nii.gz", ["not found"]),
+    (lambda d: _write(d / "flat.nii.gz", np.random.rand(40, 30).astype(np.float32)), ["2D"]),
+    (lambda d: _write(d / "series.nii.gz", np.random.rand(3, 8, 8, 8).astype(np.float32)), ["4 dimensions"]),
+    (lambda d: _write(d / "rgb.nii.gz", (np.random.rand(8, 8, 8, 3) * 255).astype(np.uint8), True),
+     ["RGB", "greyscale"]),
+    (lambda d: _write(d / "nan.mha", np.where(np.random.rand(8, 8, 8) > 0.9, np.inf, 1.0).astype(np.float32)),
+     ["NaN"]),
+    (lambda d: _write(d / "const.nii.gz", np.full((8, 8, 8), 5, np.float32)), ["constant"]),
+    (lambda d: (d / "junk.nii.gz").write_bytes(b"not an image") and d / "junk.nii.gz", ["cannot be read"]),
+])
+def test_bad_inputs_get_one_line_and_exit_2(tiny_model, tmp_path, make, words):
+    path = make(tmp_path)
+    out = tmp_path / "out"
+    assert_clean_error(cdal("predict", "--model", tiny_model, "--input", path, "--output", out, "--device",
+                            "cpu", check=False), *words)
+    assert not list(out.glob("*_seg.nii.gz")) if out.exists() else True
+
+
+def test_bad_model_and_device(volume_file, tmp_path, tiny_model):
+    assert_clean_error(cdal("predict", "--model", tmp_path / "nomodel", "--input", volume_file, "--output",
+                            tmp_path / "o", check=False), "not found")
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(cdal("info", tmp_path / "empty", check=False), "model.json missing")
+    import torch
+    if not torch.cuda.is_available():
+        assert_clean_error(cdal("predict", "--model", tiny_model, "--input", volume_file, "--output",
+                                tmp_path / "o", "--device", "cuda", check=False), "no CUDA GPU", "--device cpu")
+
+
+def test_info_prints_the_card(tiny_model):
+    card = json.loads(cdal("info", tiny_model).stdout)
+    assert card["format"] == "cdal-model" and card["classes"][1]["name"] == "Anterior"
+
+
+def test_evaluate_json_schema(tiny_model, synthetic_dir, tmp_path):
+    report_path = tmp_path / "report.json"
+    proc = cdal("evaluate", "--model", tiny_model, "--data", synthetic_dir, "--samples", 2, "--json", report_path)
+    assert "Anterior" in proc.stdout and "AUROC" in proc.stdout
+    report = json.loads(report_path.read_text())
+    assert set(report["per_class"]) == {"Anterior", "Posterior"}
+    for row in report["per_class"].values():
+        for key in ("dice", "iou", "precision", "recall"):
+            assert 0.0 <= row[key] <= 1.0
+        assert "hd95" in row
+    assert set(report["uncertainty"]) == {"auroc", "spearman_slice", "ece"}
+    assert report["volumes"] == 6 and report["seconds_per_volume"] > 0
+
+
+def test_train_rejects_bad_data(tmp_path, tiny_config_file):
+    assert_clean_error(cdal("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", check=False),
+                       "not found")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "dataset.json").write_text('{"labels": {"0": "bg"}, "training": []}')
+    assert_clean_error(cdal("train", "--data", tmp_path / "d", "--out", tmp_path / "r", check=False), "labels")

@@ -1,0 +1,210 @@
+"""The ``cdal`` command line: train, finetune, predict, evaluate, info, demo.
+
+Every user error prints one line ``cdal: error: <problem>: <fix>`` on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import CDALError
+
+OUTPUT_KINDS = ("seg", "uncertainty", "attention")
+
+
+def _add_common_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None, help="denoising steps T (default: the model card's)")
+    p.add_argument("--samples", type=int, default=5, help="ensemble size K (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdal", description="cDAL segmentation with uncertainty")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, help_text in (("train", "train a model on an MSD-style folder (re-run to resume)"),
+                            ("finetune", "train starting from an existing model")):
+        p = sub.add_parser(name, help=help_text)
+        if name == "finetune":
+            p.add_argument("--model", required=True, help="model folder or shipped model name")
+        p.add_argument("--data", required=True, help="MSD folder (dataset.json, imagesTr/, labelsTr/) or images/+masks/")
+        p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl and model/")
+        p.add_argument("--config", default=None, help="JSON training config")
+        p.add_argument("--max-steps", type=int, default=None)
+        p.add_argument("--max-minutes", type=float, default=None)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines (for GUIs)")
+
+    p = sub.add_parser("predict", help="segment volumes: writes <stem>_seg/_uncertainty/_attention.nii.gz")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True, help="a volume (.nii.gz, .nrrd, .mha) or a folder of them")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_common_sampling(p)
+
+    p = sub.add_parser("evaluate", help="Dice/IoU/precision/recall/HD95 and uncertainty quality on labelled data")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="MSD-style folder with labels")
+    p.add_argument("--cases", default=None, help="text file of case names to evaluate (default: all)")
+    p.add_argument("--json", default=None, help="write the report here")
+    _add_common_sampling(p)
+
+    p = sub.add_parser("info", help="print a model card")
+    p.add_argument("model")
+
+    p = sub.add_parser("demo", help="segment the demo MRI (both hippocampi of the ICBM152 template)")
+    p.add_argument("--output", default="cdal-demo", help="output folder (default ./cdal-demo)")
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="monai")
+    try:
+        return COMMANDS[args.command](args) or 0
+    except CDALError as exc:
+        print(f"cdal: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cdal: interrupted (a training run saved its checkpoint: re-run the same command to resume)",
+              file=sys.stderr)
+        return 130
+
+
+def cmd_train(args) -> int:
+    from .config import TrainConfig
+    from .trainer import train
+    config = TrainConfig.load(args.config)
+    init = getattr(args, "model", None)
+    if init is not None and args.config is None:
+        config.lr_g, config.lr_d, config.max_steps = config.lr_g / 2, config.lr_d / 2, 200
+    model_dir = train(args.data, args.out, config, max_steps=args.max_steps, max_minutes=args.max_minutes,
+                      device=args.device, init_model=init, json_progress=args.json_progress)
+    if not args.json_progress:
+        print(f"model: {model_dir}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import SimpleITK as sitk
+    from tqdm import tqdm
+    from .data import check_volume, read_image, stem_of
+    from .inference import resolve_device, segment_image
+    from .model_io import load_model
+
+    device = resolve_device(args.device)
+    inputs = _list_inputs(Path(args.input))
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CDALError(f"{out_dir}: exists and is not a folder: choose another --output")
+    planned = {p: {k: out_dir / f"{stem_of(p)}_{k}.nii.gz" for k in OUTPUT_KINDS} for p in inputs}
+    existing = [str(f) for files in planned.values() for f in files.values() if f.exists()]
+    if existing and not args.overwrite:
+        raise CDALError(f"{existing[0]} already exists ({len(existing)} outputs would be replaced): "
+                        "pass --overwrite or choose another --output")
+    model = load_model(args.model, device=str(device))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(inputs, desc="volumes", unit="vol", disable=len(inputs) < 2):
+        image = read_image(path)
+        check_volume(image, model.config.image_channels, name=str(path))
+        with tqdm(total=100, desc=path.name, unit="%", leave=False) as bar:
+            def progress(fraction, message, bar=bar):
+                bar.n = int(100 * fraction)
+                bar.refresh()
+            result = segment_image(image, model, steps=args.steps, samples=args.samples, seed=args.seed,
+                                   device=str(device), progress=progress)
+        files = planned[path]
+        write_image_atomic(result.labels, files["seg"])
+        write_image_atomic(result.uncertainty, files["uncertainty"])
+        write_image_atomic(result.attention, files["attention"])
+        notes = f" ({'; '.join(result.notes)})" if result.notes else ""
+        print(f"{path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name} "
+              f"in {result.seconds:.2f} s{notes}")
+    return 0
+
+
+def _list_inputs(path: Path) -> List[Path]:
+    from .data import VOLUME_SUFFIXES
+    if not path.exists():
+        raise CDALError(f"{path}: not found: check the --input path")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+        if not files:
+            raise CDALError(f"{path}: holds no .nii.gz/.nii/.nrrd/.mha volumes")
+        return files
+    return [path]
+
+
+def write_image_atomic(image, path: Path) -> None:
+    """Write next to the target under a temporary name, then rename: readers never see a partial file."""
+    import SimpleITK as sitk
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="-" + path.name)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_evaluate(args) -> int:
+    from tqdm import tqdm
+    from .data import read_msd_cases
+    from .evaluation import evaluate_cases, format_table
+    from .inference import resolve_device
+    from .model_io import atomic_write_bytes, load_model
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=str(device), with_discriminator=False)
+    cases, _ = read_msd_cases(args.data)
+    if args.cases:
+        wanted = [ln.strip() for ln in Path(args.cases).read_text().splitlines() if ln.strip()
+                  and not ln.startswith("#")]
+        by_name = {c.name: c for c in cases}
+        missing = [w for w in wanted if w not in by_name]
+        if missing:
+            raise CDALError(f"{args.cases}: names cases not in {args.data} (first: {missing[0]})")
+        cases = [by_name[w] for w in wanted]
+    bar = tqdm(total=len(cases), desc="evaluating", unit="vol")
+    report = evaluate_cases(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
+                            device=str(device), on_volume=lambda i, n, name: bar.update(1 if i else 0))
+    bar.update(1)
+    bar.close()
+    report["model"] = str(model.path)
+    report["steps"], report["samples"] = args.steps or model.default_steps, args.samples
+    print(format_table(report))
+    if args.json:
+        atomic_write_bytes(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
+        print(f"report: {args.json}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .model_io import read_card, resolve_model
+    print(json.dumps(read_card(resolve_model(args.model)), indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(Path(args.output), device=args.device)
+
+
+COMMANDS = {"train": cmd_train, "finetune": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate,
+            "info": cmd_info, "demo": cmd_demo}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

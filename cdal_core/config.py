@@ -1,0 +1,78 @@
+"""Training configuration: JSON files whose keys override these defaults (unknown keys are an error)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .errors import CDALError
+
+
+@dataclass
+class TrainConfig:
+    name: str = "model"
+    description: str = ""
+    modality: str = "MRI"
+    seed: int = 0
+    network: Dict[str, Any] = field(default_factory=dict)     # NetworkConfig overrides
+    train_num_steps: int = 4          # T used to draw training times (its t/T grid contains T = 2's)
+    num_steps: int = 2                # default T at inference
+    batch_size: int = 32
+    max_steps: int = 2000
+    lr_g: float = 1.6e-4
+    lr_d: float = 1.25e-4
+    adam_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
+    ema_decay: float = 0.999
+    r1_gamma: float = 1.0
+    r1_every: int = 10
+    use_attention: bool = True        # ablation switch: x0 * A_D before re-noising
+    use_latent: bool = True           # ablation switch: z = 0 everywhere
+    adv_weight: float = 0.0           # adversarial generator term (off in the reference code)
+    dice_weight: float = 0.0          # optional soft Dice term on the predicted x0
+    orientation: str = "RAS"
+    spacing: Optional[List[float]] = None
+    slice_axis: int = 0
+    train_size: List[int] = field(default_factory=lambda: [64, 48])
+    normalisation: Dict[str, float] = field(default_factory=lambda: {"lower": 0.5, "upper": 99.5})
+    augmentation: Optional[Dict[str, Any]] = field(default_factory=dict)  # None disables
+    val_fraction: float = 0.2
+    val_cases: Optional[List[str]] = None   # explicit validation names (or a path to a .txt, relative to config)
+    val_every: int = 250
+    val_max_volumes: int = 12
+    val_samples: int = 5
+    checkpoint_every: int = 100
+    log_every: int = 10
+    amp: bool = True                  # bf16 autocast on CUDA
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"comment"})
+        if unknown:
+            raise CDALError(f"unknown training settings {unknown}: check the spelling (known: {sorted(known)})")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def load(cls, path: Optional[str]) -> "TrainConfig":
+        if path is None:
+            return cls()
+        p = Path(path)
+        if not p.exists():
+            raise CDALError(f"{p}: config file not found: check the path")
+        try:
+            d = json.loads(p.read_text())
+        except ValueError as exc:
+            raise CDALError(f"{p}: is not valid JSON ({exc})")
+        cfg = cls.from_dict(d)
+        if isinstance(cfg.val_cases, str):
+            list_path = (p.parent / cfg.val_cases)
+            if not list_path.exists():
+                raise CDALError(f"{list_path}: validation list not found (named by {p})")
+            cfg.val_cases = [ln.strip() for ln in list_path.read_text().splitlines()
+                             if ln.strip() and not ln.startswith("#")]
+        return cfg

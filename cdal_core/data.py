@@ -1,0 +1,321 @@
+"""Reading, checking and normalising images; MSD-style and 2D PNG datasets; 2D slice banks for training.
+
+Array conventions: volumes are numpy ``(Z, Y, X)`` (SimpleITK order) on the model grid; 2D training samples are
+``image (in_channels, H, W)`` float32 in [0, 1] and ``label (H, W)`` int64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import CDALError
+from .geometry import GridMapping, ModelGrid
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def stem_of(path: Path) -> str:
+    name = Path(path).name
+    for suffix in VOLUME_SUFFIXES + PNG_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def read_image(path: os.PathLike) -> sitk.Image:
+    """Read a medical image (NIfTI, NRRD, MHA, PNG...) or raise CDALError naming the file and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise CDALError(f"{path}: file not found: check the path")
+    if path.is_dir():
+        raise CDALError(f"{path}: is a folder, expected an image file (.nii.gz, .nrrd, .mha)")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unknown error"
+        raise CDALError(f"{path}: cannot be read as an image ({first}): is it a complete .nii.gz/.nrrd/.mha file?")
+
+
+def check_volume(image: sitk.Image, image_channels: int = 1, name: str = "input") -> None:
+    """Reject what the model cannot segment, with a message that says what to do instead."""
+    dim = image.GetDimension()
+    if dim == 2 or (dim == 3 and min(image.GetSize()) == 1):
+        raise CDALError(f"{name}: is a 2D image (size {image.GetSize()}), expected a 3D volume: "
+                        "give the whole series as one 3D file")
+    if dim != 3:
+        raise CDALError(f"{name}: has {dim} dimensions, expected a 3D volume: split 4D series into 3D volumes first")
+    channels = image.GetNumberOfComponentsPerPixel()
+    if channels != image_channels:
+        if channels in (3, 4) and image_channels == 1:
+            raise CDALError(f"{name}: is an RGB/colour volume but the model expects greyscale MRI: "
+                            "convert it to a scalar (greyscale) volume first")
+        raise CDALError(f"{name}: has {channels} channels per voxel, the model expects {image_channels}")
+    check_intensities(sitk.GetArrayViewFromImage(image), name)
+
+
+def check_intensities(array: np.ndarray, name: str = "input") -> None:
+    if array.size == 0:
+        raise CDALError(f"{name}: is empty (no voxels): check that the file holds image data")
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise CDALError(f"{name}: has {bad} NaN/inf voxels: fix or mask them (e.g. replace with 0) before segmenting")
+    if float(np.max(array)) == float(np.min(array)):
+        raise CDALError(f"{name}: is constant (every voxel = {float(np.min(array)):g}), nothing to segment: "
+                        "check that the right image was loaded")
+
+
+@dataclass
+class Normalisation:
+    """Robust per-volume scaling: clip to the [lower, upper] percentiles, then map to [0, 1]."""
+
+    lower: float = 0.5
+    upper: float = 99.5
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        lo, hi = np.percentile(array, [self.lower, self.upper])
+        if hi <= lo:  # mostly constant with rare outliers: fall back to the full range
+            lo, hi = float(array.min()), float(array.max())
+        out = (np.clip(array, lo, hi) - lo) / max(hi - lo, 1e-12)
+        return out.astype(np.float32)
+
+    def to_dict(self) -> Dict:
+        return {"method": "percentile", "lower": self.lower, "upper": self.upper}
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "Normalisation":
+        return cls(lower=float(d.get("lower", 0.5)), upper=float(d.get("upper", 99.5)))
+
+
+@dataclass
+class Case:
+    """One labelled example from a dataset: paths plus its identifier."""
+
+    name: str
+    image: Path
+    label: Optional[Path]
+
+
+def read_msd_cases(data_dir: os.PathLike, require_labels: bool = True) -> Tuple[List[Case], Dict[int, str]]:
+    """Parse an MSD folder (dataset.json + imagesTr/labelsTr) and check that it tells the truth.
+
+    Returns the cases in dataset.json order and the label names ``{index: name}``.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise CDALError(f"{root}: data folder not found: give a folder with dataset.json, imagesTr/ and labelsTr/")
+    meta_path = root / "dataset.json"
+    if not meta_path.exists():
+        return _cases_without_json(root, require_labels)
+    try:
+        meta = json.loads(meta_path.read_text())
+        labels = {int(k): str(v) for k, v in meta["labels"].items()}
+        entries = meta.get("training") or []
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CDALError(f"{meta_path}: is not a valid MSD dataset.json ({exc}): it needs 'labels' and 'training'")
+    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
+        raise CDALError(f"{meta_path}: labels must be 0..C-1 with 0 = background, got {sorted(labels)}")
+    declared = meta.get("numTraining")
+    if declared is not None and int(declared) != len(entries):
+        raise CDALError(f"{meta_path}: says numTraining={declared} but lists {len(entries)} cases: fix dataset.json")
+    cases, missing = [], []
+    for entry in entries:
+        image = (root / entry["image"]).resolve()
+        label = (root / entry["label"]).resolve() if entry.get("label") else None
+        for p in (image, label):
+            if p is not None and not p.exists():
+                missing.append(str(p.relative_to(root.resolve())) if p.is_relative_to(root.resolve()) else str(p))
+        cases.append(Case(stem_of(image), image, label))
+    if missing:
+        raise CDALError(f"{meta_path}: lists {len(missing)} files that do not exist (first: {missing[0]}): "
+                        "fix dataset.json or restore the files")
+    if not cases:
+        raise CDALError(f"{meta_path}: lists no training cases")
+    if require_labels and any(c.label is None for c in cases):
+        raise CDALError(f"{meta_path}: some training cases have no label")
+    return cases, labels
+
+
+def _cases_without_json(root: Path, require_labels: bool) -> Tuple[List[Case], Dict[int, str]]:
+    images = sorted(p for p in (root / "imagesTr").glob("*") if p.name.endswith(VOLUME_SUFFIXES))
+    if not images:
+        raise CDALError(f"{root}: no dataset.json and no imagesTr/*.nii.gz: give an MSD-style dataset folder")
+    cases = []
+    for img in images:
+        stem = stem_of(img).removesuffix("_0000")
+        lab = next((p for p in (root / "labelsTr").glob(stem + ".*")), None)
+        if require_labels and lab is None:
+            raise CDALError(f"{img}: has no label in labelsTr/: add it or remove the image")
+        cases.append(Case(stem, img, lab))
+    return cases, {}
+
+
+def split_cases(cases: Sequence[Case], val_fraction: float, seed: int,
+                val_names: Optional[Sequence[str]] = None) -> Tuple[List[Case], List[Case]]:
+    """Fixed train/validation split: an explicit name list, or a seeded random fraction."""
+    if val_names:
+        wanted = set(val_names)
+        val = [c for c in cases if c.name in wanted]
+        if len(val) != len(wanted):
+            missing = sorted(wanted - {c.name for c in val})
+            raise CDALError(f"validation list names cases not in the dataset (first: {missing[0]})")
+        return [c for c in cases if c.name not in wanted], val
+    n_val = int(round(len(cases) * val_fraction)) if len(cases) > 1 else 0
+    order = np.random.default_rng(seed).permutation(len(cases))
+    val_idx = set(order[:n_val].tolist())
+    return [c for i, c in enumerate(cases) if i not in val_idx], [c for i, c in enumerate(cases) if i in val_idx]
+
+
+@dataclass
+class Volume:
+    """A case on the model grid: normalised image (Z, Y, X) or (Z, Y, X, ch) in [0, 1], labels (Z, Y, X)."""
+
+    name: str
+    image: np.ndarray
+    label: Optional[np.ndarray]
+    spacing: Tuple[float, float, float]
+
+
+def load_volume(case: Case, grid: ModelGrid, norm: Normalisation, num_classes: int,
+                image_channels: int = 1) -> Volume:
+    """Read, check, move into the model grid and normalise one case (labels by nearest neighbour)."""
+    image = read_image(case.image)
+    check_volume(image, image_channels, name=str(case.image))
+    mapping = GridMapping(image, grid)
+    array = norm(mapping.model_array())
+    label = None
+    if case.label is not None:
+        lab_img = read_image(case.label)
+        if lab_img.GetSize() != image.GetSize():
+            raise CDALError(f"{case.label}: label size {lab_img.GetSize()} differs from image size "
+                            f"{image.GetSize()}: the pair does not match")
+        lab = sitk.GetArrayFromImage(lab_img)
+        if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
+            raise CDALError(f"{case.label}: label values must be integers 0..{num_classes - 1}")
+        values = np.unique(lab)
+        if values.min() < 0 or values.max() >= num_classes:
+            raise CDALError(f"{case.label}: has label values {values.tolist()} but the model has classes "
+                            f"0..{num_classes - 1}: remap the labels or train a model with more classes")
+        lab_img = sitk.Cast(lab_img, sitk.sitkUInt8)
+        lab_img.CopyInformation(image)
+        lab_map = GridMapping(lab_img, grid)
+        if mapping.resampled:
+            lab_model = sitk.Resample(lab_img, mapping.model_image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+            label = sitk.GetArrayFromImage(lab_model).astype(np.int64)
+        else:
+            label = sitk.GetArrayFromImage(lab_map.model_image).astype(np.int64)
+    return Volume(case.name, array, label, tuple(mapping.model_image.GetSpacing()))
+
+
+def slice_stack(volume: np.ndarray, axis: int, context: int) -> np.ndarray:
+    """(Z, Y, X) -> (S, 2*context+1, H, W): every slice along ``axis`` with its neighbours (edges repeated)."""
+    moved = np.moveaxis(volume, axis, 0)
+    n = moved.shape[0]
+    idx = np.clip(np.arange(n)[:, None] + np.arange(-context, context + 1)[None], 0, n - 1)
+    return moved[idx]
+
+
+def unslice(stack: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of taking slices: (S, ..., H, W) with the slice axis first -> volume with it at ``axis``."""
+    return np.moveaxis(stack, 0, axis) if stack.ndim == 3 else np.moveaxis(stack, 0, axis + 1)
+
+
+def pad_to(array: np.ndarray, size: Sequence[int], value: float = 0.0) -> Tuple[np.ndarray, Tuple[slice, slice]]:
+    """Centre-pad the last two axes of ``array`` to at least ``size``; return the crop that undoes it."""
+    h, w = array.shape[-2:]
+    ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
+    pads = [(0, 0)] * (array.ndim - 2) + [(ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)]
+    out = np.pad(array, pads, mode="constant", constant_values=value)
+    return out, (slice(ph // 2, ph // 2 + h), slice(pw // 2, pw // 2 + w))
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class SliceBank:
+    """All 2D training slices of a set of volumes, padded to one size, held in memory.
+
+    ``images``: (N, in_channels, H, W) float32 in [0, 1]; ``labels``: (N, H, W) uint8.
+    """
+
+    def __init__(self, volumes: Sequence[Volume], axis: int, context: int, size: Sequence[int]):
+        imgs, labs = [], []
+        for vol in volumes:
+            stack = slice_stack(vol.image, axis, context)           # (S, 2c+1, H, W[, ch])
+            if stack.ndim == 5:                                     # colour: channels next to context
+                stack = np.moveaxis(stack, -1, 2).reshape(stack.shape[0], -1, *stack.shape[2:4])
+            lab = np.moveaxis(vol.label, axis, 0)
+            stack, _ = _fit(stack, size)
+            lab, _ = _fit(lab, size)
+            imgs.append(stack.astype(np.float32))
+            labs.append(lab.astype(np.uint8))
+        self.images = np.concatenate(imgs)
+        self.labels = np.concatenate(labs)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def foreground_fraction(self) -> float:
+        return float(np.mean(self.labels.reshape(len(self), -1).max(axis=1) > 0))
+
+
+def _fit(array: np.ndarray, size: Sequence[int]) -> Tuple[np.ndarray, None]:
+    """Centre-pad then centre-crop the last two axes to exactly ``size``."""
+    array, _ = pad_to(array, size)
+    h, w = array.shape[-2:]
+    top, left = (h - size[0]) // 2, (w - size[1]) // 2
+    return array[..., top:top + size[0], left:left + size[1]], None
+
+
+# --- 2D datasets (histology, chest X-ray): images/<name>.png + masks/<name>.png -----------------------------
+
+def read_png_pairs(data_dir: os.PathLike) -> List[Case]:
+    root = Path(data_dir)
+    images = sorted(p for p in (root / "images").glob("*") if p.suffix.lower() in PNG_SUFFIXES)
+    if not images:
+        raise CDALError(f"{root}: no images/*.png found: a 2D dataset needs images/ and masks/ with matching names")
+    cases = []
+    for img in images:
+        mask = root / "masks" / img.name
+        if not mask.exists():
+            raise CDALError(f"{img}: has no mask masks/{img.name}: add it or remove the image")
+        cases.append(Case(stem_of(img), img, mask))
+    return cases
+
+
+def load_png_case(case: Case, size: Sequence[int], image_channels: int) -> Volume:
+    """A 2D pair as a one-slice volume: image (1, H, W[, ch]) in [0, 1], label (1, H, W) with mask>0 -> 1."""
+    img = read_image(case.image)
+    ch = img.GetNumberOfComponentsPerPixel()
+    if image_channels == 1 and ch >= 3:
+        raise CDALError(f"{case.image}: is RGB but the model expects greyscale: convert it or set image_channels 3")
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    if image_channels == 3 and ch == 1:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    arr = arr[..., :image_channels] if image_channels > 1 else arr
+    mask = sitk.GetArrayFromImage(read_image(case.label))
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    arr, mask = _resize2d(arr, size, linear=True), _resize2d(mask.astype(np.float32), size, linear=False)
+    check_intensities(arr, str(case.image))
+    arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6)
+    return Volume(case.name, arr[None], (mask > 0).astype(np.int64)[None], (1.0, 1.0, 1.0))
+
+
+def _resize2d(array: np.ndarray, size: Sequence[int], linear: bool) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    t = t.permute(2, 0, 1)[None] if t.ndim == 3 else t[None, None]
+    if tuple(t.shape[-2:]) != tuple(size):
+        t = F.interpolate(t, size=tuple(size), mode="area" if linear else "nearest")
+    t = t[0].permute(1, 2, 0) if array.ndim == 3 else t[0, 0]
+    return t.numpy()

@@ -1,0 +1,121 @@
+"""Whole-volume inference: any 3D image -> model grid -> slices -> batched sampling -> outputs on the input grid.
+
+Outputs keep the input's exact size, spacing, origin and direction: labels (UInt8), uncertainty (Float32,
+variance across samples) and attention (Float32 in [0, 1], the discriminator's |feature mean| scaled by its
+99th percentile over the volume).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .data import check_volume, pad_to, round_up, slice_stack
+from .errors import CancelledError, CDALError
+from .geometry import GridMapping
+from .model_io import LoadedModel
+from .sampler import sample
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass
+class VolumeResult:
+    labels: sitk.Image
+    uncertainty: sitk.Image
+    attention: Optional[sitk.Image]
+    probabilities: np.ndarray            # (C, Z, Y, X) on the input grid (SimpleITK array order)
+    seconds: float = 0.0
+    notes: List[str] = field(default_factory=list)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present else CPU; 'cuda' without a GPU is an error with the fix."""
+    device = (device or "auto").lower()
+    if device in ("auto", ""):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") or device == "gpu":
+        if not torch.cuda.is_available():
+            raise CDALError("--device cuda was requested but no CUDA GPU is available: use --device cpu "
+                            "(or install a CUDA build of torch on a machine with an NVIDIA GPU)")
+        return torch.device("cuda" if device == "gpu" else device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise CDALError(f"unknown device '{device}': use auto, cpu or cuda")
+
+
+def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = None, samples: int = 5,
+                  seed: Optional[int] = None, device: str = "cpu", batch_slices: Optional[int] = None,
+                  with_attention: bool = True, progress: Optional[ProgressFn] = None) -> VolumeResult:
+    """Segment one 3D volume. ``progress(fraction, message)`` may raise CancelledError to stop."""
+    start = time.perf_counter()
+    if samples < 1:
+        raise CDALError(f"samples must be >= 1, got {samples}")
+    if steps is not None and not 1 <= steps <= 16:
+        raise CDALError(f"steps must be between 1 and 16, got {steps}")
+    check_volume(image, model.config.image_channels)
+    dev = resolve_device(device)
+    model.to(dev)
+    mapping = GridMapping(image, model.grid)
+    array = model.normalisation(mapping.model_array())
+    probs, variance, attention = _segment_array(array, model, steps, samples, seed, dev, batch_slices,
+                                                with_attention, progress)
+    # Back to the input grid: probabilities are interpolated, then the labels are their argmax.
+    prob_in = np.stack([sitk.GetArrayFromImage(mapping.to_input(p)) for p in probs])
+    if mapping.resampled:
+        prob_in[0][prob_in.sum(axis=0) <= 1e-6] = 1.0  # outside the model grid: background
+    labels = sitk.GetImageFromArray(prob_in.argmax(axis=0).astype(np.uint8))
+    labels.CopyInformation(image)
+    unc = mapping.to_input(variance.astype(np.float32))
+    att = mapping.to_input(_scale_attention(attention)) if attention is not None else None
+    return VolumeResult(labels, unc, att, prob_in.astype(np.float32), time.perf_counter() - start,
+                        list(mapping.notes))
+
+
+def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], samples: int,
+                   seed: Optional[int], device: torch.device, batch_slices: Optional[int],
+                   with_attention: bool, progress: Optional[ProgressFn]):
+    """Normalised (Z, Y, X) array on the model grid -> probabilities (C, Z, Y, X), variance, attention."""
+    cfg, axis = model.config, model.slice_axis
+    stack = slice_stack(array, axis, cfg.context_slices)              # (S, 2c+1, H, W)
+    h, w = stack.shape[-2:]
+    m = cfg.size_multiple
+    stack, crop = pad_to(stack, (round_up(h, m), round_up(w, m)))
+    images = torch.from_numpy(np.ascontiguousarray(stack)).mul_(2).sub_(1).to(device)
+    schedule = model.schedule(steps)
+    rng = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
+    n = images.shape[0]
+    per_batch = batch_slices or _auto_batch(images.shape[-2:], samples, cfg.num_classes)
+    disc = model.discriminator if with_attention else None
+    outs_p, outs_v, outs_a = [], [], []
+    for first in range(0, n, per_batch):
+        if progress is not None:
+            progress(first / n, f"slices {first + 1}-{min(first + per_batch, n)} of {n}")
+        out = sample(model.generator, images[first:first + per_batch], schedule, samples, rng, disc)
+        outs_p.append(out.probabilities[..., crop[0], crop[1]].cpu())
+        outs_v.append(out.variance[..., crop[0], crop[1]].cpu())
+        if out.attention is not None:
+            outs_a.append(out.attention[..., crop[0], crop[1]].cpu())
+    if progress is not None:
+        progress(1.0, "done")
+    probs = np.moveaxis(torch.cat(outs_p).numpy(), 1, 0)              # (C, S, H, W)
+    probs = np.stack([np.moveaxis(p, 0, axis) for p in probs])
+    variance = np.moveaxis(torch.cat(outs_v).numpy(), 0, axis)
+    attention = np.moveaxis(torch.cat(outs_a).numpy(), 0, axis) if outs_a else None
+    return probs, variance, attention
+
+
+def _auto_batch(hw, samples: int, classes: int, budget_pixels: int = 6_000_000) -> int:
+    """Slices per batch so that slices x samples x pixels stays within a memory-friendly budget."""
+    return max(1, budget_pixels // max(1, samples * hw[0] * hw[1]))
+
+
+def _scale_attention(attention: np.ndarray) -> np.ndarray:
+    top = float(np.percentile(attention, 99)) if attention.size else 0.0
+    return np.clip(attention / top, 0, 1).astype(np.float32) if top > 0 else np.zeros_like(attention, np.float32)

@@ -1,0 +1,216 @@
+"""Model directories: ``model.json`` (the model card) + ``model.safetensors`` (weights; loading never unpickles).
+
+A model is named by a path or by the name of a shipped model (``Resources/Models/<name>/``) or of a user model
+(``~/.cdal/models/<name>/``, or ``$CDAL_USER_MODELS``), e.g. ``--model hippocampus``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import MODEL_FORMAT, MODEL_FORMAT_VERSION, __version__
+from .data import Normalisation
+from .errors import CDALError
+from .geometry import ModelGrid
+from .networks import Discriminator, Generator, NetworkConfig
+from .schedule import DiffusionSchedule
+
+CARD_NAME, WEIGHTS_NAME = "model.json", "model.safetensors"
+DEFAULT_COLOURS = [(0, 0, 0), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79),
+                   (128, 174, 128), (220, 245, 20), (183, 156, 220)]
+
+
+def shipped_models_dir() -> Path:
+    return Path(os.environ.get("CDAL_SHIPPED_MODELS", Path(__file__).resolve().parent.parent / "Resources" / "Models"))
+
+
+def user_models_dir() -> Path:
+    return Path(os.environ.get("CDAL_USER_MODELS", Path.home() / ".cdal" / "models"))
+
+
+def list_models() -> Dict[str, Path]:
+    """Shipped and user models by name (a user model of the same name wins)."""
+    found: Dict[str, Path] = {}
+    for root in (shipped_models_dir(), user_models_dir()):
+        if root.is_dir():
+            for d in sorted(root.iterdir()):
+                if (d / CARD_NAME).exists():
+                    found[d.name] = d
+    return found
+
+
+def resolve_model(name_or_path: os.PathLike) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    models = list_models()
+    if str(name_or_path) in models:
+        return models[str(name_or_path)]
+    names = ", ".join(models) or "none installed"
+    raise CDALError(f"model '{name_or_path}' not found: give a model folder (with {CARD_NAME}) "
+                    f"or a model name ({names})")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: networks in eval mode plus everything the card says about inputs and classes."""
+
+    path: Optional[Path]
+    card: Dict
+    config: NetworkConfig
+    generator: Generator
+    discriminator: Optional[Discriminator]
+
+    @property
+    def class_names(self):
+        return [c["name"] for c in self.card["classes"]]
+
+    @property
+    def grid(self) -> ModelGrid:
+        inp = self.card["input"]
+        return ModelGrid(inp.get("orientation", "RAS"), inp.get("spacing"))
+
+    @property
+    def normalisation(self) -> Normalisation:
+        return Normalisation.from_dict(self.card.get("normalisation", {}))
+
+    @property
+    def slice_axis(self) -> int:
+        return int(self.card["input"].get("slice_axis", 0))
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.card.get("num_steps", 2))
+
+    def schedule(self, steps: Optional[int] = None) -> DiffusionSchedule:
+        sched = self.card.get("schedule", {})
+        return DiffusionSchedule(steps or self.default_steps, sched.get("beta_min", 0.1), sched.get("beta_max", 20.0))
+
+    def to(self, device: torch.device) -> "LoadedModel":
+        self.generator.to(device)
+        if self.discriminator is not None:
+            self.discriminator.to(device)
+        return self
+
+
+def make_card(name: str, config: NetworkConfig, class_names, *, num_steps: int, train_num_steps: int,
+              grid: ModelGrid, slice_axis: int, train_size, normalisation: Normalisation,
+              modality: str = "MRI", description: str = "", **extra) -> Dict:
+    classes = [{"index": i, "name": n, "color": list(DEFAULT_COLOURS[i % len(DEFAULT_COLOURS)])}
+               for i, n in enumerate(class_names)]
+    card = {
+        "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "cdal_version": __version__,
+        "name": name, "description": description, "classes": classes,
+        "num_steps": num_steps, "train_num_steps": train_num_steps, "samples": 5,
+        "schedule": {"beta_min": 0.1, "beta_max": 20.0, "time_input": "t/T"},
+        "network": config.to_dict(),
+        "input": {"modality": modality, "image_channels": config.image_channels,
+                  "context_slices": config.context_slices, "orientation": grid.orientation,
+                  "spacing": list(grid.spacing) if grid.spacing is not None else None,
+                  "slice_axis": slice_axis, "train_size": list(train_size),
+                  "size_multiple": config.size_multiple},
+        "normalisation": normalisation.to_dict(),
+    }
+    card.update(extra)
+    return card
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(directory: os.PathLike, card: Dict, generator: Generator,
+               discriminator: Optional[Discriminator] = None) -> Path:
+    """Write weights then card, each atomically (a reader never sees a half-written model)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"generator.{k}": v.detach().float().cpu().contiguous() for k, v in generator.state_dict().items()}
+    if discriminator is not None:
+        tensors.update({f"discriminator.{k}": v.detach().float().cpu().contiguous()
+                        for k, v in discriminator.state_dict().items()})
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".weights", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": MODEL_FORMAT})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_bytes(directory / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
+    return directory
+
+
+def read_card(directory: Path) -> Dict:
+    card_path = directory / CARD_NAME
+    if not card_path.exists():
+        raise CDALError(f"{directory}: not a cDAL model folder ({CARD_NAME} missing): "
+                        "point to the folder that holds model.json and model.safetensors")
+    try:
+        card = json.loads(card_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CDALError(f"{card_path}: is corrupt ({exc.__class__.__name__}): re-download or re-export the model")
+    if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT:
+        raise CDALError(f"{card_path}: is not a cDAL model card (format is not '{MODEL_FORMAT}')")
+    version = card.get("format_version")
+    if version != MODEL_FORMAT_VERSION:
+        raise CDALError(f"{card_path}: model format version {version} is not supported by cdal_core {__version__} "
+                        f"(needs {MODEL_FORMAT_VERSION}): update CDALSegmentation or use a matching model")
+    return card
+
+
+def load_model(name_or_path: os.PathLike, device: str = "cpu", with_discriminator: bool = True) -> LoadedModel:
+    """Load a model folder or named model; every failure is a one-line CDALError saying how to fix it."""
+    directory = resolve_model(name_or_path)
+    card = read_card(directory)
+    try:
+        config = NetworkConfig.from_dict(card["network"])
+        for key in ("classes", "input"):
+            card[key]  # noqa: B018 - presence check
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CDALError(f"{directory / CARD_NAME}: incomplete or incompatible model card ({exc}): "
+                        "re-export the model with this version of cdal")
+    weights = directory / WEIGHTS_NAME
+    if not weights.exists():
+        raise CDALError(f"{directory}: {WEIGHTS_NAME} is missing: the model folder is incomplete")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CDALError(f"{weights}: is corrupt or truncated ({str(exc)[:80]}): re-download or re-train the model")
+    generator = Generator(config)
+    _load_part(generator, tensors, "generator", weights)
+    discriminator = None
+    if with_discriminator and any(k.startswith("discriminator.") for k in tensors):
+        discriminator = Discriminator(config)
+        _load_part(discriminator, tensors, "discriminator", weights)
+    model = LoadedModel(directory, card, config, generator.eval(), discriminator.eval() if discriminator else None)
+    return model.to(torch.device(device))
+
+
+def _load_part(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], prefix: str, source: Path) -> None:
+    part = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    try:
+        module.load_state_dict(part, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[0][:120]
+        raise CDALError(f"{source}: weights do not match the network in model.json ({detail}): "
+                        "the files come from different models or versions")

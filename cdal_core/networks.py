@@ -1,0 +1,282 @@
+"""cDAL networks: the conditional generator x_theta(x_t, t, z, I) and the time-step discriminator D(x_{t-1}, x_t, t).
+
+Shapes: images ``I`` are ``(B, in_channels, H, W)`` with ``in_channels = image_channels * (2 * context_slices + 1)``;
+label maps ``x`` are ``(B, num_classes, H, W)`` in [-1, 1] (one-hot * 2 - 1); ``tau`` is ``(B,)`` continuous time t/T in (0, 1]
+(the schedule's alpha_bar depends on t/T only, so one model serves T = 2 and T = 4);
+``z`` is ``(B, latent_dim)``. H and W must be multiples of ``2 ** (len(channel_mults) - 1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import UnetResBlock
+from torch import nn
+
+from .schedule import sinusoidal_embedding
+
+
+@dataclass
+class NetworkConfig:
+    """Everything needed to rebuild both networks; stored verbatim in the model card."""
+
+    image_channels: int = 1            # 1 for grey MRI / X-ray, 3 for RGB histology
+    context_slices: int = 0            # neighbouring slices on each side given to the image encoder (2.5D)
+    num_classes: int = 3               # including background
+    base_channels: int = 16
+    channel_mults: Tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 1
+    latent_dim: int = 32               # z
+    mapping_layers: int = 3
+    time_dim: int = 64
+    dropout: float = 0.0
+    disc_channels: int = 32
+    disc_mults: Tuple[int, ...] = (1, 2, 4, 4)    # every D block halves the resolution
+    disc_uses_image: bool = False      # the reference D sees only the two label maps
+    attention_block: int = 1           # D block whose features become A_D: H / 2**(block+1), 16x16 for 64x64
+
+    @property
+    def in_channels(self) -> int:
+        return self.image_channels * (2 * self.context_slices + 1)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.channel_mults) - 1)
+
+    def to_dict(self) -> Dict:
+        d = asdict(self)
+        d["channel_mults"], d["disc_mults"] = list(self.channel_mults), list(self.disc_mults)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "NetworkConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown network settings: {sorted(unknown)}")
+        d = dict(d)
+        for key in ("channel_mults", "disc_mults"):
+            if key in d:
+                d[key] = tuple(int(v) for v in d[key])
+        return cls(**d)
+
+
+def _groups(channels: int) -> int:
+    for g in (8, 4, 2, 1):
+        if channels % g == 0 and channels // g >= 2:
+            return g
+    return 1
+
+
+class AdaptiveGroupNorm(nn.Module):
+    """GroupNorm whose scale and shift come from the mapped latent w (DDGAN's AdaGN)."""
+
+    def __init__(self, channels: int, w_dim: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(channels), channels, affine=False)
+        self.style = nn.Linear(w_dim, 2 * channels)
+        nn.init.zeros_(self.style.weight)
+        nn.init.zeros_(self.style.bias)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.style(w)[:, :, None, None].chunk(2, dim=1)
+        return self.norm(x) * (1 + gamma) + beta
+
+
+class ConditionalResBlock(nn.Module):
+    """Residual block: AdaGN(w) -> SiLU -> conv, + time embedding, AdaGN(w) -> SiLU -> conv; residual / sqrt(2)."""
+
+    def __init__(self, in_ch: int, out_ch: int, t_dim: int, w_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = AdaptiveGroupNorm(in_ch, w_dim)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time = nn.Linear(t_dim, out_ch)
+        self.norm2 = AdaptiveGroupNorm(out_ch, w_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x, w)))
+        h = h + self.time(temb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h, w))))
+        return (h + self.skip(x)) * (1 / math.sqrt(2))
+
+
+class LatentMapping(nn.Module):
+    """z -> w: pixel-norm then an MLP with SiLU (as in DDGAN / StyleGAN)."""
+
+    def __init__(self, latent_dim: int, layers: int):
+        super().__init__()
+        mods: List[nn.Module] = []
+        for _ in range(layers):
+            mods += [nn.Linear(latent_dim, latent_dim), nn.SiLU()]
+        self.mlp = nn.Sequential(*mods)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+        return self.mlp(z)
+
+
+class ImageEncoder(nn.Module):
+    """Encodes the image once into one feature map per generator scale: list of ``(B, C_l, H / 2**l, W / 2**l)``."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int]):
+        super().__init__()
+        norm = ("group", {"num_groups": _groups(widths[0])})
+        self.stem = UnetResBlock(2, in_channels, widths[0], kernel_size=3, stride=1, norm_name=norm)
+        self.downs = nn.ModuleList(
+            UnetResBlock(2, widths[i], widths[i + 1], kernel_size=3, stride=2,
+                         norm_name=("group", {"num_groups": _groups(widths[i + 1])}))
+            for i in range(len(widths) - 1)
+        )
+
+    def forward(self, image: torch.Tensor) -> List[torch.Tensor]:
+        feats = [self.stem(image)]
+        for down in self.downs:
+            feats.append(down(feats[-1]))
+        return feats
+
+
+class Generator(nn.Module):
+    """x_theta(x_t, t, z, I): predicts the clean one-hot label map x0_hat in [-1, 1], shape ``(B, num_classes, H, W)``.
+
+    The image features are added to the label branch at every encoder scale. ``encode`` depends only on the
+    image, so a sampler computes it once per slice and reuses it for every step and sample (``decode``).
+    """
+
+    def __init__(self, cfg: NetworkConfig):
+        super().__init__()
+        self.cfg = cfg
+        widths = [cfg.base_channels * m for m in cfg.channel_mults]
+        self.encoder = ImageEncoder(cfg.in_channels, widths)
+        self.mapping = LatentMapping(cfg.latent_dim, cfg.mapping_layers)
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.time_dim, cfg.time_dim * 2), nn.SiLU(),
+                                      nn.Linear(cfg.time_dim * 2, cfg.time_dim * 2))
+        t_dim, w_dim = cfg.time_dim * 2, cfg.latent_dim
+        self.stem = nn.Conv2d(cfg.num_classes, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        skip_widths = []
+        ch = widths[0]
+        for level, width in enumerate(widths):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ConditionalResBlock(ch, width, t_dim, w_dim, cfg.dropout))
+                ch = width
+                skip_widths.append(ch)
+            self.down_blocks.append(blocks)
+            if level < len(widths) - 1:
+                self.downsamples.append(nn.Conv2d(ch, widths[level + 1], 3, stride=2, padding=1))
+                ch = widths[level + 1]
+        self.mid = ConditionalResBlock(ch, ch, t_dim, w_dim, cfg.dropout)
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ConditionalResBlock(ch + skip_widths.pop(), widths[level], t_dim, w_dim, cfg.dropout))
+                ch = widths[level]
+            self.up_blocks.append(blocks)
+            if level > 0:
+                self.upsamples.append(nn.Conv2d(ch, widths[level - 1], 3, padding=1))
+                ch = widths[level - 1]
+        self.out_norm = nn.GroupNorm(_groups(ch), ch)
+        self.out_conv = nn.Conv2d(ch, cfg.num_classes, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
+        return self.encoder(image)
+
+    def decode(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
+               image_features: List[torch.Tensor]) -> torch.Tensor:
+        temb = self.time_mlp(sinusoidal_embedding(t * 1000.0, self.cfg.time_dim).to(x_t.dtype))
+        w = self.mapping(z)
+        h = self.stem(x_t) + image_features[0]
+        skips = []
+        for level, blocks in enumerate(self.down_blocks):
+            for block in blocks:
+                h = block(h, temb, w)
+                skips.append(h)
+            if level < len(self.downsamples):
+                h = self.downsamples[level](h) + image_features[level + 1]
+        h = self.mid(h, temb, w)
+        for i, blocks in enumerate(self.up_blocks):
+            for block in blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), temb, w)
+            if i < len(self.upsamples):
+                h = self.upsamples[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return torch.tanh(self.out_conv(F.silu(self.out_norm(h))))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.decode(x_t, t, z, self.encode(image))
+
+
+class DownBlock(nn.Module):
+    """Discriminator residual block that halves the resolution: conv (+ time embedding) at the input
+    resolution, average-pool, conv at the lower resolution (as in DDGAN, cheap at full size)."""
+
+    def __init__(self, in_ch: int, out_ch: int, t_dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time = nn.Linear(t_dim, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.leaky_relu(x, 0.2)) + self.time(temb)[:, :, None, None]
+        h = self.conv2(F.avg_pool2d(F.leaky_relu(h, 0.2), 2))
+        return (h + self.skip(F.avg_pool2d(x, 2))) * (1 / math.sqrt(2))
+
+
+class Discriminator(nn.Module):
+    """D(x_{t-1}, x_t, t) -> real/fake logit ``(B,)``; optionally also returns each block's feature map
+    (block i has resolution ``H / 2**(i + 1)``)."""
+
+    def __init__(self, cfg: NetworkConfig):
+        super().__init__()
+        self.cfg = cfg
+        in_ch = 2 * cfg.num_classes + (cfg.in_channels if cfg.disc_uses_image else 0)
+        widths = [cfg.disc_channels * m for m in cfg.disc_mults]
+        t_dim = cfg.time_dim
+        self.time_mlp = nn.Sequential(nn.Linear(t_dim, t_dim), nn.LeakyReLU(0.2), nn.Linear(t_dim, t_dim))
+        self.stem = nn.Conv2d(in_ch, widths[0] // 2, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            DownBlock(widths[i - 1] if i else widths[0] // 2, widths[i], t_dim) for i in range(len(widths))
+        )
+        self.head = nn.Linear(widths[-1], 1)
+        if not 0 <= cfg.attention_block < len(widths):
+            raise ValueError(f"attention_block must be in 0..{len(widths) - 1}")
+
+    def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                image: Optional[torch.Tensor] = None,
+                return_features: bool = False):
+        temb = self.time_mlp(sinusoidal_embedding(t * 1000.0, self.cfg.time_dim).to(x_t.dtype))
+        inputs = [x_prev, x_t] + ([image] if self.cfg.disc_uses_image else [])
+        h = self.stem(torch.cat(inputs, dim=1))
+        feats = []
+        for block in self.blocks:
+            h = block(h, temb)
+            feats.append(h)
+        logit = self.head(F.leaky_relu(h, 0.2).sum(dim=(2, 3))).squeeze(1)
+        return (logit, feats) if return_features else logit
+
+
+def attention_map(features: List[torch.Tensor], block: int, size: Tuple[int, int]) -> torch.Tensor:
+    """A_D: channel mean of one inner D feature map, bilinearly upsampled to ``size``: ``(B, 1, H, W)``."""
+    a = features[block].mean(dim=1, keepdim=True)
+    return F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+
+
+def normalise_attention(a: torch.Tensor) -> torch.Tensor:
+    """Scale each map to max |A| = 1 so that x0 * A_D keeps the label's range whatever D's feature scale."""
+    return a / a.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,71 @@
+"""Algorithm 2: T denoising steps from noise, K samples per slice batched together.
+
+Given images ``(N, in_channels, H, W)`` (already scaled to [-1, 1]) returns per slice the mean class
+probabilities ``(N, C, H, W)``, labels ``(N, H, W)``, the per-pixel variance across samples ``(N, H, W)``
+(summed over classes) and optionally the discriminator attention ``(N, H, W)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .networks import Discriminator, Generator, attention_map
+from .schedule import DiffusionSchedule
+
+
+@dataclass
+class SampleOutput:
+    probabilities: torch.Tensor   # (N, C, H, W), sums to 1 over C
+    labels: torch.Tensor          # (N, H, W) int64
+    variance: torch.Tensor        # (N, H, W) across-sample variance of the class probabilities, summed over C
+    attention: Optional[torch.Tensor] = None  # (N, H, W) |channel mean| of D's inner features
+
+
+def x0_to_probabilities(x0: torch.Tensor) -> torch.Tensor:
+    """Generator output in [-1, 1] (one-hot * 2 - 1) -> non-negative class weights summing to 1 over dim 1."""
+    p = ((x0 + 1) * 0.5).clamp(0.0, 1.0)
+    return p / p.sum(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+@torch.inference_mode()
+def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedule, num_samples: int = 5,
+           rng: Optional[torch.Generator] = None, discriminator: Optional[Discriminator] = None,
+           attention_block: Optional[int] = None, use_latent: bool = True) -> SampleOutput:
+    """Run the reverse process for all ``N`` slices x ``K`` samples in one batch of ``N * K``.
+
+    The image encoder runs once per slice; its features are shared by every step and sample.
+    Noise comes from ``rng`` (a CPU generator) so CPU and GPU give the same draws for the same seed.
+    """
+    n, k = images.shape[0], num_samples
+    c = generator.cfg.num_classes
+    device, dtype = images.device, images.dtype
+    feats = [f.repeat_interleave(k, dim=0) for f in generator.encode(images)]
+
+    def noise(*shape):
+        return torch.randn(*shape, generator=rng).to(device=device, dtype=dtype)
+
+    x = noise(n * k, c, *images.shape[2:])
+    x_prev_pair = x
+    for step in range(schedule.num_steps, 0, -1):
+        t = torch.full((n * k,), step, device=device, dtype=torch.long)
+        z = noise(n * k, generator.cfg.latent_dim) if use_latent else torch.zeros(n * k, generator.cfg.latent_dim,
+                                                                                  device=device, dtype=dtype)
+        x0 = generator.decode(x, schedule.time(t), z, feats)
+        x_prev_pair = x
+        x = schedule.posterior_sample(x0, x, t, generator=rng) if step > 1 else x0
+    probs_k = x0_to_probabilities(x.float()).view(n, k, c, *images.shape[2:])
+    probs = probs_k.mean(dim=1)
+    variance = probs_k.var(dim=1, unbiased=False).sum(dim=1)
+    attention = None
+    if discriminator is not None:
+        t1 = torch.ones(n * k, device=device, dtype=torch.long)
+        d_image = images.repeat_interleave(k, dim=0) if discriminator.cfg.disc_uses_image else None
+        _, d_feats = discriminator(x, x_prev_pair, schedule.time(t1), image=d_image, return_features=True)
+        block = discriminator.cfg.attention_block if attention_block is None else attention_block
+        a = attention_map(d_feats, block, tuple(images.shape[2:])).float().abs()
+        attention = a.view(n, k, *images.shape[2:]).mean(dim=1)
+    return SampleOutput(probs, probs.argmax(dim=1), variance, attention)
+

@@ -1,0 +1,418 @@
+"""Algorithm 1: adversarial training of the time-step discriminator and attention-guided generator training.
+
+Every step draws its batch, augmentation and noise from RNGs seeded by (seed, step), and a checkpoint holds the
+networks, optimisers, EMA and step: re-running the same command after a stop continues the very same run.
+Runs on CPU, one CUDA GPU (bf16 autocast) or several GPUs under ``torchrun`` (data parallel, gradients
+all-reduced).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import __version__
+from .augment import augment_batch, build_augmentation
+from .config import TrainConfig
+from .data import (Normalisation, SliceBank, load_png_case, load_volume, read_msd_cases, read_png_pairs,
+                   split_cases)
+from .errors import CDALError
+from .evaluation import evaluate_cases, mean_foreground_dice
+from .geometry import ModelGrid
+from .inference import resolve_device
+from .model_io import LoadedModel, atomic_write_bytes, load_model, make_card, save_model
+from .networks import Discriminator, Generator, NetworkConfig, attention_map, normalise_attention
+from .schedule import DiffusionSchedule
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class Trainer:
+    def __init__(self, data_dir: str, out_dir: str, config: TrainConfig, device: str = "auto",
+                 init_model: Optional[str] = None, json_progress: bool = False):
+        self.out = Path(out_dir)
+        self.cfg = config
+        self.json_progress = json_progress
+        self.rank, self.world = _init_distributed()
+        self.device = resolve_device(device) if self.world == 1 else torch.device(f"cuda:{self.rank}")
+        self.init_model = init_model
+        self._prepare_run_dir()
+        self.net_cfg, self.class_names, self.grid, self.norm = self._model_settings(data_dir)
+        self._load_data(data_dir)
+        torch.manual_seed(config.seed)
+        self.G = Generator(self.net_cfg).to(self.device)
+        self.D = Discriminator(self.net_cfg).to(self.device)
+        if self.init:
+            self.G.load_state_dict(self.init.generator.state_dict())
+            if self.init.discriminator is not None:
+                self.D.load_state_dict(self.init.discriminator.state_dict())
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        betas = tuple(config.adam_betas)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=config.lr_d, betas=betas)
+        self.schedule = DiffusionSchedule(config.train_num_steps)
+        self.augment = build_augmentation(config.augmentation) if config.augmentation is not None else None
+        self.step, self.best, self.best_step, self.seconds = 0, -1.0, -1, 0.0
+        self.history: List[Dict] = []
+        self._resume()
+
+    # -- setup ---------------------------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        saved = self.out / "config.json"
+        mine = {"config": self.cfg.to_dict(), "init_model": str(self.init_model) if self.init_model else None}
+        if saved.exists():
+            prev = json.loads(saved.read_text())
+            a, b = dict(prev["config"]), dict(mine["config"])
+            a.pop("max_steps", None), b.pop("max_steps", None)
+            if a != b or prev.get("init_model") != mine["init_model"]:
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                raise CDALError(f"{self.out}: holds a run with different settings ({', '.join(diff) or 'model'}): "
+                                "use a new --out folder, or the same config to resume")
+        if self.rank == 0:
+            atomic_write_bytes(saved, (json.dumps(mine, indent=2) + "\n").encode())
+
+    def _model_settings(self, data_dir: str):
+        cfg = self.cfg
+        self.init = load_model(self.init_model, device="cpu") if self.init_model else None
+        if self.init:  # fine-tuning keeps the model's network, grid, normalisation and classes
+            card = self.init.card
+            return (self.init.config, self.init.class_names, self.init.grid, self.init.normalisation)
+        net = NetworkConfig.from_dict(cfg.network) if cfg.network else NetworkConfig()
+        grid = ModelGrid(cfg.orientation, cfg.spacing)
+        return net, None, grid, Normalisation.from_dict(cfg.normalisation)
+
+    def _load_data(self, data_dir: str) -> None:
+        cfg, net = self.cfg, self.net_cfg
+        root = Path(data_dir)
+        self.is_2d = (root / "images").is_dir() and not (root / "imagesTr").is_dir()
+        if self.is_2d:
+            cases, labels = read_png_pairs(root), {0: "Background", 1: "Foreground"}
+        else:
+            cases, labels = read_msd_cases(root)
+        names = [labels[i].capitalize() if labels[i].islower() else labels[i] for i in sorted(labels)] if labels \
+            else None
+        if self.class_names is None:
+            self.class_names = names or [f"Class {i}" for i in range(net.num_classes)]
+            if names and len(names) != net.num_classes:
+                net.num_classes = len(names)
+        elif names and len(names) != len(self.class_names):
+            raise CDALError(f"{root}: has {len(names)} label classes but the model has {len(self.class_names)} "
+                            f"({', '.join(self.class_names)}): relabel the data to the model's classes")
+        train_cases, self.val_cases = split_cases(cases, cfg.val_fraction, cfg.seed, cfg.val_cases)
+        if not train_cases:
+            raise CDALError(f"{root}: no training cases left after the validation split: add data")
+        self.val_cases = self.val_cases[: cfg.val_max_volumes] if not self.is_2d else self.val_cases
+        n_cls = net.num_classes
+        loader = (lambda c: load_png_case(c, cfg.train_size, net.image_channels)) if self.is_2d else \
+            (lambda c: load_volume(c, self.grid, self.norm, n_cls, net.image_channels))
+        volumes = [loader(c) for c in tqdm(train_cases, desc="loading", disable=self._quiet(), leave=False)]
+        self.bank = SliceBank(volumes, 0 if self.is_2d else cfg.slice_axis, net.context_slices, cfg.train_size)
+        self.val_volumes = [loader(c) for c in self.val_cases] if self.is_2d else None
+        self.data_summary = {"folder": str(root.resolve()), "train_cases": len(train_cases),
+                             "validation_cases": [c.name for c in self.val_cases],
+                             "train_slices": len(self.bank),
+                             "slices_with_foreground": round(self.bank.foreground_fraction(), 3)}
+
+    def _quiet(self) -> bool:
+        return self.json_progress or self.rank != 0 or not sys.stderr.isatty() and os.environ.get("CI") == "true"
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
+            raise CDALError(f"{path}: checkpoint is corrupt ({exc.__class__.__name__}): delete it to restart "
+                            "the run, or restore a backup")
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.step, self.best, self.best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
+        self.seconds = float(state["seconds"])
+        self.history = json.loads(state["history"])
+        self._emit({"event": "resumed", "step": self.step})
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        state = {"G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
+                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.step,
+                 "best": self.best, "best_step": self.best_step, "seconds": self.seconds,
+                 "history": json.dumps(self.history)}
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def card(self, scores: Optional[Dict] = None) -> Dict:
+        cfg = self.cfg
+        hardware = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
+            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return make_card(
+            cfg.name, self.net_cfg, self.class_names, num_steps=cfg.num_steps,
+            train_num_steps=cfg.train_num_steps, grid=self.grid, slice_axis=cfg.slice_axis,
+            train_size=cfg.train_size, normalisation=self.norm, modality=cfg.modality,
+            description=cfg.description,
+            training={"steps": self.step, "wall_seconds": round(self.seconds, 1), "hardware": hardware,
+                      "world_size": self.world, "seed": cfg.seed, "init_model": str(self.init_model or ""),
+                      "data": self.data_summary, "config": cfg.to_dict(), "torch": torch.__version__,
+                      "cdal_version": __version__},
+            validation=scores or {})
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def _batch(self, step: int):
+        rng = np.random.default_rng([self.cfg.seed, step, self.rank])
+        idx = rng.integers(0, len(self.bank), self.cfg.batch_size)
+        images, labels = self.bank.images[idx], self.bank.labels[idx]
+        if self.augment is not None:
+            images, labels = augment_batch(self.augment, images, labels, int(rng.integers(0, 2**31)))
+        x_img = torch.from_numpy(images).to(self.device).mul_(2).sub_(1)
+        lab = torch.from_numpy(labels.astype(np.int64)).to(self.device)
+        x0 = F.one_hot(lab, self.net_cfg.num_classes).permute(0, 3, 1, 2).float() * 2 - 1
+        t = torch.from_numpy(rng.integers(1, self.schedule.num_steps + 1, self.cfg.batch_size)).to(self.device)
+        noise = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        return x_img, x0, t, noise
+
+    def _z(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        if not self.cfg.use_latent:
+            return torch.zeros(n, self.net_cfg.latent_dim, device=self.device)
+        return torch.randn(n, self.net_cfg.latent_dim, generator=gen).to(self.device)
+
+    def train_step(self) -> Dict[str, float]:
+        cfg, sched = self.cfg, self.schedule
+        image, x0, t, gen = self._batch(self.step)
+        tau = sched.time(t)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (self.device.type == "cuda" and cfg.amp) \
+            else nullcontext()
+        # Discriminator: real pair vs a pair whose x_{t-1} is sampled from the generator's x0 prediction.
+        x_prev, x_t = sched.q_pair(x0, t, generator=gen)
+        r1 = cfg.r1_gamma > 0 and self.step % cfg.r1_every == 0
+        x_t.requires_grad_(r1)
+        self.opt_d.zero_grad(set_to_none=True)
+        with autocast:
+            d_real, feats = self.D(x_prev, x_t, tau, image, return_features=True)
+        loss_d = F.softplus(-d_real.float()).mean()
+        if r1:
+            grad, = torch.autograd.grad(d_real.float().sum(), x_t, create_graph=True)
+            loss_d = loss_d + cfg.r1_gamma / 2 * cfg.r1_every * grad.pow(2).flatten(1).sum(1).mean()
+        with torch.no_grad(), autocast:
+            x0_fake = self.G(x_t.detach(), tau, self._z(len(t), gen), image).float()
+            x_prev_fake = sched.posterior_sample(x0_fake, x_t.detach(), t, generator=gen)
+        with autocast:
+            d_fake = self.D(x_prev_fake, x_t.detach(), tau, image)
+        loss_d = loss_d + F.softplus(d_fake.float()).mean()
+        loss_d.backward()
+        self._sync_grads(self.D)
+        self.opt_d.step()
+        # Generator: the clean label weighted by D's attention on the real pair, re-noised with fresh noise.
+        x0_in = x0
+        if cfg.use_attention:
+            att = attention_map([f.detach().float() for f in feats], self.net_cfg.attention_block, x0.shape[-2:])
+            x0_in = x0 * normalise_attention(att)
+        x_t_att = sched.q_sample(x0_in, t, generator=gen)
+        self.opt_g.zero_grad(set_to_none=True)
+        with autocast:
+            x0_pred = self.G(x_t_att, tau, self._z(len(t), gen), image).float()
+        loss_mse = F.mse_loss(x0_pred, x0)
+        loss_g = loss_mse
+        if cfg.dice_weight > 0:
+            loss_g = loss_g + cfg.dice_weight * _soft_dice_loss(x0_pred, x0)
+        if cfg.adv_weight > 0:
+            x_prev_pred = sched.posterior_sample(x0_pred, x_t_att, t, generator=gen)
+            with autocast:
+                loss_g = loss_g + cfg.adv_weight * F.softplus(-self.D(x_prev_pred, x_t_att, tau, image).float()).mean()
+        loss_g.backward()
+        self._sync_grads(self.G)
+        self.opt_g.step()
+        with torch.no_grad():
+            ema, live = list(self.G_ema.parameters()), list(self.G.parameters())
+            # EMA warm-up: early on, an average dominated by the random init would hide all progress
+            decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+            torch._foreach_lerp_(ema, live, 1 - decay)
+            for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+                b_ema.copy_(b)
+        self.step += 1
+        stats = {"loss_d": loss_d, "loss_g": loss_g, "mse": loss_mse, "d_real": d_real.mean(), "d_fake": d_fake.mean()}
+        return {k: v.detach().float().item() for k, v in stats.items()}
+
+    def _sync_grads(self, module: torch.nn.Module) -> None:
+        if self.world == 1:
+            return
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
+    # -- validation ------------------------------------------------------------------------------------------
+    def validate(self) -> Optional[Dict]:
+        """Dice of the EMA generator on the validation cases (T = num_steps, val_samples samples)."""
+        if self.rank != 0 or not self.val_cases:
+            return None
+        model = LoadedModel(None, self.card(), self.net_cfg, self.G_ema, None)
+        if self.is_2d:
+            report = _evaluate_2d(model, self.val_volumes, self.cfg)
+        else:
+            report = evaluate_cases(model, self.val_cases, steps=self.cfg.num_steps, samples=self.cfg.val_samples,
+                                    seed=0, device=str(self.device), with_uncertainty=False)
+        report.pop("per_volume", None)
+        report["mean_dice"] = mean_foreground_dice(report)
+        report["step"] = self.step
+        return report
+
+    def export_model(self, scores: Optional[Dict]) -> Path:
+        return save_model(self.out / "model", self.card(scores), self.G_ema, self.D)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def fit(self, max_steps: Optional[int] = None, max_minutes: Optional[float] = None) -> Path:
+        cfg = self.cfg
+        target = int(max_steps if max_steps is not None else cfg.max_steps)
+        if self.step >= target:
+            self._emit({"event": "done", "step": self.step, "model": str(self.out / "model"),
+                        "message": f"already trained to step {self.step}"})
+            if not (self.out / "model").exists():
+                self.export_model(self._validated(self.validate()))
+            return self.out / "model"
+        deadline = time.time() + 60 * max_minutes if max_minutes else None
+        restore = _raise_on_sigterm()
+        bar = tqdm(total=target, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=self._quiet())
+        self.G.train(), self.D.train()
+        last_val = -1
+        t_run, first_step = time.time(), self.step
+        try:
+            while self.step < target:
+                t0 = time.time()
+                stats = self.train_step()
+                self.seconds += time.time() - t0
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == target:
+                    rate = (self.step - first_step) / max(time.time() - t_run, 1e-6)
+                    rec = {"event": "progress", "step": self.step, "max_steps": target,
+                           "eta_seconds": round((target - self.step) / max(rate, 1e-9), 1),
+                           "steps_per_second": round(rate, 3), **{k: round(v, 5) for k, v in stats.items()}}
+                    self._log(rec)
+                    bar.set_postfix(mse=f"{stats['mse']:.4f}", d=f"{stats['loss_d']:.3f}")
+                if self.step % cfg.val_every == 0:
+                    self._validate_and_keep_best()
+                    last_val = self.step
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if deadline and time.time() > deadline:
+                    self._emit({"event": "time_limit", "step": self.step})
+                    break
+        except KeyboardInterrupt:
+            self._emit({"event": "interrupted", "step": self.step})
+            self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+            restore()
+        if last_val != self.step:
+            self._validate_and_keep_best()
+        self.save_checkpoint()
+        self._emit({"event": "done", "step": self.step, "model": str(self.out / "model"), "best_step": self.best_step,
+                    "best_mean_dice": self.best})
+        return self.out / "model"
+
+    def _validated(self, report: Optional[Dict]) -> Dict:
+        return report or {"note": "no validation cases"}
+
+    def _validate_and_keep_best(self) -> None:
+        report = self.validate()
+        if self.rank != 0:
+            return
+        if report is None:  # nothing to validate on: the latest weights are the model
+            self.export_model({"note": "no validation cases"})
+            return
+        self.history.append({"step": self.step, "mean_dice": report["mean_dice"]})
+        self._log({"event": "validation", **{k: v for k, v in report.items() if k != "per_class"},
+                   "per_class_dice": {k: round(v["dice"], 4) for k, v in report["per_class"].items()}})
+        if report["mean_dice"] > self.best or not (self.out / "model").exists():
+            self.best, self.best_step = report["mean_dice"], self.step
+            self.export_model(report)
+
+    def _log(self, rec: Dict) -> None:
+        if self.rank != 0:
+            return
+        rec = {"time": round(time.time(), 1), **rec}
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.json_progress:
+            print(json.dumps(rec), flush=True)
+        elif rec.get("event") == "validation":
+            tqdm.write(f"step {rec['step']}: validation Dice {rec['per_class_dice']}")
+
+    def _emit(self, rec: Dict) -> None:
+        self._log(rec)
+        if not self.json_progress and self.rank == 0 and rec.get("event") in ("resumed", "done", "time_limit"):
+            tqdm.write(", ".join(f"{k}={v}" for k, v in rec.items()))
+
+
+def _soft_dice_loss(x0_pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    p, g = (x0_pred + 1) / 2, (x0 + 1) / 2
+    inter = (p * g)[:, 1:].sum(dim=(2, 3))
+    denom = (p + g)[:, 1:].sum(dim=(2, 3))
+    return 1 - ((2 * inter + 1) / (denom + 1)).mean()
+
+
+def _evaluate_2d(model: LoadedModel, volumes, cfg: TrainConfig) -> Dict:
+    """Validation for 2D datasets: each image is a one-slice volume sampled directly."""
+    from .metrics import segmentation_metrics, summarise
+    from .sampler import sample
+    per = []
+    rng = torch.Generator().manual_seed(0)
+    dev = next(model.generator.parameters()).device
+    for vol in volumes:
+        img = vol.image[0]
+        img = np.moveaxis(img, -1, 0) if img.ndim == 3 else img[None]
+        out = sample(model.generator, torch.from_numpy(img[None] * 2 - 1).float().to(dev), model.schedule(),
+                     cfg.val_samples, rng)
+        per.append(segmentation_metrics(out.labels[0].cpu().numpy()[None], vol.label, model.config.num_classes))
+    return {"per_class": summarise(per, model.class_names), "volumes": len(volumes), "seconds_per_volume": 0.0}
+
+
+def _init_distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if not torch.cuda.is_available():
+            raise CDALError("torchrun with several processes needs CUDA GPUs: run without torchrun on CPU")
+        dist.init_process_group("nccl")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return (dist.get_rank() if world > 1 else 0), world
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into KeyboardInterrupt so a killed run still writes its checkpoint."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def train(data_dir: str, out_dir: str, config: TrainConfig, max_steps: Optional[int] = None,
+          max_minutes: Optional[float] = None, device: str = "auto", init_model: Optional[str] = None,
+          json_progress: bool = False) -> Path:
+    trainer = Trainer(data_dir, out_dir, config, device=device, init_model=init_model, json_progress=json_progress)
+    return trainer.fit(max_steps=max_steps, max_minutes=max_minutes)
