@@ -14,6 +14,7 @@ is created: a failed or cancelled run leaves the scene as it was.
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Dict, List, Optional
 
@@ -95,12 +96,16 @@ def shippedModelsDir():
 
 def userModelsDir():
     """Per-user model folder (``cdal_core.model_io.user_models_dir()``: ~/.cdal/models or $CDAL_USER_MODELS)."""
-    try:
-        from cdal_core.model_io import user_models_dir
+    modelIO = _loadedModelIO()
+    if modelIO is not None:
+        return str(modelIO.user_models_dir())
+    # same rule as cdal_core.model_io, without importing torch into the GUI process
+    return os.environ.get("CDAL_USER_MODELS") or os.path.join(os.path.expanduser("~"), ".cdal", "models")
 
-        return str(user_models_dir())
-    except ImportError:  # torch not installed yet: same rule without importing torch
-        return os.environ.get("CDAL_USER_MODELS") or os.path.join(os.path.expanduser("~"), ".cdal", "models")
+
+def _loadedModelIO():
+    """``cdal_core.model_io`` if it is already imported (it imports torch, which the GUI avoids loading)."""
+    return sys.modules.get("cdal_core.model_io")
 
 
 def _coreFile():
@@ -112,18 +117,16 @@ def _coreFile():
 def listModels():
     # type: () -> Dict[str, str]
     """Available models by name -> folder (shipped and per-user; a user model of the same name wins)."""
-    try:
-        from cdal_core.model_io import list_models
-
-        return dict((name, str(path)) for name, path in list_models().items())
-    except ImportError:  # torch missing: list folders without importing torch
-        found = {}
-        for root in (shippedModelsDir(), userModelsDir()):
-            if os.path.isdir(root):
-                for name in sorted(os.listdir(root)):
-                    if os.path.isfile(os.path.join(root, name, "model.json")):
-                        found[name] = os.path.join(root, name)
-        return found
+    modelIO = _loadedModelIO()
+    if modelIO is not None:
+        return dict((name, str(path)) for name, path in modelIO.list_models().items())
+    found = {}  # same rules as cdal_core.model_io.list_models, without importing torch
+    for root in (shippedModelsDir(), userModelsDir()):
+        if os.path.isdir(root):
+            for name in sorted(os.listdir(root)):
+                if os.path.isfile(os.path.join(root, name, "model.json")):
+                    found[name] = os.path.join(root, name)
+    return found
 
 
 def modelKind(path):
@@ -255,13 +258,24 @@ class CDALSegmentationLogic(object):
                 raise VolumeTooLargeError("%s has %.0f million voxels, too many to segment whole: place an ROI around "
                                           "the structure and segment that" % (volumeNode.GetName(), voxels / 1e6))
         image = geometry.sitkImageFromVolumeNode(volumeNode, ijkBox)
-        try:
-            from cdal_core.data import check_volume
-        except ImportError:
-            check_volume = None
-        if check_volume is not None:
-            check_volume(image, channels, name=volumeNode.GetName())
+        self._checkIntensities(image, volumeNode.GetName())
+        coreData = sys.modules.get("cdal_core.data")  # full check when cdal_core is loaded (in-process runs)
+        if coreData is not None:
+            coreData.check_volume(image, channels, name=volumeNode.GetName())
         return _PreparedInput(volumeNode, image, ijkBox, modelPath, card)
+
+    @staticmethod
+    def _checkIntensities(image, name):
+        import SimpleITK as sitk
+
+        array = sitk.GetArrayViewFromImage(image)
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise CDALError("%s has %d NaN/inf voxels: fix or mask them (e.g. replace with 0) before segmenting"
+                            % (name, int(array.size - np.count_nonzero(finite))))
+        if float(array.max()) == float(array.min()):
+            raise CDALError("%s is constant (every voxel = %g), nothing to segment: check that the right image was "
+                            "loaded" % (name, float(array.min())))
 
     # ---- synchronous run ---------------------------------------------------------------------------------
     def loadModel(self, modelPath, device="cpu"):

@@ -189,3 +189,26 @@ def test_background_job_matches_in_process(app, logic, tiny_model, synthetic_dat
                        slicer.util.arrayFromVolume(direct.uncertaintyNode), atol=1e-6)
     assert any("%" in s for s in seen)
     assert not os.path.exists(job.workDir)
+
+
+def test_ras_nifti_and_lps_nrrd_files_and_parent_transform(app, logic, tiny_model, synthetic_data, tmp_path):
+    """The same image written as NIfTI (RAS on disk) and NRRD (LPS header) loads with the same geometry through
+    MRML storage nodes and segments identically; outputs follow the input's parent transform."""
+    source = sitk.ReadImage(_synthetic_case(synthetic_data))
+    source.SetDirection([float(v) for v in np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]]).flatten()])
+    source.SetOrigin((-3.0, 14.0, 22.0))
+    nii, nrrd = str(tmp_path / "img.nii.gz"), str(tmp_path / "img.nrrd")
+    sitk.WriteImage(source, nii)
+    sitk.WriteImage(source, nrrd)
+    assert "left-posterior-superior" in open(nrrd, "rb").read(2000).decode("latin-1")
+    a = load_volume(nii, name="from nifti")
+    b = load_volume(nrrd, name="from nrrd")
+    assert np.allclose(geometry.ijkToRasArray(a), geometry.ijkToRasArray(b), atol=1e-5)
+    assert np.allclose(geometry.ijkToRasArray(a), geometry.ijkToRasFromSitk(source), atol=1e-5)
+    transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    b.SetAndObserveTransformNodeID(transform.GetID())
+    la = logic.segment(a, model=tiny_model, **FAST)
+    lb = logic.segment(b, model=tiny_model, **FAST)
+    assert np.array_equal(la.labelArray(), lb.labelArray())
+    for node in lb.nodes()[:3]:
+        assert node.GetTransformNodeID() == transform.GetID()
