@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from CDALSegmentationLib import logic as libLogic
 from CDALSegmentationLib.logic import foregroundClasses, listModels
 
 from helpers import dice, oblique_copy, volume_from_sitk
@@ -60,6 +61,15 @@ def test_real_hippocampus_dice(app, logic, hippocampus_model, capsys):
         report.append("%s: %s (%.1f s)" % (case, ", ".join("%s %.3f" % kv for kv in per_class.items()),
                                           result.seconds))
         if case == CASES[0]:
+            # MRML path == direct cdal_core path on the file (the MRML <-> SimpleITK conversion is lossless)
+            from cdal_core.inference import segment_image
+            from cdal_core.model_io import load_model
+
+            model = load_model(libLogic.resolveModelPath(hippocampus_model))
+            direct = segment_image(sitk.ReadImage(image_path), model, samples=3, seed=0, device="cpu")
+            same = float((sitk.GetArrayFromImage(direct.labels) == labels).mean())
+            report.append("%s: MRML path vs direct cdal_core on the file: %.4f of voxels equal" % (case, same))
+            assert same > 0.999, same
             # the same physical image stored obliquely gives the same segmentation after mapping back
             from helpers import labels_to_grid
             from CDALSegmentationLib import geometry
@@ -68,6 +78,7 @@ def test_real_hippocampus_dice(app, logic, hippocampus_model, capsys):
             oblique = volume_from_sitk(oblique_copy(image, degrees=20.0), case + " oblique")
             back = labels_to_grid(logic.segment(oblique, model=hippocampus_model, samples=3, seed=0).labelArray(),
                                   oblique, volume)
+            assert labels.any() and back.any(), "no hippocampus found: the oblique comparison would be vacuous"
             agreement = dice(back, labels)
             report.append("%s stored oblique (20 deg) vs as stored: Dice %.3f" % (case, agreement))
             assert agreement > 0.75, agreement

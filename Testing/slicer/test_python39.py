@@ -6,7 +6,8 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FILES = sorted(glob.glob(os.path.join(REPO, "CDALSegmentation", "**", "*.py"), recursive=True))
+FILES = sorted(glob.glob(os.path.join(REPO, "CDALSegmentation", "**", "*.py"), recursive=True)) + [
+    os.path.join(REPO, "Testing", "run_tests.py")]
 
 
 @pytest.mark.parametrize("path", FILES, ids=[os.path.relpath(p, REPO) for p in FILES])
