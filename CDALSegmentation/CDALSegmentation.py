@@ -222,7 +222,7 @@ class CDALSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.inputVolume = first
 
     def _disconnectParameterNode(self):
-        if self._parameterNode:
+        if self._parameterNode and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
@@ -319,6 +319,7 @@ class CDALSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = combo.blockSignals(True)
         combo.currentIndex = index
         combo.blockSignals(wasBlocked)
+        self.updateButtons()
         if not combo.count:
             self.ui.statusLabel.text = ("No model installed: use 'Load model folder...' or reinstall the extension "
                                         "(models are looked up in %s and %s)."
