@@ -14,7 +14,7 @@ from cdal_core.config import TrainConfig
 from cdal_core.errors import CDALError
 from cdal_core.trainer import Trainer, train
 
-from conftest import ROOT, TINY_CONFIG
+from core_settings import ROOT, TINY_CONFIG
 
 
 def _weights(model_dir):
