@@ -42,19 +42,21 @@ def test_finetune_round_trip_cpu(app, logic, tiny_model, synthetic_data, user_mo
     statuses = []
     state = job.wait(timeout=240, interval=0.5, callback=lambda j: statuses.append(j.statusText()))
     assert state == "done", (job.error, job.stderrLines[-10:])
-    assert job.modelPath == os.path.join(userModelsDir(), "my-tuned")
-    assert os.path.dirname(job.modelPath) == str(user_models)
+    assert os.path.dirname(job.modelPath) == str(user_models), (job.modelPath, userModelsDir(), str(user_models))
+    assert os.path.basename(job.modelPath).startswith("my-tuned"), job.modelPath
     assert modelKind(job.modelPath) == "user"
     card = json.load(open(os.path.join(job.modelPath, "model.json")))
-    assert card["name"] == "my-tuned" and card["fine_tuned_cases"] == 1
-    assert "my-tuned" in listModels()
-    assert any("Step" in s for s in statuses), statuses
+    name = os.path.basename(job.modelPath)
+    assert card["name"] == name and card["fine_tuned_cases"] == 1
+    assert name in listModels(), listModels()
+    assert any(e.get("event") == "progress" and e.get("step") for e in job.events), job.events
+    assert statuses and job.statusText().startswith("Fine-tuned model"), statuses[-3:]
     # the new model is selectable by name and segments
-    tuned = logic.segment(volume, model="my-tuned", samples=1, steps=1, seed=0)
+    tuned = logic.segment(volume, model=name, samples=1, steps=1, seed=0)
     assert tuned.segmentationNode.GetSegmentation().GetNumberOfSegments() == 2
     # registering again never overwrites
-    again = finetune.registerModel(job.modelPath, "my tuned")
-    assert again.endswith("my-tuned-2")
+    again = finetune.registerModel(job.modelPath, name)
+    assert again != job.modelPath and os.path.basename(again).startswith(name + "-")
 
 
 def test_finetune_cancel_kills_children(app, logic, tiny_model, synthetic_data, user_models):
