@@ -62,7 +62,8 @@ def run_demo(out_dir: Path, device: str = "auto") -> int:
     names = model.class_names
     summary: Dict[str, Dict] = {}
     crops = {}
-    for side, centre in HIPPOCAMPUS_CENTRES.items():
+    from tqdm import tqdm
+    for side, centre in tqdm(HIPPOCAMPUS_CENTRES.items(), desc="segmenting", unit="side", leave=False):
         crop, (i0, j0, k0) = crop_box(image, centre, BOX_MM)
         res = segment_image(crop, model, samples=5, seed=0, device=dev)
         lab, u, a = (sitk.GetArrayFromImage(x) for x in (res.labels, res.uncertainty, res.attention))

@@ -1,0 +1,180 @@
+"""CPU inference benchmark, measured side by side in one process (start-up excluded).
+
+Rows: the cDAL pipeline (T=2 x 5 samples, whole slices), the reference protocol (32^3 sliding window, overlap
+0.75, 5 samples per window), 100-step sampling (SegDiff-like) and one plain forward pass (the floor), each
+with seconds/volume, GFLOP/volume and Dice on the same validation volumes; the machine's measured fp32 matmul
+peak and the efficiency achieved; a 256x256x180 volume with and without an ROI (seconds, peak RSS).
+
+Usage: python benchmarks/bench_cpu_inference.py [--model hippocampus] [--volumes 8] [--json out.json]
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cdal_core.data import read_image, read_msd_cases  # noqa: E402
+from cdal_core.inference import segment_image  # noqa: E402
+from cdal_core.metrics import segmentation_metrics  # noqa: E402
+from cdal_core.model_io import load_model  # noqa: E402
+from cdal_core.sampler import sample  # noqa: E402
+
+
+def matmul_peak(seconds: float = 3.0) -> float:
+    """Best fp32 GFLOP/s of a 2048^2 matmul on all threads."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best, end = 0.0, time.time() + seconds
+    while time.time() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def sliding_window_predict(model, image: sitk.Image, samples: int, seed: int) -> np.ndarray:
+    """The reference protocol: 32^3 windows (overlap 0.75), each window sliced and sampled, votes averaged."""
+    from monai.inferers import sliding_window_inference
+    arr = model.normalisation(sitk.GetArrayFromImage(image).astype(np.float32))
+    vol = torch.from_numpy(arr)[None, None] * 2 - 1
+    rng = torch.Generator().manual_seed(seed)
+    ctx = model.config.context_slices
+
+    def predictor(win: torch.Tensor) -> torch.Tensor:  # (B, 1, 32, 32, 32) -> (B, C, 32, 32, 32)
+        outs = []
+        for w in win:
+            idx = torch.clamp(torch.arange(w.shape[1])[:, None] + torch.arange(-ctx, ctx + 1)[None], 0, w.shape[1] - 1)
+            slices = w[0][idx]  # (32, 2c+1, 32, 32)
+            out = sample(model.generator, slices, model.schedule(2), samples, rng)
+            outs.append(out.probabilities.permute(1, 0, 2, 3))
+        return torch.stack(outs)
+
+    with torch.inference_mode():
+        probs = sliding_window_inference(vol, (32, 32, 32), 4, predictor, overlap=0.75, mode="constant",
+                                         padding_mode="constant", cval=-1.0)
+    return probs[0].argmax(0).numpy()
+
+
+def timed(fn):
+    with FlopCounterMode(display=False) as fc:
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+    return out, dt, fc.get_total_flops()
+
+
+def peak_rss_child(code: str) -> dict:
+    """Run a snippet in a fresh process; return its JSON output plus peak RSS in MB."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-1500:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+BIG_VOLUME_CODE = r'''
+import json, resource, sys, time
+import numpy as np, SimpleITK as sitk
+sys.path.insert(0, ".")
+from cdal_core.inference import segment_image
+from cdal_core.model_io import load_model
+from cdal_core.demo import template_path
+model = load_model("{model}", device="cpu")
+tpl = sitk.ReadImage(str(template_path()))
+ref = sitk.Image([256, 256, 180], tpl.GetPixelID()); ref.SetSpacing((1.0, 1.0, 1.0)); ref.SetDirection(tpl.GetDirection())
+ref.SetOrigin(tuple(np.asarray(tpl.GetOrigin()) + np.asarray(tpl.GetDirection()).reshape(3, 3) @ ((np.asarray(tpl.GetSize()) - [256, 256, 180]) / 2)))
+big = sitk.Resample(tpl, ref)
+roi = {roi}
+image = big
+if roi:
+    idx = np.asarray(big.TransformPhysicalPointToIndex((26.0, 23.0, -13.0)))
+    image = sitk.RegionOfInterest(big, [36, 52, 36], (idx - [18, 26, 18]).tolist())
+t0 = time.perf_counter()
+res = segment_image(image, model, samples=5, seed=0, device="cpu")
+dt = time.perf_counter() - t0
+print(json.dumps({{"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "size": list(big.GetSize()), "segmented": list(image.GetSize())}}))
+'''
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="hippocampus")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "Task04_Hippocampus"))
+    p.add_argument("--cases", default=str(ROOT / "configs" / "hippocampus_val.txt"))
+    p.add_argument("--volumes", type=int, default=8)
+    p.add_argument("--skip", default="", help="comma list of rows to skip: reference,steps100,big")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    torch.set_num_threads(torch.get_num_threads())
+    model = load_model(args.model, device="cpu")
+    cases, _ = read_msd_cases(args.data)
+    wanted = [ln.strip() for ln in Path(args.cases).read_text().splitlines() if ln.strip() and ln[0] != "#"]
+    by_name = {c.name: c for c in cases}
+    cases = [by_name[w] for w in wanted][: args.volumes]
+    images = [read_image(c.image) for c in cases]
+    truths = [sitk.GetArrayFromImage(read_image(c.label)) for c in cases]
+    segment_image(images[0], model, samples=5, seed=0)  # warm-up (start-up excluded)
+    peak = matmul_peak()
+
+    ways = {
+        "cdal T=2 x 5 samples (ours)": lambda im: sitk.GetArrayFromImage(
+            segment_image(im, model, steps=2, samples=5, seed=0, with_attention=False).labels),
+        "one forward pass (floor)": lambda im: sitk.GetArrayFromImage(
+            segment_image(im, model, steps=1, samples=1, seed=0, with_attention=False).labels),
+    }
+    if "steps100" not in skip:
+        ways["100-step sampling x 5 (SegDiff-like)"] = lambda im: sitk.GetArrayFromImage(
+            segment_image(im, model, steps=100, samples=5, seed=0, with_attention=False).labels)
+    if "reference" not in skip:
+        ways["reference: 32^3 window, overlap 0.75, 5 samples"] = lambda im: sliding_window_predict(model, im, 5, 0)
+    rows = {}
+    for name, fn in ways.items():
+        secs, flops, dice = [], [], []
+        for im, truth in zip(images, truths):
+            pred, dt, fl = timed(lambda: fn(im))
+            secs.append(dt)
+            flops.append(fl)
+            m = segmentation_metrics(pred, truth, 3)
+            dice.append([m[1]["dice"], m[2]["dice"]])
+        d = np.mean(dice, axis=0)
+        rows[name] = {"seconds_per_volume": float(np.mean(secs)), "gflop_per_volume": float(np.mean(flops) / 1e9),
+                      "gflops_achieved": float(np.sum(flops) / np.sum(secs) / 1e9),
+                      "dice_anterior": float(d[0]), "dice_posterior": float(d[1])}
+    ours = rows["cdal T=2 x 5 samples (ours)"]
+    for r in rows.values():
+        r["time_ratio_vs_ours"] = r["seconds_per_volume"] / ours["seconds_per_volume"]
+        r["flop_ratio_vs_ours"] = r["gflop_per_volume"] / max(ours["gflop_per_volume"], 1e-9)
+        r["efficiency_vs_peak"] = r["gflops_achieved"] / peak
+    result = {"machine": {"threads": torch.get_num_threads(), "matmul_peak_gflops": peak,
+                          "torch": torch.__version__}, "volumes": len(images), "rows": rows}
+    if "big" not in skip:
+        result["large_volume"] = {
+            "256x256x180 whole volume": peak_rss_child(BIG_VOLUME_CODE.format(model=args.model, roi=False)),
+            "256x256x180 with ROI around one hippocampus": peak_rss_child(BIG_VOLUME_CODE.format(model=args.model, roi=True)),
+        }
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads; {len(images)} volumes")
+    print(f"{'way':<50}{'s/vol':>8}{'GFLOP':>9}{'eff.':>7}{'x time':>8}{'x FLOP':>8}{'Dice ant':>10}{'Dice post':>10}")
+    for name, r in rows.items():
+        print(f"{name:<50}{r['seconds_per_volume']:8.3f}{r['gflop_per_volume']:9.1f}{100 * r['efficiency_vs_peak']:6.1f}%"
+              f"{r['time_ratio_vs_ours']:8.2f}{r['flop_ratio_vs_ours']:8.2f}{100 * r['dice_anterior']:10.2f}"
+              f"{100 * r['dice_posterior']:10.2f}")
+    for name, r in result.get("large_volume", {}).items():
+        print(f"{name}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
