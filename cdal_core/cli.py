@@ -148,11 +148,13 @@ def _list_inputs(path: Path) -> List[Path]:
 def write_image_atomic(image, path: Path) -> None:
     """Write next to the target under a temporary name, then rename: readers never see a partial file."""
     import SimpleITK as sitk
+    from .model_io import make_readable
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="-" + path.name)
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, True)
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

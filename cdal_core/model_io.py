@@ -124,6 +124,13 @@ def make_card(name: str, config: NetworkConfig, class_names, *, num_steps: int, 
     return card
 
 
+def make_readable(path: os.PathLike) -> None:
+    """mkstemp creates 0600 files; give the final file the permissions a plain open() would (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +140,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -152,6 +160,7 @@ def save_model(directory: os.PathLike, card: Dict, generator: Generator,
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": MODEL_FORMAT})
+        make_readable(tmp)
         os.replace(tmp, directory / WEIGHTS_NAME)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
