@@ -195,16 +195,18 @@ class Generator(nn.Module):
 
     def decode(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
                image_features: List[torch.Tensor]) -> torch.Tensor:
+        """``image_features`` may hold N slices for ``x_t`` of N * K samples (sample-major per slice):
+        they are broadcast, not copied."""
         temb = self.time_mlp(sinusoidal_embedding(t * 1000.0, self.cfg.time_dim).to(x_t.dtype))
         w = self.mapping(z)
-        h = self.stem(x_t) + image_features[0]
+        h = _add_per_image(self.stem(x_t), image_features[0])
         skips = []
         for level, blocks in enumerate(self.down_blocks):
             for block in blocks:
                 h = block(h, temb, w)
                 skips.append(h)
             if level < len(self.downsamples):
-                h = self.downsamples[level](h) + image_features[level + 1]
+                h = _add_per_image(self.downsamples[level](h), image_features[level + 1])
         h = self.mid(h, temb, w)
         for i, blocks in enumerate(self.up_blocks):
             for block in blocks:
@@ -215,6 +217,14 @@ class Generator(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return self.decode(x_t, t, z, self.encode(image))
+
+
+def _add_per_image(h: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """h (N*K, C, H, W) + feature (N, C, H, W), each slice's feature shared by its K samples."""
+    if feature.shape[0] == h.shape[0]:
+        return h + feature
+    k = h.shape[0] // feature.shape[0]
+    return (h.view(feature.shape[0], k, *h.shape[1:]) + feature[:, None]).view(h.shape)
 
 
 class DownBlock(nn.Module):

@@ -42,7 +42,7 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
     n, k = images.shape[0], num_samples
     c = generator.cfg.num_classes
     device, dtype = images.device, images.dtype
-    feats = [f.repeat_interleave(k, dim=0) for f in generator.encode(images)]
+    feats = generator.encode(images)  # (N, ...) shared by the K samples of each slice, never copied
 
     def noise(*shape):
         return torch.randn(*shape, generator=rng).to(device=device, dtype=dtype)

@@ -83,3 +83,15 @@ def test_sampler_returns_attention_with_discriminator():
     g, d = Generator(SMALL).eval(), Discriminator(SMALL).eval()
     out = sample(g, torch.randn(2, 3, 32, 32), DiffusionSchedule(2), 3, torch.Generator().manual_seed(0), d)
     assert out.attention.shape == (2, 32, 32) and (out.attention >= 0).all()
+
+
+def test_shared_features_equal_copied_features():
+    torch.manual_seed(0)
+    g = Generator(SMALL).eval()
+    with torch.no_grad():
+        g.out_conv.weight.normal_()
+        img = torch.randn(2, 3, 16, 16)
+        x, tau, z = torch.randn(6, 3, 16, 16), torch.rand(6), torch.randn(6, 8)
+        feats = g.encode(img)
+        copied = [f.repeat_interleave(3, dim=0) for f in feats]
+        assert torch.allclose(g.decode(x, tau, z, feats), g.decode(x, tau, z, copied), atol=1e-6)
