@@ -6,7 +6,8 @@
   status 0 only if all pass.
 * Plain Python:  ``python Testing/run_tests.py [extra pytest args]``
   runs pytest over Testing/ (cdal_core tests in Testing/core/, Slicer-module logic tests with PyPI's
-  slicer-core in Testing/slicer/) and returns pytest's exit status.
+  slicer-core in Testing/slicer/) and returns pytest's exit status. Giving a path (``python
+  Testing/run_tests.py Testing/slicer``) runs only that part.
 """
 import os
 import sys
@@ -58,7 +59,10 @@ def runInSlicer():
 def runPytest(args):
     import pytest
 
-    return int(pytest.main([HERE, "-q"] + list(args)))
+    args = list(args)
+    # default: the whole Testing/ folder; paths given on the command line (e.g. Testing/slicer) replace it
+    targets = [] if any(os.path.exists(a.split("::")[0]) for a in args if not a.startswith("-")) else [HERE]
+    return int(pytest.main(targets + ["-q"] + args))
 
 
 if __name__ == "__main__":
