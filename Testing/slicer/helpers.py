@@ -70,7 +70,7 @@ def rotation(axis, degrees):
 
 def oblique_copy(image, degrees=15.0, axis=(1.0, 1.0, 0.3)):
     """Resample an image onto an oblique grid (same spacing) that covers it: the same physical image, stored
-    with a rotated direction matrix."""
+    with a rotated direction matrix (linear interpolation, nearest-value extrapolation at the corners)."""
     R = rotation(axis, degrees)
     direction = R.dot(np.array(image.GetDirection()).reshape(3, 3))
     size = np.array(image.GetSize())
@@ -88,7 +88,9 @@ def oblique_copy(image, degrees=15.0, axis=(1.0, 1.0, 0.3)):
     ref.SetSpacing([float(v) for v in spacing])
     ref.SetDirection([float(v) for v in direction.flatten()])
     ref.SetOrigin([float(v) for v in origin])
-    return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+    # Corners outside the original field of view get the nearest edge value (a scanner acquiring obliquely would
+    # have real tissue there); zero padding would also change cdal_core's percentile normalisation.
+    return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, image.GetPixelID(), True)
 
 
 def labels_to_grid(labels_kji, source_node, target_node):

@@ -49,10 +49,19 @@ def make_application():
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)
 
+    import vtk
+
     color_logic = slicer.vtkSlicerColorLogic()
     color_logic.SetMRMLApplicationLogic(app_logic)
-    color_logic.SetMRMLScene(scene)
-    color_logic.AddDefaultColorNodes()
+    # slicer-core ships no colour files (e.g. Inferno.txt): silence the expected "FindDefaultColorFiles failed"
+    # errors; the generated colour tables are still added
+    warnings = vtk.vtkObject.GetGlobalWarningDisplay()
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    try:
+        color_logic.SetMRMLScene(scene)
+        color_logic.AddDefaultColorNodes()
+    finally:
+        vtk.vtkObject.SetGlobalWarningDisplay(warnings)
     app_logic.SetModuleLogic("Colors", color_logic)
 
     logics = {"colors": color_logic}

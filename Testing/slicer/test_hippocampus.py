@@ -80,8 +80,12 @@ def test_real_hippocampus_dice(app, logic, hippocampus_model, capsys):
                                   oblique, volume)
             assert labels.any() and back.any(), "no hippocampus found: the oblique comparison would be vacuous"
             agreement = dice(back, labels)
-            report.append("%s stored oblique (20 deg) vs as stored: Dice %.3f" % (case, agreement))
-            assert agreement > 0.75, agreement
+            as_stored, oblique_vs_truth = dice(labels, truth), dice(back, truth)
+            report.append("%s stored oblique (20 deg): agreement with as-stored Dice %.3f; foreground Dice vs label "
+                          "%.3f (as stored %.3f)" % (case, agreement, oblique_vs_truth, as_stored))
+            # two extra resamplings of a small structure cost some overlap, but the result must be as good
+            assert agreement > 0.6, agreement
+            assert oblique_vs_truth > as_stored - 0.1, (oblique_vs_truth, as_stored)
     assert scores, "no hippocampus cases found"
     mean = dict((k, float(np.mean([s[k] for s in scores]))) for k in scores[0])
     report.append("mean Dice: " + ", ".join("%s %.3f" % kv for kv in mean.items()))
