@@ -135,6 +135,7 @@ class CDALSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fineTuneJob = None
         self._extraModelFolders = []
         self._updatingModels = False
+        self._lastOverlayState = None
 
     # ---- setup ---------------------------------------------------------------------------------------------
     def setup(self):
@@ -164,7 +165,6 @@ class CDALSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fineTuneDeviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.showUncertaintyCheckBox.connect("toggled(bool)", self.onShowUncertaintyToggled)
         self.ui.showAttentionCheckBox.connect("toggled(bool)", self.onShowAttentionToggled)
-        self.ui.opacitySliderWidget.connect("valueChanged(double)", lambda value: self.updateOverlays())
         self.ui.sliceTableView.connect("clicked(QModelIndex)", self.onSliceTableClicked)
         self.ui.mostUncertainButton.connect("clicked(bool)", self.onJumpToMostUncertain)
         self.ui.plotButton.connect("clicked(bool)", self.onShowPlot)
@@ -241,6 +241,8 @@ class CDALSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = self._parameterNode.sliceTable if self._parameterNode else None
         if self.ui.sliceTableView.mrmlTableNode() is not table:
             self.ui.sliceTableView.setMRMLTableNode(table)
+        if self._overlayState() != self._lastOverlayState:
+            self.updateOverlays()  # overlay toggles / opacity / result nodes changed (GUI writes the parameters)
 
     def _syncCombosFromParameterNode(self):
         p = self._parameterNode
@@ -458,18 +460,25 @@ class CDALSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- overlays and per-slice review ----------------------------------------------------------------------
     def onShowUncertaintyToggled(self, checked):
-        if checked and self._parameterNode and self._parameterNode.showAttention:
-            self._parameterNode.showAttention = False  # one foreground layer: the two maps are exclusive
-        self.updateOverlays()
+        # one foreground layer: the two maps are exclusive (the overlay itself updates on parameter change)
+        if checked and self.ui.showAttentionCheckBox.checked:
+            self.ui.showAttentionCheckBox.checked = False
 
     def onShowAttentionToggled(self, checked):
-        if checked and self._parameterNode and self._parameterNode.showUncertainty:
-            self._parameterNode.showUncertainty = False
-        self.updateOverlays()
+        if checked and self.ui.showUncertaintyCheckBox.checked:
+            self.ui.showUncertaintyCheckBox.checked = False
+
+    def _overlayState(self):
+        p = self._parameterNode
+        if not p:
+            return None
+        ids = [n.GetID() if n else None for n in (p.inputVolume, p.uncertainty, p.attention)]
+        return (p.showUncertainty, p.showAttention, round(p.overlayOpacity, 3), tuple(ids))
 
     def updateOverlays(self, fit=False):
         p = self._parameterNode
-        if not p or not p.inputVolume:
+        self._lastOverlayState = self._overlayState()
+        if not p or not p.inputVolume or not (p.uncertainty or p.attention):
             return
         foreground = None
         if p.showUncertainty and p.uncertainty:
