@@ -101,6 +101,9 @@ def tiny_model(tmp_path_factory, user_models):
         staging = cached + ".partial-%d" % os.getpid()
         shutil.copytree(str(model), staging)
         os.replace(staging, cached)
+        for name in os.listdir(CACHE_DIR):  # drop models trained for older cdal_core sources
+            if name.startswith("tiny-") and os.path.join(CACHE_DIR, name) != cached:
+                shutil.rmtree(os.path.join(CACHE_DIR, name), ignore_errors=True)
         return cached
     except OSError:
         return str(model)
