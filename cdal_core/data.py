@@ -79,12 +79,20 @@ class Normalisation:
     lower: float = 0.5
     upper: float = 99.5
 
-    def __call__(self, array: np.ndarray) -> np.ndarray:
+    def fit(self, array: np.ndarray) -> Tuple[float, float]:
+        """Intensity range (lo, hi) from the voxels of the image as acquired (before any resampling, whose
+        padding would otherwise shift the percentiles)."""
         lo, hi = np.percentile(array, [self.lower, self.upper])
         if hi <= lo:  # mostly constant with rare outliers: fall back to the full range
             lo, hi = float(array.min()), float(array.max())
-        out = (np.clip(array, lo, hi) - lo) / max(hi - lo, 1e-12)
-        return out.astype(np.float32)
+        return float(lo), float(hi)
+
+    @staticmethod
+    def apply(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        return np.clip((np.asarray(array, np.float32) - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        return self.apply(array, *self.fit(array))
 
     def to_dict(self) -> Dict:
         return {"method": "percentile", "lower": self.lower, "upper": self.upper}
@@ -188,8 +196,9 @@ def load_volume(case: Case, grid: ModelGrid, norm: Normalisation, num_classes: i
     """Read, check, move into the model grid and normalise one case (labels by nearest neighbour)."""
     image = read_image(case.image)
     check_volume(image, image_channels, name=str(case.image))
-    mapping = GridMapping(image, grid)
-    array = norm(mapping.model_array())
+    lo, hi = norm.fit(sitk.GetArrayViewFromImage(image))
+    mapping = GridMapping(image, grid, fill=lo)
+    array = norm.apply(mapping.model_array(), lo, hi)
     label = None
     if case.label is not None:
         lab_img = read_image(case.label)

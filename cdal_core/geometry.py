@@ -38,8 +38,10 @@ class ModelGrid:
 class GridMapping:
     """Maps one input image to the model grid (``to_model``) and arrays on that grid back (``to_input``)."""
 
-    def __init__(self, image: sitk.Image, grid: ModelGrid):
+    def __init__(self, image: sitk.Image, grid: ModelGrid, fill: float = 0.0):
+        """``fill``: value for model-grid voxels outside the input (resampling only), e.g. its dark level."""
         self.input = image
+        self.fill = float(fill)
         self.grid = grid
         self.resampled = False
         self.notes = []
@@ -74,8 +76,8 @@ class GridMapping:
         new_size = np.maximum(np.round((hi - lo) / spacing).astype(int) + 1, 1)
         origin = direction @ lo
         return sitk.Resample(image, [int(s) for s in new_size], sitk.Transform(), sitk.sitkLinear,
-                             origin.tolist(), spacing.tolist(), direction.flatten().tolist(), 0.0,
-                             image.GetPixelID())
+                             origin.tolist(), spacing.tolist(), direction.flatten().tolist(), self.fill,
+                             sitk.sitkFloat32)
 
     def model_array(self) -> np.ndarray:
         """The image on the model grid as float32, array order (z, y, x)."""

@@ -127,3 +127,21 @@ def test_split_is_fixed_and_disjoint():
     assert [c.name for c in named] == ["c3", "c4"]
     with pytest.raises(CDALError, match="not in the dataset"):
         split_cases(cases, 0.25, 1, ["zz"])
+
+
+def test_oblique_padding_does_not_shift_the_normalisation():
+    """Resampling pads the model grid; intensities must still be scaled by the scan's own percentiles."""
+    img, _ = make_volume(np.random.default_rng(4))
+    ref = to_image((img.astype(np.float32) + 500.0))  # a dark level far from 0
+    rot = sitk.Euler3DTransform()
+    rot.SetRotation(0.35, 0.0, 0.0)
+    oblique = sitk.Image(ref)
+    oblique.SetDirection((np.asarray(rot.GetMatrix()).reshape(3, 3) @
+                          np.asarray(ref.GetDirection()).reshape(3, 3)).flatten().tolist())
+    norm = Normalisation()
+    lo, hi = norm.fit(sitk.GetArrayViewFromImage(oblique))
+    assert (lo, hi) == norm.fit(sitk.GetArrayViewFromImage(ref))
+    mapping = GridMapping(oblique, ModelGrid("RAS", [1, 1, 1]), fill=lo)
+    model = norm.apply(mapping.model_array(), lo, hi)
+    assert model.min() >= 0 and np.isclose(np.percentile(model, 99.9), 1, atol=0.05)
+    assert np.mean(model == 0) > 0.05  # the padding sits at the scan's dark level, which maps to 0

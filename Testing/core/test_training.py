@@ -85,14 +85,15 @@ def test_finetune_starts_from_the_model(synthetic_dir, tiny_model, tmp_path):
 
 
 def test_short_cpu_training_reaches_dice_085_on_unseen_volumes(tmp_path):
-    """The issue's end-to-end bar: a few CPU minutes of `cdal train`, then `cdal evaluate` on unseen data."""
+    """The issue's end-to-end bar: a few CPU minutes of `cdal train`, then `cdal evaluate` on unseen data.
+    Bounded by steps, not minutes, so a busy machine makes it slower, never weaker (~2 min on 2 free cores)."""
     from cdal_core.synthetic import make_msd_dataset
     train_dir = make_msd_dataset(tmp_path / "train", num_volumes=16, seed=101)
     test_dir = make_msd_dataset(tmp_path / "test", num_volumes=6, seed=202)
     run = tmp_path / "run"
     base = [sys.executable, "-m", "cdal_core.cli"]
     subprocess.run(base + ["train", "--data", str(train_dir), "--out", str(run), "--config",
-                           str(ROOT / "configs" / "synthetic.json"), "--max-steps", "300", "--max-minutes", "4",
+                           str(ROOT / "configs" / "synthetic.json"), "--max-steps", "300",
                            "--device", "cpu", "--json-progress"], check=True, capture_output=True, timeout=900)
     report_path = tmp_path / "report.json"
     subprocess.run(base + ["evaluate", "--model", str(run / "model"), "--data", str(test_dir), "--json",
