@@ -35,7 +35,7 @@ class TrainConfig:
     spacing: Optional[List[float]] = None
     slice_axis: int = 0
     train_size: List[int] = field(default_factory=lambda: [64, 48])
-    normalisation: Dict[str, float] = field(default_factory=lambda: {"lower": 0.5, "upper": 99.5})
+    normalisation: Dict[str, Any] = field(default_factory=lambda: {"lower": 0.5, "upper": 99.5, "standardise": True})
     augmentation: Optional[Dict[str, Any]] = field(default_factory=dict)  # None disables
     val_fraction: float = 0.2
     val_cases: Optional[List[str]] = None   # explicit validation names (or a path to a .txt, relative to config)

@@ -72,34 +72,70 @@ def check_intensities(array: np.ndarray, name: str = "input") -> None:
                         "check that the right image was loaded")
 
 
+LANDMARK_PERCENTILES = np.linspace(5, 95, 19)
+
+
+@dataclass
+class NormalisationParams:
+    """What one scan's own voxels say about its intensities (fitted before any resampling)."""
+
+    lo: float
+    hi: float
+    landmarks: Optional[np.ndarray] = None   # the scan's percentiles after scaling to [0, 1]
+
+
 @dataclass
 class Normalisation:
-    """Robust per-volume scaling: clip to the [lower, upper] percentiles, then map to [0, 1]."""
+    """Robust per-volume scaling to [0, 1]: clip to the [lower, upper] percentiles, then, when the model card
+    holds ``landmarks`` (mean intensity percentiles of its training scans), a piecewise-linear histogram
+    standardisation (Nyul-Udupa) onto them, so that a scan with different contrast (e.g. a smooth template)
+    looks like the training data."""
 
     lower: float = 0.5
     upper: float = 99.5
+    landmarks: Optional[List[float]] = None
 
-    def fit(self, array: np.ndarray) -> Tuple[float, float]:
-        """Intensity range (lo, hi) from the voxels of the image as acquired (before any resampling, whose
-        padding would otherwise shift the percentiles)."""
+    def fit(self, array: np.ndarray) -> NormalisationParams:
         lo, hi = np.percentile(array, [self.lower, self.upper])
         if hi <= lo:  # mostly constant with rare outliers: fall back to the full range
             lo, hi = float(array.min()), float(array.max())
-        return float(lo), float(hi)
+        params = NormalisationParams(float(lo), float(hi))
+        if self.landmarks is not None:
+            params.landmarks = np.percentile(self.scale(array, params), LANDMARK_PERCENTILES)
+        return params
 
     @staticmethod
-    def apply(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    def scale(array: np.ndarray, params: NormalisationParams) -> np.ndarray:
+        lo, hi = params.lo, params.hi
         return np.clip((np.asarray(array, np.float32) - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)
 
+    def apply(self, array: np.ndarray, params: NormalisationParams) -> np.ndarray:
+        out = self.scale(array, params)
+        if self.landmarks is not None and params.landmarks is not None:
+            src = np.maximum.accumulate(np.r_[0.0, params.landmarks, 1.0])
+            src = src + np.arange(len(src)) * 1e-6  # strictly increasing for interpolation
+            out = np.interp(out, src, np.r_[0.0, self.landmarks, 1.0]).astype(np.float32)
+        return out
+
     def __call__(self, array: np.ndarray) -> np.ndarray:
-        return self.apply(array, *self.fit(array))
+        return self.apply(array, self.fit(array))
+
+    @staticmethod
+    def learn_landmarks(arrays_01: Sequence[np.ndarray]) -> List[float]:
+        """Mean percentiles of training scans already scaled to [0, 1]."""
+        return [round(float(v), 5) for v in np.mean([np.percentile(a, LANDMARK_PERCENTILES) for a in arrays_01], 0)]
 
     def to_dict(self) -> Dict:
-        return {"method": "percentile", "lower": self.lower, "upper": self.upper}
+        d = {"method": "percentile" if self.landmarks is None else "percentile+histogram-standardisation",
+             "lower": self.lower, "upper": self.upper}
+        if self.landmarks is not None:
+            d["landmark_percentiles"] = LANDMARK_PERCENTILES.tolist()
+            d["landmarks"] = list(self.landmarks)
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict) -> "Normalisation":
-        return cls(lower=float(d.get("lower", 0.5)), upper=float(d.get("upper", 99.5)))
+        return cls(lower=float(d.get("lower", 0.5)), upper=float(d.get("upper", 99.5)), landmarks=d.get("landmarks"))
 
 
 @dataclass
@@ -196,9 +232,9 @@ def load_volume(case: Case, grid: ModelGrid, norm: Normalisation, num_classes: i
     """Read, check, move into the model grid and normalise one case (labels by nearest neighbour)."""
     image = read_image(case.image)
     check_volume(image, image_channels, name=str(case.image))
-    lo, hi = norm.fit(sitk.GetArrayViewFromImage(image))
-    mapping = GridMapping(image, grid, fill=lo)
-    array = norm.apply(mapping.model_array(), lo, hi)
+    params = norm.fit(sitk.GetArrayViewFromImage(image))
+    mapping = GridMapping(image, grid, fill=params.lo)
+    array = norm.apply(mapping.model_array(), params)
     label = None
     if case.label is not None:
         lab_img = read_image(case.label)

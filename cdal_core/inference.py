@@ -63,9 +63,9 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     dev = resolve_device(device)
     model.to(dev)
     norm = model.normalisation
-    lo, hi = norm.fit(sitk.GetArrayViewFromImage(image))
-    mapping = GridMapping(image, model.grid, fill=lo)  # outside the scan: its dark level, not 0
-    array = norm.apply(mapping.model_array(), lo, hi)
+    params = norm.fit(sitk.GetArrayViewFromImage(image))
+    mapping = GridMapping(image, model.grid, fill=params.lo)  # outside the scan: its dark level, not 0
+    array = norm.apply(mapping.model_array(), params)
     probs, variance, attention = _segment_array(array, model, steps, samples, seed, dev, batch_slices,
                                                 with_attention, progress)
     # Back to the input grid: probabilities are interpolated, then the labels are their argmax.

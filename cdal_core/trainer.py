@@ -117,6 +117,8 @@ class Trainer:
         train_cases, self.val_cases = split_cases(cases, cfg.val_fraction, cfg.seed, cfg.val_cases)
         if not train_cases:
             raise CDALError(f"{root}: no training cases left after the validation split: add data")
+        if not self.is_2d and self.init is None and cfg.normalisation.get("standardise", True):
+            self.norm = Normalisation(self.norm.lower, self.norm.upper, _landmarks(train_cases, self.norm))
         self.val_cases = self.val_cases[: cfg.val_max_volumes] if not self.is_2d else self.val_cases
         n_cls = net.num_classes
         loader = (lambda c: load_png_case(c, cfg.train_size, net.image_channels)) if self.is_2d else \
@@ -365,6 +367,17 @@ class Trainer:
         self._log(rec)
         if not self.json_progress and self.rank == 0 and rec.get("event") in ("resumed", "done", "time_limit"):
             tqdm.write(", ".join(f"{k}={v}" for k, v in rec.items()))
+
+
+def _landmarks(cases, norm: Normalisation) -> List[float]:
+    """Histogram-standardisation landmarks: mean intensity percentiles of the training scans."""
+    import SimpleITK as sitk
+    from .data import read_image
+    scaled = []
+    for case in cases:
+        array = sitk.GetArrayViewFromImage(read_image(case.image))
+        scaled.append(norm.scale(array, norm.fit(array)))
+    return Normalisation.learn_landmarks(scaled)
 
 
 def _soft_dice_loss(x0_pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -139,9 +139,25 @@ def test_oblique_padding_does_not_shift_the_normalisation():
     oblique.SetDirection((np.asarray(rot.GetMatrix()).reshape(3, 3) @
                           np.asarray(ref.GetDirection()).reshape(3, 3)).flatten().tolist())
     norm = Normalisation()
-    lo, hi = norm.fit(sitk.GetArrayViewFromImage(oblique))
-    assert (lo, hi) == norm.fit(sitk.GetArrayViewFromImage(ref))
-    mapping = GridMapping(oblique, ModelGrid("RAS", [1, 1, 1]), fill=lo)
-    model = norm.apply(mapping.model_array(), lo, hi)
+    params = norm.fit(sitk.GetArrayViewFromImage(oblique))
+    assert (params.lo, params.hi) == (norm.fit(sitk.GetArrayViewFromImage(ref)).lo,
+                                      norm.fit(sitk.GetArrayViewFromImage(ref)).hi)
+    mapping = GridMapping(oblique, ModelGrid("RAS", [1, 1, 1]), fill=params.lo)
+    model = norm.apply(mapping.model_array(), params)
     assert model.min() >= 0 and np.isclose(np.percentile(model, 99.9), 1, atol=0.05)
     assert np.mean(model == 0) > 0.05  # the padding sits at the scan's dark level, which maps to 0
+
+
+def test_histogram_standardisation_maps_contrast_onto_the_training_landmarks():
+    rng = np.random.default_rng(5)
+    train = [rng.beta(2, 5, (10, 10, 10)).astype(np.float32) for _ in range(4)]
+    landmarks = Normalisation.learn_landmarks(train)
+    norm = Normalisation(landmarks=landmarks)
+    smooth_template = rng.beta(5, 2, (12, 12, 12)).astype(np.float32) * 900 + 50  # other contrast and range
+    out = norm(smooth_template)
+    from cdal_core.data import LANDMARK_PERCENTILES
+    assert np.allclose(np.percentile(out, LANDMARK_PERCENTILES), landmarks, atol=0.02)
+    assert norm.to_dict()["landmarks"] == landmarks
+    assert Normalisation.from_dict(norm.to_dict()).landmarks == landmarks
+    plain = Normalisation()(smooth_template)
+    assert not np.allclose(np.percentile(plain, LANDMARK_PERCENTILES), landmarks, atol=0.05)
