@@ -119,6 +119,7 @@ class Trainer:
             raise CDALError(f"{root}: no training cases left after the validation split: add data")
         if not self.is_2d and self.init is None and cfg.normalisation.get("standardise", True):
             self.norm = Normalisation(self.norm.lower, self.norm.upper, _landmarks(train_cases, self.norm))
+        all_val = [c.name for c in self.val_cases]
         self.val_cases = self.val_cases[: cfg.val_max_volumes] if not self.is_2d else self.val_cases
         n_cls = net.num_classes
         loader = (lambda c: load_png_case(c, cfg.train_size, net.image_channels)) if self.is_2d else \
@@ -127,7 +128,8 @@ class Trainer:
         self.bank = SliceBank(volumes, 0 if self.is_2d else cfg.slice_axis, net.context_slices, cfg.train_size)
         self.val_volumes = [loader(c) for c in self.val_cases] if self.is_2d else None
         self.data_summary = {"folder": str(root.resolve()), "train_cases": len(train_cases),
-                             "validation_cases": [c.name for c in self.val_cases],
+                             "validation_cases": all_val,
+                             "model_selection_cases": [c.name for c in self.val_cases],
                              "train_slices": len(self.bank),
                              "slices_with_foreground": round(self.bank.foreground_fraction(), 3)}
 

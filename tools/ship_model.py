@@ -1,0 +1,67 @@
+"""Turn a training run's model into a shipped model: Resources/Models/<name>/ with a complete model card.
+
+    python tools/ship_model.py runs/hippocampus/model hippocampus --data ../shared/data/Task04_Hippocampus \
+        --recipe "cdal train --config configs/hippocampus.json --data ../shared/data/Task04_Hippocampus --out runs/hippocampus" \
+        [--validation docs/results/hippocampus_T2_K5.json] [--overwrite]
+
+Adds histogram-standardisation landmarks learned from the run's training split when the card has none (runs
+started before landmarks existed), the exact recipe, and the validation report (means and stds per class).
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cdal_core.data import Normalisation, read_msd_cases, split_cases  # noqa: E402
+from cdal_core.model_io import CARD_NAME, atomic_write_bytes, load_model, shipped_models_dir  # noqa: E402
+from cdal_core.trainer import _landmarks  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("name")
+    p.add_argument("--data", required=True)
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--validation", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args()
+    src = Path(args.model)
+    load_model(src)  # refuse to ship anything that does not load
+    dst = shipped_models_dir() / args.name
+    if dst.exists() and not args.overwrite:
+        sys.exit(f"{dst} exists: pass --overwrite to replace it")
+    tmp = dst.with_name("." + dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    card = json.loads((tmp / CARD_NAME).read_text())
+    card["name"] = args.name
+    norm = Normalisation.from_dict(card["normalisation"])
+    if norm.landmarks is None:
+        cfg = card["training"]["config"]
+        cases, _ = read_msd_cases(args.data)
+        train_cases, _ = split_cases(cases, cfg["val_fraction"], cfg["seed"], cfg.get("val_cases"))
+        norm.landmarks = _landmarks(train_cases, norm)
+        card["normalisation"] = norm.to_dict()
+        card["normalisation"]["note"] = "landmarks learned from the training split after training (inference only)"
+    card["training"]["recipe"] = args.recipe
+    if args.validation:
+        report = json.loads(Path(args.validation).read_text())
+        card["validation"] = {k: report[k] for k in ("per_class", "uncertainty", "volumes", "seconds_per_volume",
+                                                       "steps", "samples") if k in report}
+        card["validation"]["cases"] = "configs/hippocampus_val.txt" if args.name == "hippocampus" else "see training.data"
+    atomic_write_bytes(tmp / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
+    load_model(tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    print(f"shipped {dst}")
+
+
+if __name__ == "__main__":
+    main()
