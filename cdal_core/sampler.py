@@ -21,7 +21,7 @@ class SampleOutput:
     probabilities: torch.Tensor   # (N, C, H, W), sums to 1 over C
     labels: torch.Tensor          # (N, H, W) int64
     variance: torch.Tensor        # (N, H, W) across-sample variance of the class probabilities, summed over C
-    attention: Optional[torch.Tensor] = None  # (N, H, W) |channel mean| of D's inner features
+    attention: Optional[torch.Tensor] = None  # (N, H, W) |channel mean - its slice median| of D's inner features
 
 
 def x0_to_probabilities(x0: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,9 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
         d_image = images.repeat_interleave(k, dim=0) if discriminator.cfg.disc_uses_image else None
         _, d_feats = discriminator(x, x_prev_pair, schedule.time(t1), image=d_image, return_features=True)
         block = discriminator.cfg.attention_block if attention_block is None else attention_block
-        a = attention_map(d_feats, block, tuple(images.shape[2:])).float().abs()
+        a = attention_map(d_feats, block, tuple(images.shape[2:])).float()
+        # D answers flat background with a constant; where it looks is where it departs from that level
+        a = (a - a.flatten(1).median(dim=1).values[:, None, None, None]).abs()
         attention = a.view(n, k, *images.shape[2:]).mean(dim=1)
     return SampleOutput(probs, probs.argmax(dim=1), variance, attention)
 
