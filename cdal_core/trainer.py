@@ -377,7 +377,7 @@ def _landmarks(cases, norm: Normalisation) -> List[float]:
     from .data import read_image
     scaled = []
     for case in cases:
-        array = sitk.GetArrayViewFromImage(read_image(case.image))
+        array = sitk.GetArrayFromImage(read_image(case.image))  # a copy: a view would outlive its image
         scaled.append(norm.scale(array, norm.fit(array)))
     return Normalisation.learn_landmarks(scaled)
 
