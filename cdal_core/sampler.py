@@ -30,6 +30,14 @@ def x0_to_probabilities(x0: torch.Tensor) -> torch.Tensor:
     return p / p.sum(dim=1, keepdim=True).clamp_min(1e-6)
 
 
+def _memory_format(module: torch.nn.Module) -> torch.memory_format:
+    """Channels-last when the module's convolution weights are (see model_io.load_model), else contiguous."""
+    conv = next((p for p in module.parameters() if p.dim() == 4), None)
+    channels_last = conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
+        and not conv.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 @torch.inference_mode()
 def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedule, num_samples: int = 5,
            rng: Optional[torch.Generator] = None, discriminator: Optional[Discriminator] = None,
@@ -42,12 +50,14 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
     n, k = images.shape[0], num_samples
     c = generator.cfg.num_classes
     device, dtype = images.device, images.dtype
+    layout = _memory_format(generator)
+    images = images.contiguous(memory_format=layout)
     feats = generator.encode(images)  # (N, ...) shared by the K samples of each slice, never copied
 
     def noise(*shape):
         return torch.randn(*shape, generator=rng).to(device=device, dtype=dtype)
 
-    x = noise(n * k, c, *images.shape[2:])
+    x = noise(n * k, c, *images.shape[2:]).contiguous(memory_format=layout)
     x_prev_pair = x
     for step in range(schedule.num_steps, 0, -1):
         t = torch.full((n * k,), step, device=device, dtype=torch.long)
