@@ -23,6 +23,8 @@ class TrainConfig:
     max_steps: int = 2000
     lr_g: float = 5e-4                # the reference's 1.6e-4 / 1.25e-4 suit batch 128 on a GPU
     lr_d: float = 2e-4
+    lr_schedule: str = "constant"     # or "cosine": decays to lr_min_fraction over the config's max_steps
+    lr_min_fraction: float = 0.05
     adam_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
     ema_decay: float = 0.999
     r1_gamma: float = 1.0
@@ -55,6 +57,8 @@ class TrainConfig:
         unknown = sorted(set(d) - known - {"comment"})
         if unknown:
             raise CDALError(f"unknown training settings {unknown}: check the spelling (known: {sorted(known)})")
+        if d.get("lr_schedule", "constant") not in ("constant", "cosine"):
+            raise CDALError(f"lr_schedule {d['lr_schedule']!r} is not known: use \"constant\" or \"cosine\"")
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import platform
 import signal
@@ -201,8 +202,20 @@ class Trainer:
             return torch.zeros(n, self.net_cfg.latent_dim, device=self.device)
         return torch.randn(n, self.net_cfg.latent_dim, generator=gen).to(self.device)
 
+    def learning_rate_factor(self, step: int) -> float:
+        """Multiplier of lr_g / lr_d at ``step``: a pure function of the step, so resuming stays exact."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(step / max(cfg.max_steps, 1), 1.0)
+        return cfg.lr_min_fraction + (1 - cfg.lr_min_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
     def train_step(self) -> Dict[str, float]:
         cfg, sched = self.cfg, self.schedule
+        factor = self.learning_rate_factor(self.step)
+        for opt, base in ((self.opt_g, cfg.lr_g), (self.opt_d, cfg.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = base * factor
         image, x0, t, gen = self._batch(self.step)
         tau = sched.time(t)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (self.device.type == "cuda" and cfg.amp) \

@@ -102,3 +102,17 @@ def test_short_cpu_training_reaches_dice_085_on_unseen_volumes(tmp_path):
     dice = {k: v["dice"] for k, v in report["per_class"].items()}
     print("unseen-volume Dice:", dice, "uncertainty:", report["uncertainty"])
     assert dice["Anterior"] >= 0.85 and dice["Posterior"] >= 0.85, dice
+
+
+def test_cosine_learning_rate_reaches_the_optimisers(synthetic_dir, tmp_path):
+    cfg = TrainConfig.from_dict({**TINY_CONFIG, "max_steps": 4, "lr_schedule": "cosine", "lr_min_fraction": 0.1})
+    trainer = Trainer(str(synthetic_dir), str(tmp_path / "run"), cfg, device="cpu")
+    seen = []
+    for _ in range(4):
+        trainer.train_step()
+        seen.append(trainer.opt_g.param_groups[0]["lr"] / cfg.lr_g)
+    assert seen[0] == pytest.approx(1.0)
+    assert seen == sorted(seen, reverse=True) and seen[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 - 2 ** -0.5))
+    assert trainer.opt_d.param_groups[0]["lr"] / cfg.lr_d == pytest.approx(seen[-1])
+    with pytest.raises(CDALError, match="lr_schedule"):
+        TrainConfig.from_dict({"lr_schedule": "step"})
