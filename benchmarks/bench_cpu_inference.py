@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cdal_core.data import read_image, read_msd_cases  # noqa: E402
+from cdal_core.data import read_case_list, read_image, read_msd_cases, select_cases  # noqa: E402
 from cdal_core import inference  # noqa: E402
 from cdal_core.inference import segment_image  # noqa: E402
 from cdal_core.metrics import segmentation_metrics  # noqa: E402
@@ -122,9 +122,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     model = load_model(args.model, device="cpu")
     cases, _ = read_msd_cases(args.data)
-    wanted = [ln.strip() for ln in Path(args.cases).read_text().splitlines() if ln.strip() and ln[0] != "#"]
-    by_name = {c.name: c for c in cases}
-    cases = [by_name[w] for w in wanted][: args.volumes]
+    cases = select_cases(cases, read_case_list(args.cases), args.cases, args.data)[: args.volumes]
     images = [read_image(c.image) for c in cases]
     truths = [sitk.GetArrayFromImage(read_image(c.label)) for c in cases]
     segment_image(images[0], model, samples=5, seed=0)  # warm-up (start-up excluded)

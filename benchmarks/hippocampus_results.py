@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cdal_core.data import read_msd_cases  # noqa: E402
+from cdal_core.data import read_case_list, read_msd_cases, select_cases  # noqa: E402
 from cdal_core.evaluation import evaluate_cases  # noqa: E402
 from cdal_core.model_io import load_model  # noqa: E402
 
@@ -43,9 +43,7 @@ def main() -> None:
     args = p.parse_args()
     model = load_model(args.model, device=args.device, with_discriminator=False)
     cases, _ = read_msd_cases(args.data)
-    wanted = [ln.strip() for ln in Path(args.cases).read_text().splitlines() if ln.strip() and ln[0] != "#"]
-    by_name = {c.name: c for c in cases}
-    cases = [by_name[w] for w in wanted]
+    cases = select_cases(cases, read_case_list(args.cases), args.cases, args.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print("| T x K | per class: Dice ± std / IoU / precision / recall / HD95 (mm) | AUROC / Spearman / ECE | s/vol |")

@@ -163,7 +163,7 @@ def write_image_atomic(image, path: Path) -> None:
 
 def cmd_evaluate(args) -> int:
     from tqdm import tqdm
-    from .data import read_msd_cases
+    from .data import read_case_list, read_msd_cases, select_cases
     from .evaluation import evaluate_cases, format_table
     from .inference import resolve_device
     from .model_io import atomic_write_bytes, load_model
@@ -172,13 +172,7 @@ def cmd_evaluate(args) -> int:
     model = load_model(args.model, device=str(device), with_discriminator=False)
     cases, _ = read_msd_cases(args.data)
     if args.cases:
-        wanted = [ln.strip() for ln in Path(args.cases).read_text().splitlines() if ln.strip()
-                  and not ln.startswith("#")]
-        by_name = {c.name: c for c in cases}
-        missing = [w for w in wanted if w not in by_name]
-        if missing:
-            raise CDALError(f"{args.cases}: names cases not in {args.data} (first: {missing[0]})")
-        cases = [by_name[w] for w in wanted]
+        cases = select_cases(cases, read_case_list(args.cases), args.cases, args.data)
     bar = tqdm(total=len(cases), desc="evaluating", unit="vol")
     report = evaluate_cases(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
                             device=str(device), on_volume=lambda i, n, name: bar.update(1 if i else 0))

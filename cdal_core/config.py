@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .data import read_case_list
 from .errors import CDALError
 
 
@@ -77,6 +78,5 @@ class TrainConfig:
             list_path = (p.parent / cfg.val_cases)
             if not list_path.exists():
                 raise CDALError(f"{list_path}: validation list not found (named by {p})")
-            cfg.val_cases = [ln.strip() for ln in list_path.read_text().splitlines()
-                             if ln.strip() and not ln.startswith("#")]
+            cfg.val_cases = read_case_list(list_path)
         return cfg

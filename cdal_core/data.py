@@ -201,6 +201,21 @@ def _cases_without_json(root: Path, require_labels: bool) -> Tuple[List[Case], D
     return cases, {}
 
 
+def read_case_list(path: os.PathLike) -> List[str]:
+    """Case names from a text file: one per line; blank lines and ``#`` comments are skipped."""
+    lines = Path(path).read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def select_cases(cases: Sequence[Case], names: Sequence[str], source: str, data_dir: str) -> List[Case]:
+    """The cases named by ``names`` (read from ``source``), in that order; a name not in ``data_dir`` is an error."""
+    by_name = {c.name: c for c in cases}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise CDALError(f"{source}: names cases not in {data_dir} (first: {missing[0]})")
+    return [by_name[n] for n in names]
+
+
 def split_cases(cases: Sequence[Case], val_fraction: float, seed: int,
                 val_names: Optional[Sequence[str]] = None) -> Tuple[List[Case], List[Case]]:
     """Fixed train/validation split: an explicit name list, or a seeded random fraction."""
