@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .data import read_case_list
 from .errors import CDALError
@@ -38,6 +38,9 @@ class TrainConfig:
     spacing: Optional[List[float]] = None
     slice_axis: int = 0
     train_size: List[int] = field(default_factory=lambda: [64, 48])
+    # Multi-view: further array axes to slice along, each with its training size. One network learns every
+    # view; inference spreads its samples over the views (see inference._segment_array).
+    extra_views: List[Dict[str, Any]] = field(default_factory=list)   # [{"axis": 2, "size": [40, 56]}]
     normalisation: Dict[str, Any] = field(default_factory=lambda: {"lower": 0.5, "upper": 99.5, "standardise": True})
     augmentation: Optional[Dict[str, Any]] = field(default_factory=dict)  # None disables
     val_fraction: float = 0.2
@@ -60,7 +63,23 @@ class TrainConfig:
             raise CDALError(f"unknown training settings {unknown}: check the spelling (known: {sorted(known)})")
         if d.get("lr_schedule", "constant") not in ("constant", "cosine"):
             raise CDALError(f"lr_schedule {d['lr_schedule']!r} is not known: use \"constant\" or \"cosine\"")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.check_views()
+        return cfg
+
+    @property
+    def views(self) -> List[Tuple[int, List[int]]]:
+        """(array axis, training slice size) of every view, the primary (slice_axis) first."""
+        return [(int(self.slice_axis), list(self.train_size))] + \
+            [(int(v["axis"]), list(v["size"])) for v in self.extra_views]
+
+    def check_views(self) -> None:
+        for v in self.extra_views:
+            if not isinstance(v, dict) or set(v) != {"axis", "size"} or len(v["size"]) != 2:
+                raise CDALError(f"extra_views entry {v!r} must look like {{\"axis\": 2, \"size\": [40, 56]}}")
+        axes = [a for a, _ in self.views]
+        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise CDALError(f"slice axes {axes} must be distinct array axes 0, 1 or 2")
 
     @classmethod
     def load(cls, path: Optional[str]) -> "TrainConfig":

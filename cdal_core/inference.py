@@ -86,15 +86,45 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
 def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], samples: int,
                    seed: Optional[int], device: torch.device, batch_slices: Optional[int],
                    with_attention: bool, progress: Optional[ProgressFn]):
-    """Normalised (Z, Y, X) array on the model grid -> probabilities (C, Z, Y, X), variance, attention."""
-    cfg, axis = model.config, model.slice_axis
+    """Normalised (Z, Y, X) array on the model grid -> probabilities (C, Z, Y, X), variance, attention.
+
+    A multi-view model spreads the ``samples`` over its slicing axes (5 samples, 2 views: 3 + 2); the mean and
+    the variance are then those of all samples pooled, so disagreement between views counts as uncertainty.
+    """
+    axes = model.slice_axes
+    counts = [samples // len(axes) + (i < samples % len(axes)) for i in range(len(axes))]
+    schedule = model.schedule(steps)
+    rng = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
+    views = []
+    for i, (axis, k) in enumerate(zip(axes, counts)):
+        if k == 0:
+            continue
+        view_progress = None
+        if progress is not None:
+            view_progress = (lambda f, msg, i=i: progress((i + f) / len(axes), msg))
+        views.append((k, _segment_view(array, axis, model, schedule, k, rng, device, batch_slices,
+                                       with_attention, view_progress)))
+    if progress is not None:
+        progress(1.0, "done")
+    probs = sum(k * v[0] for k, v in views) / samples
+    # pooled variance: within-view variances plus the spread of the view means around the overall mean
+    variance = sum(k * (v[1] + ((v[0] - probs) ** 2).sum(axis=0)) for k, v in views) / samples
+    attention = None
+    if views[0][1][2] is not None:
+        attention = sum(k * v[2] for k, v in views) / samples
+    return probs.astype(np.float32), variance.astype(np.float32), attention
+
+
+def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, schedule, samples: int,
+                  rng: torch.Generator, device: torch.device, batch_slices: Optional[int], with_attention: bool,
+                  progress: Optional[ProgressFn]):
+    """Slices along one ``axis`` -> batched sampling -> probabilities (C, Z, Y, X), variance, attention."""
+    cfg = model.config
     stack = slice_stack(array, axis, cfg.context_slices)              # (S, 2c+1, H, W)
     h, w = stack.shape[-2:]
     m = cfg.size_multiple
     stack, crop = pad_to(stack, (round_up(h, m), round_up(w, m)))
     images = torch.from_numpy(np.ascontiguousarray(stack)).mul_(2).sub_(1).to(device)
-    schedule = model.schedule(steps)
-    rng = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
     n = images.shape[0]
     per_batch = batch_slices or _auto_batch(images.shape[-2:], samples, cfg.num_classes)
     disc = model.discriminator if with_attention else None
@@ -103,12 +133,10 @@ def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], 
         if progress is not None:
             progress(first / n, f"slices {first + 1}-{min(first + per_batch, n)} of {n}")
         out = sample(model.generator, images[first:first + per_batch], schedule, samples, rng, disc)
-        outs_p.append(out.probabilities[..., crop[0], crop[1]].cpu())
-        outs_v.append(out.variance[..., crop[0], crop[1]].cpu())
+        outs_p.append(out.probabilities[..., crop[0], crop[1]].float().cpu())
+        outs_v.append(out.variance[..., crop[0], crop[1]].float().cpu())
         if out.attention is not None:
-            outs_a.append(out.attention[..., crop[0], crop[1]].cpu())
-    if progress is not None:
-        progress(1.0, "done")
+            outs_a.append(out.attention[..., crop[0], crop[1]].float().cpu())
     probs = np.moveaxis(torch.cat(outs_p).numpy(), 1, 0)              # (C, S, H, W)
     probs = np.stack([np.moveaxis(p, 0, axis) for p in probs])
     variance = np.moveaxis(torch.cat(outs_v).numpy(), 0, axis)

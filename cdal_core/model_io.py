@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -88,6 +88,11 @@ class LoadedModel:
         return int(self.card["input"].get("slice_axis", 0))
 
     @property
+    def slice_axes(self) -> List[int]:
+        """Every array axis the model slices along (multi-view models), the primary first."""
+        return [self.slice_axis] + [int(v["axis"]) for v in self.card["input"].get("extra_views", [])]
+
+    @property
     def default_steps(self) -> int:
         return int(self.card.get("num_steps", 2))
 
@@ -104,7 +109,7 @@ class LoadedModel:
 
 def make_card(name: str, config: NetworkConfig, class_names, *, num_steps: int, train_num_steps: int,
               grid: ModelGrid, slice_axis: int, train_size, normalisation: Normalisation,
-              modality: str = "MRI", description: str = "", **extra) -> Dict:
+              modality: str = "MRI", description: str = "", extra_views: Sequence[Dict] = (), **extra) -> Dict:
     classes = [{"index": i, "name": n, "color": list(DEFAULT_COLOURS[i % len(DEFAULT_COLOURS)])}
                for i, n in enumerate(class_names)]
     card = {
@@ -117,7 +122,7 @@ def make_card(name: str, config: NetworkConfig, class_names, *, num_steps: int, 
                   "context_slices": config.context_slices, "orientation": grid.orientation,
                   "spacing": list(grid.spacing) if grid.spacing is not None else None,
                   "slice_axis": slice_axis, "train_size": list(train_size),
-                  "size_multiple": config.size_multiple},
+                  "size_multiple": config.size_multiple, "extra_views": [dict(v) for v in extra_views]},
         "normalisation": normalisation.to_dict(),
     }
     card.update(extra)

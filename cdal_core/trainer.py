@@ -67,7 +67,8 @@ class Trainer:
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=config.lr_d, betas=betas)
         self.schedule = DiffusionSchedule(config.train_num_steps)
-        self.augment = build_augmentation(config.augmentation) if config.augmentation is not None else None
+        self.augments = [build_augmentation(_view_augmentation(config.augmentation, self.views[0][0], axis))
+                         if config.augmentation is not None else None for axis, _ in self.views]
         self.step, self.best, self.best_step, self.seconds = 0, -1.0, -1, 0.0
         self.history: List[Dict] = []
         self._resume()
@@ -126,13 +127,16 @@ class Trainer:
         loader = (lambda c: load_png_case(c, cfg.train_size, net.image_channels)) if self.is_2d else \
             (lambda c: load_volume(c, self.grid, self.norm, n_cls, net.image_channels))
         volumes = [loader(c) for c in tqdm(train_cases, desc="loading", disable=self._quiet(), leave=False)]
-        self.bank = SliceBank(volumes, 0 if self.is_2d else cfg.slice_axis, net.context_slices, cfg.train_size)
+        if self.is_2d and cfg.extra_views:
+            raise CDALError(f"{root}: 2D images have one view only: remove extra_views from the config")
+        self.views = [(0, cfg.train_size)] if self.is_2d else cfg.views
+        self.banks = [SliceBank(volumes, axis, net.context_slices, size) for axis, size in self.views]
         self.val_volumes = [loader(c) for c in self.val_cases] if self.is_2d else None
         self.data_summary = {"folder": str(root.resolve()), "train_cases": len(train_cases),
                              "validation_cases": all_val,
                              "model_selection_cases": [c.name for c in self.val_cases],
-                             "train_slices": len(self.bank),
-                             "slices_with_foreground": round(self.bank.foreground_fraction(), 3)}
+                             "train_slices": sum(len(b) for b in self.banks),
+                             "slices_with_foreground": round(self.banks[0].foreground_fraction(), 3)}
 
     def _quiet(self) -> bool:
         return self.json_progress or self.rank != 0 or not sys.stderr.isatty() and os.environ.get("CI") == "true"
@@ -176,6 +180,7 @@ class Trainer:
             cfg.name, self.net_cfg, self.class_names, num_steps=cfg.num_steps,
             train_num_steps=cfg.train_num_steps, grid=self.grid, slice_axis=cfg.slice_axis,
             train_size=cfg.train_size, normalisation=self.norm, modality=cfg.modality,
+            extra_views=[{"axis": a, "size": list(sz)} for a, sz in self.views[1:]],
             description=cfg.description,
             training={"steps": self.step, "wall_seconds": round(self.seconds, 1), "hardware": hardware,
                       "world_size": self.world, "seed": cfg.seed, "init_model": str(self.init_model or ""),
@@ -186,10 +191,12 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------------------
     def _batch(self, step: int):
         rng = np.random.default_rng([self.cfg.seed, step, self.rank])
-        idx = rng.integers(0, len(self.bank), self.cfg.batch_size)
-        images, labels = self.bank.images[idx], self.bank.labels[idx]
-        if self.augment is not None:
-            images, labels = augment_batch(self.augment, images, labels, int(rng.integers(0, 2**31)))
+        view = step % len(self.banks)  # views take turns, one whole batch each (their slice sizes differ)
+        bank, augment = self.banks[view], self.augments[view]
+        idx = rng.integers(0, len(bank), self.cfg.batch_size)
+        images, labels = bank.images[idx], bank.labels[idx]
+        if augment is not None:
+            images, labels = augment_batch(augment, images, labels, int(rng.integers(0, 2**31)))
         x_img = torch.from_numpy(images).to(self.device).mul_(2).sub_(1)
         lab = torch.from_numpy(labels.astype(np.int64)).to(self.device)
         x0 = F.one_hot(lab, self.net_cfg.num_classes).permute(0, 3, 1, 2).float() * 2 - 1
@@ -382,6 +389,17 @@ class Trainer:
         self._log(rec)
         if not self.json_progress and self.rank == 0 and rec.get("event") in ("resumed", "done", "time_limit"):
             tqdm.write(", ".join(f"{k}={v}" for k, v in rec.items()))
+
+
+def _view_augmentation(settings: Optional[Dict], primary_axis: int, axis: int) -> Optional[Dict]:
+    """The augmentation of the view slicing along ``axis``: ``flip_axis`` names an in-plane axis of the primary
+    view (usually left-right); map it to the same volume axis in this view, or drop it when that axis is
+    this view's slicing axis (a flip across the plane is not an in-plane flip)."""
+    if settings is None or settings.get("flip_axis") is None or axis == primary_axis:
+        return settings
+    volume_axis = [a for a in range(3) if a != primary_axis][int(settings["flip_axis"])]
+    in_plane = [a for a in range(3) if a != axis]
+    return {**settings, "flip_axis": in_plane.index(volume_axis) if volume_axis in in_plane else None}
 
 
 def _landmarks(cases, norm: Normalisation) -> List[float]:
