@@ -24,6 +24,8 @@ def _add_common_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=5, help="ensemble size K (default 5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="network arithmetic: auto = bf16 where the CPU/GPU has it natively, else fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +124,7 @@ def cmd_predict(args) -> int:
                 bar.n = int(100 * fraction)
                 bar.refresh()
             result = segment_image(image, model, steps=args.steps, samples=args.samples, seed=args.seed,
-                                   device=str(device), progress=progress)
+                                   device=str(device), progress=progress, precision=args.precision)
         files = planned[path]
         write_image_atomic(result.labels, files["seg"])
         write_image_atomic(result.uncertainty, files["uncertainty"])
@@ -165,7 +167,7 @@ def cmd_evaluate(args) -> int:
     from tqdm import tqdm
     from .data import read_case_list, read_msd_cases, select_cases
     from .evaluation import evaluate_cases, format_table
-    from .inference import resolve_device
+    from .inference import resolve_device, resolve_precision
     from .model_io import atomic_write_bytes, load_model
 
     device = resolve_device(args.device)
@@ -175,11 +177,13 @@ def cmd_evaluate(args) -> int:
         cases = select_cases(cases, read_case_list(args.cases), args.cases, args.data)
     bar = tqdm(total=len(cases), desc="evaluating", unit="vol")
     report = evaluate_cases(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
-                            device=str(device), on_volume=lambda i, n, name: bar.update(1 if i else 0))
+                            device=str(device), on_volume=lambda i, n, name: bar.update(1 if i else 0),
+                            precision=args.precision)
     bar.update(1)
     bar.close()
     report["model"] = str(model.path)
     report["steps"], report["samples"] = args.steps or model.default_steps, args.samples
+    report["precision"] = str(resolve_precision(args.precision, device)).replace("torch.", "")
     print(format_table(report))
     if args.json:
         atomic_write_bytes(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())

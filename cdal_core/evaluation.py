@@ -18,7 +18,7 @@ from .model_io import LoadedModel
 
 def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[int] = None, samples: int = 5,
                    seed: Optional[int] = 0, device: str = "cpu", with_uncertainty: bool = True,
-                   on_volume: Optional[Callable[[int, int, str], None]] = None) -> Dict:
+                   on_volume: Optional[Callable[[int, int, str], None]] = None, precision: str = "auto") -> Dict:
     """Segment every case and compare with its label on the input grid (the user's geometry).
 
     Returns ``{"per_class": {name: {dice, iou, precision, recall, hd95, *_std}}, "uncertainty": {...},
@@ -31,7 +31,8 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
             on_volume(i, len(cases), case.name)
         image = read_image(case.image)
         result = segment_image(image, model, steps=steps, samples=samples,
-                               seed=None if seed is None else seed + i, device=device, with_attention=False)
+                               seed=None if seed is None else seed + i, device=device, with_attention=False,
+                               precision=precision)
         seconds.append(result.seconds)
         truth_img = read_image(case.label)
         truth = sitk.GetArrayFromImage(truth_img).astype(np.int64)

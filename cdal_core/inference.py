@@ -50,13 +50,42 @@ def resolve_device(device: str = "auto") -> torch.device:
     raise CDALError(f"unknown device '{device}': use auto, cpu or cuda")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or
+    AMX: ~1.5x faster at the same Dice, see docs/RESULTS.md), else float32."""
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise CDALError(f"unknown precision '{precision}': use auto, fp32 or bf16")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch: no probe, stay with float32
+        return False
+
+
 MAX_STEPS = 16  # cDAL is a few-step sampler; benchmarks raise this to emulate 100-step diffusion
 
 
 def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = None, samples: int = 5,
                   seed: Optional[int] = None, device: str = "cpu", batch_slices: Optional[int] = None,
-                  with_attention: bool = True, progress: Optional[ProgressFn] = None) -> VolumeResult:
-    """Segment one 3D volume. ``progress(fraction, message)`` may raise CancelledError to stop."""
+                  with_attention: bool = True, progress: Optional[ProgressFn] = None,
+                  precision: str = "auto") -> VolumeResult:
+    """Segment one 3D volume. ``progress(fraction, message)`` may raise CancelledError to stop.
+
+    ``precision``: the networks' arithmetic, 'auto' (bf16 where the hardware has it), 'fp32' or 'bf16';
+    sampling statistics and outputs are float32 either way."""
     start = time.perf_counter()
     if samples < 1:
         raise CDALError(f"samples must be >= 1, got {samples}")
@@ -64,13 +93,15 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
         raise CDALError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
     check_volume(image, model.config.image_channels)
     dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
     model.to(dev)
     norm = model.normalisation
     params = norm.fit(sitk.GetArrayViewFromImage(image))
     mapping = GridMapping(image, model.grid, fill=params.lo)  # outside the scan: its dark level, not 0
     array = norm.apply(mapping.model_array(), params)
-    probs, variance, attention = _segment_array(array, model, steps, samples, seed, dev, batch_slices,
-                                                with_attention, progress)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        probs, variance, attention = _segment_array(array, model, steps, samples, seed, dev, batch_slices,
+                                                    with_attention, progress)
     # Back to the input grid: probabilities are interpolated, then the labels are their argmax.
     prob_in = np.stack([sitk.GetArrayFromImage(mapping.to_input(p)) for p in probs])
     if mapping.resampled:
@@ -106,12 +137,19 @@ def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], 
                                        with_attention, view_progress)))
     if progress is not None:
         progress(1.0, "done")
-    probs = sum(k * v[0] for k, v in views) / samples
-    # pooled variance: within-view variances plus the spread of the view means around the overall mean
-    variance = sum(k * (v[1] + ((v[0] - probs) ** 2).sum(axis=0)) for k, v in views) / samples
+    return pool_views(views)
+
+
+def pool_views(views):
+    """[(k, (mean probabilities (C, ...), variance summed over C (...), attention or None))] -> the mean,
+    variance and attention of all ``sum(k)`` samples pooled: within-view variances plus the spread of the
+    view means around the overall mean."""
+    total = sum(k for k, _ in views)
+    probs = sum(k * v[0] for k, v in views) / total
+    variance = sum(k * (v[1] + ((v[0] - probs) ** 2).sum(axis=0)) for k, v in views) / total
     attention = None
-    if views[0][1][2] is not None:
-        attention = sum(k * v[2] for k, v in views) / samples
+    if all(v[2] is not None for _, v in views):
+        attention = (sum(k * v[2] for k, v in views) / total).astype(np.float32)
     return probs.astype(np.float32), variance.astype(np.float32), attention
 
 
