@@ -1,9 +1,9 @@
 """CPU inference benchmark, measured side by side in one process (start-up excluded).
 
-Rows: the cDAL pipeline (T=2 x 5 samples, whole slices), the reference protocol (32^3 sliding window, overlap
+Rows: the cDAL pipeline (T=2 x 5 samples, whole slices; fp32, and bf16 where the CPU has it), the reference protocol (32^3 sliding window, overlap
 0.75, 5 samples per window), 100-step sampling (SegDiff-like) and one plain forward pass (the floor), each
-with seconds/volume, GFLOP/volume and Dice on the same validation volumes; the machine's measured fp32 matmul
-peak and the efficiency achieved; a 256x256x180 volume with and without an ROI (seconds, peak RSS).
+with seconds/volume, GFLOP/volume and Dice on the same validation volumes; the machine's measured fp32 (and
+bf16) matmul peak and the efficiency achieved against the peak of the row's precision; a 256x256x180 volume with and without an ROI (seconds, peak RSS).
 
 Usage: python benchmarks/bench_cpu_inference.py [--model hippocampus] [--volumes 8] [--json out.json]
 """
@@ -32,9 +32,9 @@ from cdal_core.model_io import load_model  # noqa: E402
 from cdal_core.sampler import sample  # noqa: E402
 
 
-def matmul_peak(seconds: float = 3.0) -> float:
-    """Best fp32 GFLOP/s of a 2048^2 matmul on all threads."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_peak(seconds: float = 3.0, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of a 2048^2 matmul on all threads in ``dtype``."""
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
     best, end = 0.0, time.time() + seconds
     while time.time() < end:
@@ -104,7 +104,7 @@ if roi:
 t0 = time.perf_counter()
 res = segment_image(image, model, samples=5, seed=0, device="cpu")
 dt = time.perf_counter() - t0
-print(json.dumps({{"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({{"seconds": dt, "precision": "auto", "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "size": list(big.GetSize()), "segmented": list(image.GetSize())}}))
 '''
 
@@ -126,22 +126,28 @@ def main() -> None:
     images = [read_image(c.image) for c in cases]
     truths = [sitk.GetArrayFromImage(read_image(c.label)) for c in cases]
     segment_image(images[0], model, samples=5, seed=0)  # warm-up (start-up excluded)
-    peak = matmul_peak()
+    bf16 = inference.cpu_has_native_bf16()
+    peaks = {"fp32": matmul_peak()}
+    if bf16:
+        peaks["bf16"] = matmul_peak(dtype=torch.bfloat16)
 
-    ways = {
-        "cdal T=2 x 5 samples (ours)": lambda im: sitk.GetArrayFromImage(
-            segment_image(im, model, steps=2, samples=5, seed=0, with_attention=False).labels),
-        "one forward pass (floor)": lambda im: sitk.GetArrayFromImage(
-            segment_image(im, model, steps=1, samples=1, seed=0, with_attention=False).labels),
-    }
+    def run(steps, samples, precision="fp32"):
+        return lambda im: sitk.GetArrayFromImage(segment_image(
+            im, model, steps=steps, samples=samples, seed=0, with_attention=False, precision=precision).labels)
+
+    ways = {"cdal T=2 x 5 samples (ours, fp32)": (run(2, 5), "fp32")}
+    if bf16:
+        ways["cdal T=2 x 5 samples (ours, bf16)"] = (run(2, 5, "bf16"), "bf16")
+        ways["cdal T=1 x 5 samples (bf16)"] = (run(1, 5, "bf16"), "bf16")
+    ways["one forward pass (floor, fp32)"] = (run(1, 1), "fp32")
     if "steps100" not in skip:
         inference.MAX_STEPS = 100
-        ways["100-step sampling x 5 (SegDiff-like)"] = lambda im: sitk.GetArrayFromImage(
-            segment_image(im, model, steps=100, samples=5, seed=0, with_attention=False).labels)
+        ways["100-step sampling x 5 (SegDiff-like, fp32)"] = (run(100, 5), "fp32")
     if "reference" not in skip:
-        ways["reference: 32^3 window, overlap 0.75, 5 samples"] = lambda im: sliding_window_predict(model, im, 5, 0)
+        ways["reference: 32^3 window, overlap 0.75, 5 samples (fp32)"] = (
+            lambda im: sliding_window_predict(model, im, 5, 0), "fp32")
     rows = {}
-    for name, fn in ways.items():
+    for name, (fn, precision) in ways.items():
         secs, dice = [], []
         for im, truth in zip(images, truths):
             t0 = time.perf_counter()
@@ -154,20 +160,22 @@ def main() -> None:
         d = np.mean(dice, axis=0)
         rows[name] = {"seconds_per_volume": float(np.mean(secs)), "gflop_per_volume": float(flops0 / 1e9),
                       "gflops_achieved": float(flops0 / secs[0] / 1e9),
-                      "dice_anterior": float(d[0]), "dice_posterior": float(d[1])}
-    ours = rows["cdal T=2 x 5 samples (ours)"]
+                      "dice_anterior": float(d[0]), "dice_posterior": float(d[1]), "precision": precision}
+    ours = rows["cdal T=2 x 5 samples (ours, fp32)"]
     for r in rows.values():
         r["time_ratio_vs_ours"] = r["seconds_per_volume"] / ours["seconds_per_volume"]
         r["flop_ratio_vs_ours"] = r["gflop_per_volume"] / max(ours["gflop_per_volume"], 1e-9)
-        r["efficiency_vs_peak"] = r["gflops_achieved"] / peak
-    result = {"machine": {"threads": torch.get_num_threads(), "matmul_peak_gflops": peak,
+        r["efficiency_vs_peak"] = r["gflops_achieved"] / peaks[r["precision"]]
+    result = {"machine": {"threads": torch.get_num_threads(), "matmul_peak_gflops": peaks["fp32"],
+                          "matmul_peak_gflops_bf16": peaks.get("bf16"), "cpu_native_bf16": bf16,
                           "torch": torch.__version__}, "volumes": len(images), "rows": rows}
     if "big" not in skip:
         result["large_volume"] = {
             "256x256x180 whole volume": peak_rss_child(BIG_VOLUME_CODE.format(model=args.model, roi=False)),
             "256x256x180 with ROI around one hippocampus": peak_rss_child(BIG_VOLUME_CODE.format(model=args.model, roi=True)),
         }
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads; {len(images)} volumes")
+    print("matmul peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()) +
+          f" on {torch.get_num_threads()} threads; {len(images)} volumes; efficiency vs the row's precision")
     print(f"{'way':<50}{'s/vol':>8}{'GFLOP':>9}{'eff.':>7}{'x time':>8}{'x FLOP':>8}{'Dice ant':>10}{'Dice post':>10}")
     for name, r in rows.items():
         print(f"{name:<50}{r['seconds_per_volume']:8.3f}{r['gflop_per_volume']:9.1f}{100 * r['efficiency_vs_peak']:6.1f}%"

@@ -11,11 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdal_core.data import read_case_list, read_msd_cases, select_cases  # noqa: E402
 from cdal_core.evaluation import evaluate_cases  # noqa: E402
+from cdal_core.inference import resolve_precision  # noqa: E402
 from cdal_core.model_io import load_model  # noqa: E402
 
 
@@ -40,6 +43,8 @@ def main() -> None:
     p.add_argument("--settings", default="2x5,2x1,2x10,4x5,4x1,4x10")
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (see cdal_core.inference)")
+    p.add_argument("--tag", default="", help="suffix of the report names, e.g. _fp32")
     args = p.parse_args()
     model = load_model(args.model, device=args.device, with_discriminator=False)
     cases, _ = read_msd_cases(args.data)
@@ -51,9 +56,12 @@ def main() -> None:
     for setting in args.settings.split(","):
         steps, samples = (int(v) for v in setting.split("x"))
         t0 = time.time()
-        report = evaluate_cases(model, cases, steps=steps, samples=samples, seed=0, device=args.device)
-        report.update({"steps": steps, "samples": samples, "model": str(model.path), "wall_seconds": time.time() - t0})
-        (out / f"hippocampus_T{steps}_K{samples}.json").write_text(json.dumps(report, indent=1))
+        report = evaluate_cases(model, cases, steps=steps, samples=samples, seed=0, device=args.device,
+                                precision=args.precision)
+        precision = str(resolve_precision(args.precision, torch.device(args.device))).replace("torch.", "")
+        report.update({"steps": steps, "samples": samples, "model": str(model.path), "wall_seconds": time.time() - t0,
+                       "precision": precision})
+        (out / f"hippocampus_T{steps}_K{samples}{args.tag}.json").write_text(json.dumps(report, indent=1))
         print(markdown_row(f"T={steps}, K={samples}", report), flush=True)
 
 
