@@ -2,7 +2,7 @@
 
     python tools/ship_model.py runs/hippocampus/model hippocampus --data ../shared/data/Task04_Hippocampus \
         --recipe "cdal train --config configs/hippocampus.json --data ../shared/data/Task04_Hippocampus --out runs/hippocampus" \
-        [--validation docs/results/hippocampus_T2_K5.json] [--overwrite]
+        [--validation docs/results/hippocampus_T2_K5.json --cases configs/hippocampus_val.txt] [--overwrite]
 
 Adds histogram-standardisation landmarks learned from the run's training split when the card has none (runs
 started before landmarks existed), the exact recipe, and the validation report (means and stds per class).
@@ -28,7 +28,8 @@ def main() -> None:
     p.add_argument("name")
     p.add_argument("--data", required=True)
     p.add_argument("--recipe", required=True)
-    p.add_argument("--validation", default=None)
+    p.add_argument("--validation", default=None, help="evaluation report (JSON) to copy into the card")
+    p.add_argument("--cases", default=None, help="the case list that report was measured on (recorded in the card)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()
     src = Path(args.model)
@@ -53,8 +54,8 @@ def main() -> None:
     if args.validation:
         report = json.loads(Path(args.validation).read_text())
         card["validation"] = {k: report[k] for k in ("per_class", "uncertainty", "volumes", "seconds_per_volume",
-                                                       "steps", "samples") if k in report}
-        card["validation"]["cases"] = "configs/hippocampus_val.txt" if args.name == "hippocampus" else "see training.data"
+                                                       "steps", "samples", "precision") if k in report}
+        card["validation"]["cases"] = args.cases or "see training.data.validation_cases"
     atomic_write_bytes(tmp / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
     load_model(tmp)
     if dst.exists():
