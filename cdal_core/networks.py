@@ -213,7 +213,11 @@ class Generator(nn.Module):
                 h = block(torch.cat([h, skips.pop()], dim=1), temb, w)
             if i < len(self.upsamples):
                 h = self.upsamples[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return torch.tanh(self.out_conv(F.silu(self.out_norm(h))))
+        h = F.silu(self.out_norm(h))
+        # The output layer runs in float32 even under bf16 autocast: x0 near +-1 must keep its small
+        # sample-to-sample differences, or the ensemble variance (the uncertainty map) turns into ties.
+        with torch.autocast(h.device.type, enabled=False):
+            return torch.tanh(self.out_conv(h.float()))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return self.decode(x_t, t, z, self.encode(image))
