@@ -86,10 +86,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 def cmd_train(args) -> int:
     from .config import TrainConfig
     from .trainer import train
-    config = TrainConfig.load(args.config)
     init = getattr(args, "model", None)
     if init is not None and args.config is None:
-        config.lr_g, config.lr_d, config.max_steps = config.lr_g / 2, config.lr_d / 2, 200
+        from .model_io import read_card, resolve_model
+        config = TrainConfig.for_finetuning(read_card(resolve_model(init)))
+    else:
+        config = TrainConfig.load(args.config)
     model_dir = train(args.data, args.out, config, max_steps=args.max_steps, max_minutes=args.max_minutes,
                       device=args.device, init_model=init, json_progress=args.json_progress)
     if not args.json_progress:

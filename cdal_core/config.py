@@ -82,6 +82,19 @@ class TrainConfig:
             raise CDALError(f"slice axes {axes} must be distinct array axes 0, 1 or 2")
 
     @classmethod
+    def for_finetuning(cls, card: Dict[str, Any]) -> "TrainConfig":
+        """Defaults of ``cdal finetune`` without --config: a short run at half the default learning rates that
+        slices the way the model was trained (axis, slice size, extra views from the card)."""
+        inp = card.get("input", {})
+        cfg = cls()
+        cfg.lr_g, cfg.lr_d, cfg.max_steps = cfg.lr_g / 2, cfg.lr_d / 2, 200
+        cfg.slice_axis = int(inp.get("slice_axis", cfg.slice_axis))
+        cfg.train_size = list(inp.get("train_size", cfg.train_size))
+        cfg.extra_views = [dict(v) for v in inp.get("extra_views", [])]
+        cfg.check_views()
+        return cfg
+
+    @classmethod
     def load(cls, path: Optional[str]) -> "TrainConfig":
         if path is None:
             return cls()

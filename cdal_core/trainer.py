@@ -52,8 +52,8 @@ class Trainer:
         self.rank, self.world = _init_distributed()
         self.device = resolve_device(device) if self.world == 1 else torch.device(f"cuda:{self.rank}")
         self.init_model = init_model
-        self._prepare_run_dir()
         self.net_cfg, self.class_names, self.grid, self.norm = self._model_settings(data_dir)
+        self._prepare_run_dir()  # after the settings are known to fit: a refused run leaves no folder behind
         self._load_data(data_dir)
         torch.manual_seed(config.seed)
         self.G = Generator(self.net_cfg).to(self.device)
@@ -92,8 +92,10 @@ class Trainer:
     def _model_settings(self, data_dir: str):
         cfg = self.cfg
         self.init = load_model(self.init_model, device="cpu") if self.init_model else None
-        if self.init:  # fine-tuning keeps the model's network, grid, normalisation and classes
-            card = self.init.card
+        if self.init:  # fine-tuning keeps the model's network, grid, normalisation, classes and slicing axis
+            if cfg.slice_axis != self.init.slice_axis:
+                raise CDALError(f"the model slices along array axis {self.init.slice_axis} but the config says "
+                                f"slice_axis {cfg.slice_axis}: set \"slice_axis\": {self.init.slice_axis} in the config")
             return (self.init.config, self.init.class_names, self.init.grid, self.init.normalisation)
         net = NetworkConfig.from_dict(cfg.network) if cfg.network else NetworkConfig()
         grid = ModelGrid(cfg.orientation, cfg.spacing)

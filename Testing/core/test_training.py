@@ -84,6 +84,18 @@ def test_finetune_starts_from_the_model(synthetic_dir, tiny_model, tmp_path):
     assert card["training"]["init_model"] == str(tiny_model)
 
 
+def test_finetune_slices_the_way_the_model_was_trained(synthetic_dir, tiny_model, tmp_path):
+    card = json.loads((tiny_model / "model.json").read_text())
+    card["input"].update({"slice_axis": 1, "train_size": [40, 40], "extra_views": [{"axis": 2, "size": [40, 48]}]})
+    cfg = TrainConfig.for_finetuning(card)
+    assert cfg.views == [(1, [40, 40]), (2, [40, 48])] and cfg.max_steps == 200
+    assert cfg.lr_g == pytest.approx(TrainConfig().lr_g / 2)
+    with pytest.raises(CDALError, match="slice_axis"):  # the tiny model slices along axis 0
+        Trainer(str(synthetic_dir), str(tmp_path / "ft"), TrainConfig.from_dict({**TINY_CONFIG, "slice_axis": 1}),
+                device="cpu", init_model=str(tiny_model))
+    assert not (tmp_path / "ft").exists()
+
+
 def test_short_cpu_training_reaches_dice_085_on_unseen_volumes(tmp_path):
     """The issue's end-to-end bar: a few CPU minutes of `cdal train`, then `cdal evaluate` on unseen data.
     Bounded by steps, not minutes, so a busy machine makes it slower, never weaker (~2 min on 2 free cores)."""
