@@ -11,14 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdal_core.data import read_case_list, read_msd_cases, select_cases  # noqa: E402
 from cdal_core.evaluation import evaluate_cases  # noqa: E402
-from cdal_core.inference import resolve_precision  # noqa: E402
 from cdal_core.model_io import load_model  # noqa: E402
 
 
@@ -58,9 +55,7 @@ def main() -> None:
         t0 = time.time()
         report = evaluate_cases(model, cases, steps=steps, samples=samples, seed=0, device=args.device,
                                 precision=args.precision)
-        precision = str(resolve_precision(args.precision, torch.device(args.device))).replace("torch.", "")
-        report.update({"steps": steps, "samples": samples, "model": str(model.path), "wall_seconds": time.time() - t0,
-                       "precision": precision})
+        report.update({"steps": steps, "samples": samples, "model": str(model.path), "wall_seconds": time.time() - t0})
         (out / f"hippocampus_T{steps}_K{samples}{args.tag}.json").write_text(json.dumps(report, indent=1))
         print(markdown_row(f"T={steps}, K={samples}", report), flush=True)
 

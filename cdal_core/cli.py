@@ -169,7 +169,7 @@ def cmd_evaluate(args) -> int:
     from tqdm import tqdm
     from .data import read_case_list, read_msd_cases, select_cases
     from .evaluation import evaluate_cases, format_table
-    from .inference import resolve_device, resolve_precision
+    from .inference import resolve_device
     from .model_io import atomic_write_bytes, load_model
 
     device = resolve_device(args.device)
@@ -185,7 +185,6 @@ def cmd_evaluate(args) -> int:
     bar.close()
     report["model"] = str(model.path)
     report["steps"], report["samples"] = args.steps or model.default_steps, args.samples
-    report["precision"] = str(resolve_precision(args.precision, device)).replace("torch.", "")
     print(format_table(report))
     if args.json:
         atomic_write_bytes(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from .data import Case, read_image
 from .errors import CDALError
 from .geometry import GridMapping
-from .inference import segment_image
+from .inference import resolve_device, resolve_precision, segment_image
 from .metrics import nanmean, segmentation_metrics, summarise, uncertainty_metrics
 from .model_io import LoadedModel
 
@@ -22,9 +22,11 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
     """Segment every case and compare with its label on the input grid (the user's geometry).
 
     Returns ``{"per_class": {name: {dice, iou, precision, recall, hd95, *_std}}, "uncertainty": {...},
-    "volumes": N, "seconds_per_volume": s, "per_volume": [...]}``; metrics are fractions, HD95 in mm.
+    "volumes": N, "seconds_per_volume": s, "per_volume": [...], "precision": "float32" or "bfloat16"}``;
+    metrics are fractions, HD95 in mm.
     """
     names = model.class_names
+    dtype = resolve_precision(precision, resolve_device(device))  # also refuses a bad name before any work
     per_volume, unc, rows, seconds = [], [], [], []
     for i, case in enumerate(cases):
         if on_volume is not None:
@@ -55,6 +57,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
         "volumes": len(cases),
         "seconds_per_volume": float(np.mean(seconds)) if seconds else float("nan"),
         "per_volume": rows,
+        "precision": str(dtype).replace("torch.", ""),
     }
     if with_uncertainty:
         report["uncertainty"] = {k: nanmean(u[k] for u in unc) for k in ("auroc", "spearman_slice", "ece")}
