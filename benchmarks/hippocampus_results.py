@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (see cdal_core.inference)")
+    p.add_argument("--full-sampling", action="store_true", help="every step on every slice (no early exit)")
     p.add_argument("--tag", default="", help="suffix of the report names, e.g. _fp32")
     args = p.parse_args()
     model = load_model(args.model, device=args.device, with_discriminator=False)
@@ -54,7 +55,7 @@ def main() -> None:
         steps, samples = (int(v) for v in setting.split("x"))
         t0 = time.time()
         report = evaluate_cases(model, cases, steps=steps, samples=samples, seed=0, device=args.device,
-                                precision=args.precision)
+                                precision=args.precision, early_exit=not args.full_sampling)
         report.update({"steps": steps, "samples": samples, "model": str(model.path), "wall_seconds": time.time() - t0})
         (out / f"hippocampus_T{steps}_K{samples}{args.tag}.json").write_text(json.dumps(report, indent=1))
         print(markdown_row(f"T={steps}, K={samples}", report), flush=True)

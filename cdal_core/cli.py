@@ -26,6 +26,9 @@ def _add_common_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="network arithmetic: auto = bf16 where the CPU/GPU has it natively, else fp32")
+    p.add_argument("--full-sampling", action="store_true",
+                   help="run every denoising step on every slice (default: slices that are surely background "
+                        "after the first step stop there)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +129,8 @@ def cmd_predict(args) -> int:
                 bar.n = int(100 * fraction)
                 bar.refresh()
             result = segment_image(image, model, steps=args.steps, samples=args.samples, seed=args.seed,
-                                   device=str(device), progress=progress, precision=args.precision)
+                                   device=str(device), progress=progress, precision=args.precision,
+                                   early_exit=not args.full_sampling)
         files = planned[path]
         write_image_atomic(result.labels, files["seg"])
         write_image_atomic(result.uncertainty, files["uncertainty"])
@@ -180,7 +184,7 @@ def cmd_evaluate(args) -> int:
     bar = tqdm(total=len(cases), desc="evaluating", unit="vol")
     report = evaluate_cases(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
                             device=str(device), on_volume=lambda i, n, name: bar.update(1 if i else 0),
-                            precision=args.precision)
+                            precision=args.precision, early_exit=not args.full_sampling)
     bar.update(1)
     bar.close()
     report["model"] = str(model.path)

@@ -18,11 +18,13 @@ from .model_io import LoadedModel
 
 def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[int] = None, samples: int = 5,
                    seed: Optional[int] = 0, device: str = "cpu", with_uncertainty: bool = True,
-                   on_volume: Optional[Callable[[int, int, str], None]] = None, precision: str = "auto") -> Dict:
+                   on_volume: Optional[Callable[[int, int, str], None]] = None, precision: str = "auto",
+                   early_exit: bool = True) -> Dict:
     """Segment every case and compare with its label on the input grid (the user's geometry).
 
     Returns ``{"per_class": {name: {dice, iou, precision, recall, hd95, *_std}}, "uncertainty": {...},
-    "volumes": N, "seconds_per_volume": s, "per_volume": [...], "precision": "float32" or "bfloat16"}``;
+    "volumes": N, "seconds_per_volume": s, "per_volume": [...], "precision": "float32" or "bfloat16",
+    "early_exit": bool}``;
     metrics are fractions, HD95 in mm.
     """
     names = model.class_names
@@ -34,7 +36,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
         image = read_image(case.image)
         result = segment_image(image, model, steps=steps, samples=samples,
                                seed=None if seed is None else seed + i, device=device, with_attention=False,
-                               precision=precision)
+                               precision=precision, early_exit=early_exit)
         seconds.append(result.seconds)
         truth_img = read_image(case.label)
         truth = sitk.GetArrayFromImage(truth_img).astype(np.int64)
@@ -58,6 +60,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
         "seconds_per_volume": float(np.mean(seconds)) if seconds else float("nan"),
         "per_volume": rows,
         "precision": str(dtype).replace("torch.", ""),
+        "early_exit": bool(early_exit),
     }
     if with_uncertainty:
         report["uncertainty"] = {k: nanmean(u[k] for u in unc) for k in ("auroc", "spearman_slice", "ece")}

@@ -76,16 +76,20 @@ def cpu_has_native_bf16() -> bool:
 
 
 MAX_STEPS = 16  # cDAL is a few-step sampler; benchmarks raise this to emulate 100-step diffusion
+# A slice whose K first-step predictions put every pixel's foreground probability below this stops there
+# (sampler.sample's early_exit): about 30 % of hippocampus slices, at unchanged Dice (docs/RESULTS.md).
+EARLY_EXIT = 0.05
 
 
 def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = None, samples: int = 5,
                   seed: Optional[int] = None, device: str = "cpu", batch_slices: Optional[int] = None,
                   with_attention: bool = True, progress: Optional[ProgressFn] = None,
-                  precision: str = "auto") -> VolumeResult:
+                  precision: str = "auto", early_exit: bool = True) -> VolumeResult:
     """Segment one 3D volume. ``progress(fraction, message)`` may raise CancelledError to stop.
 
     ``precision``: the networks' arithmetic, 'auto' (bf16 where the hardware has it), 'fp32' or 'bf16';
-    sampling statistics and outputs are float32 either way."""
+    sampling statistics and outputs are float32 either way. ``early_exit``: slices that are surely
+    background after the first step skip the others (``EARLY_EXIT``); False runs every step everywhere."""
     start = time.perf_counter()
     if samples < 1:
         raise CDALError(f"samples must be >= 1, got {samples}")
@@ -101,7 +105,8 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     array = norm.apply(mapping.model_array(), params)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         probs, variance, attention = _segment_array(array, model, steps, samples, seed, dev, batch_slices,
-                                                    with_attention, progress)
+                                                    with_attention, progress,
+                                                    EARLY_EXIT if early_exit else None)
     # Back to the input grid: probabilities are interpolated, then the labels are their argmax.
     prob_in = np.stack([sitk.GetArrayFromImage(mapping.to_input(p)) for p in probs])
     if mapping.resampled:
@@ -116,7 +121,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
 
 def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], samples: int,
                    seed: Optional[int], device: torch.device, batch_slices: Optional[int],
-                   with_attention: bool, progress: Optional[ProgressFn]):
+                   with_attention: bool, progress: Optional[ProgressFn], early_exit: Optional[float] = None):
     """Normalised (Z, Y, X) array on the model grid -> probabilities (C, Z, Y, X), variance, attention.
 
     A multi-view model spreads the ``samples`` over its slicing axes (5 samples, 2 views: 3 + 2); the mean and
@@ -134,7 +139,7 @@ def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], 
         if progress is not None:
             view_progress = (lambda f, msg, i=i: progress((i + f) / len(axes), msg))
         views.append((k, _segment_view(array, axis, model, schedule, k, rng, device, batch_slices,
-                                       with_attention, view_progress)))
+                                       with_attention, view_progress, early_exit)))
     if progress is not None:
         progress(1.0, "done")
     return pool_views(views)
@@ -155,7 +160,7 @@ def pool_views(views):
 
 def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, schedule, samples: int,
                   rng: torch.Generator, device: torch.device, batch_slices: Optional[int], with_attention: bool,
-                  progress: Optional[ProgressFn]):
+                  progress: Optional[ProgressFn], early_exit: Optional[float] = None):
     """Slices along one ``axis`` -> batched sampling -> probabilities (C, Z, Y, X), variance, attention."""
     cfg = model.config
     stack = slice_stack(array, axis, cfg.context_slices)              # (S, 2c+1, H, W)
@@ -170,7 +175,8 @@ def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, schedule, sa
     for first in range(0, n, per_batch):
         if progress is not None:
             progress(first / n, f"slices {first + 1}-{min(first + per_batch, n)} of {n}")
-        out = sample(model.generator, images[first:first + per_batch], schedule, samples, rng, disc)
+        out = sample(model.generator, images[first:first + per_batch], schedule, samples, rng, disc,
+                     early_exit=early_exit)
         outs_p.append(out.probabilities[..., crop[0], crop[1]].float().cpu())
         outs_v.append(out.variance[..., crop[0], crop[1]].float().cpu())
         if out.attention is not None:

@@ -19,9 +19,13 @@ from .schedule import DiffusionSchedule
 @dataclass
 class SampleOutput:
     probabilities: torch.Tensor   # (N, C, H, W), sums to 1 over C
-    labels: torch.Tensor          # (N, H, W) int64
     variance: torch.Tensor        # (N, H, W) across-sample variance of the class probabilities, summed over C
     attention: Optional[torch.Tensor] = None  # (N, H, W) |channel mean - its slice median| of D's inner features
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """(N, H, W) int64 argmax of the mean; computed on demand (volume inference argmaxes on its own grid)."""
+        return self.probabilities.argmax(dim=1)
 
 
 def x0_to_probabilities(x0: torch.Tensor) -> torch.Tensor:
@@ -41,11 +45,16 @@ def _memory_format(module: torch.nn.Module) -> torch.memory_format:
 @torch.inference_mode()
 def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedule, num_samples: int = 5,
            rng: Optional[torch.Generator] = None, discriminator: Optional[Discriminator] = None,
-           attention_block: Optional[int] = None, use_latent: bool = True) -> SampleOutput:
+           attention_block: Optional[int] = None, use_latent: bool = True,
+           early_exit: Optional[float] = None) -> SampleOutput:
     """Run the reverse process for all ``N`` slices x ``K`` samples in one batch of ``N * K``.
 
     The image encoder runs once per slice; its features are shared by every step and sample.
     Noise comes from ``rng`` (a CPU generator) so CPU and GPU give the same draws for the same seed.
+
+    ``early_exit``: a slice whose ``K`` predictions of x0 are all background, with foreground probability
+    below this value at every pixel, keeps that prediction and skips the remaining steps (a third of
+    hippocampus slices hold no hippocampus). ``None`` runs every step for every slice.
     """
     n, k = images.shape[0], num_samples
     c = generator.cfg.num_classes
@@ -58,26 +67,58 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
         return torch.randn(*shape, generator=rng).to(device=device, dtype=dtype)
 
     x = noise(n * k, c, *images.shape[2:]).contiguous(memory_format=layout)
-    x_prev_pair = x
+    final = torch.empty(n * k, c, *images.shape[2:], device=device)   # x0 of every sample, float32
+    pairs = torch.empty_like(final) if discriminator is not None else None  # x_1, D's partner of x0
+    active = torch.arange(n, device=device)  # slices still being denoised
     for step in range(schedule.num_steps, 0, -1):
-        t = torch.full((n * k,), step, device=device, dtype=torch.long)
-        z = noise(n * k, generator.cfg.latent_dim) if use_latent else torch.zeros(n * k, generator.cfg.latent_dim,
-                                                                                  device=device, dtype=dtype)
+        t = torch.full((x.shape[0],), step, device=device, dtype=torch.long)
+        z = noise(x.shape[0], generator.cfg.latent_dim) if use_latent else \
+            torch.zeros(x.shape[0], generator.cfg.latent_dim, device=device, dtype=dtype)
         x0 = generator.decode(x, schedule.time(t), z, feats)
-        x_prev_pair = x
-        x = schedule.posterior_sample(x0, x, t, generator=rng) if step > 1 else x0
-    probs_k = x0_to_probabilities(x.float()).view(n, k, c, *images.shape[2:])
+        x_t, x = x, (schedule.posterior_sample(x0, x, t, generator=rng) if step > 1 else x0)
+        done = torch.ones(len(active), dtype=torch.bool, device=device) if step == 1 else \
+            _confidently_background(x0, k, early_exit)
+        if bool(done.any()):
+            rows = _sample_rows(active[done], k)
+            final[rows] = x0[done.repeat_interleave(k)].float()
+            if pairs is not None:
+                pairs[rows] = (x_t if step == 1 else x)[done.repeat_interleave(k)].float()
+            keep = ~done
+            active = active[keep]
+            x = x[keep.repeat_interleave(k)].contiguous(memory_format=layout)
+            feats = [f[keep].contiguous(memory_format=layout) for f in feats]
+        if len(active) == 0:
+            break
+    x, x_prev_pair = final, pairs
+    probs_k = x0_to_probabilities(x).view(n, k, c, *images.shape[2:])
     probs = probs_k.mean(dim=1)
-    variance = probs_k.var(dim=1, unbiased=False).sum(dim=1)
+    # mean squared deviation written out: torch's var over a non-innermost dim is ~50x slower on CPU
+    variance = (probs_k - probs[:, None]).square_().mean(dim=1).sum(dim=1)
     attention = None
     if discriminator is not None:
         t1 = torch.ones(n * k, device=device, dtype=torch.long)
         d_image = images.repeat_interleave(k, dim=0) if discriminator.cfg.disc_uses_image else None
-        _, d_feats = discriminator(x, x_prev_pair, schedule.time(t1), image=d_image, return_features=True)
+        _, d_feats = discriminator(x.to(dtype), x_prev_pair.to(dtype), schedule.time(t1), image=d_image,
+                                   return_features=True)
         block = discriminator.cfg.attention_block if attention_block is None else attention_block
         a = attention_map(d_feats, block, tuple(images.shape[2:])).float()
         # D answers flat background with a constant; where it looks is where it departs from that level
         a = (a - a.flatten(1).median(dim=1).values[:, None, None, None]).abs()
         attention = a.view(n, k, *images.shape[2:]).mean(dim=1)
-    return SampleOutput(probs, probs.argmax(dim=1), variance, attention)
+    return SampleOutput(probs, variance, attention)
 
+
+
+def _confidently_background(x0: torch.Tensor, k: int, below: Optional[float]) -> torch.Tensor:
+    """(N * K, C, H, W) x0 predictions -> (N,) True where all K samples put every pixel's foreground
+    probability below ``below``; all False when ``below`` is None."""
+    n = x0.shape[0] // k
+    if below is None:
+        return torch.zeros(n, dtype=torch.bool, device=x0.device)
+    foreground = 1.0 - x0_to_probabilities(x0.float())[:, 0]
+    return foreground.reshape(n, k, -1).amax(dim=(1, 2)) < below
+
+
+def _sample_rows(slices: torch.Tensor, k: int) -> torch.Tensor:
+    """Slice indices -> the rows of their K samples in the sample-major batch."""
+    return (slices[:, None] * k + torch.arange(k, device=slices.device)[None]).reshape(-1)

@@ -54,7 +54,7 @@ def main() -> None:
     if args.validation:
         report = json.loads(Path(args.validation).read_text())
         card["validation"] = {k: report[k] for k in ("per_class", "uncertainty", "volumes", "seconds_per_volume",
-                                                       "steps", "samples", "precision") if k in report}
+                                                       "steps", "samples", "precision", "early_exit") if k in report}
         card["validation"]["cases"] = args.cases or "see training.data.validation_cases"
     atomic_write_bytes(tmp / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
     load_model(tmp)

@@ -120,7 +120,7 @@ def test_info_prints_the_card(tiny_model):
 def test_evaluate_json_schema(tiny_model, synthetic_dir, tmp_path):
     report_path = tmp_path / "report.json"
     proc = cdal("evaluate", "--model", tiny_model, "--data", synthetic_dir, "--samples", 2, "--json", report_path,
-                "--precision", "fp32")
+                "--precision", "fp32", "--full-sampling")
     assert "Anterior" in proc.stdout and "AUROC" in proc.stdout
     report = json.loads(report_path.read_text())
     assert set(report["per_class"]) == {"Anterior", "Posterior"}
@@ -130,7 +130,7 @@ def test_evaluate_json_schema(tiny_model, synthetic_dir, tmp_path):
         assert "hd95" in row
     assert set(report["uncertainty"]) == {"auroc", "spearman_slice", "ece"}
     assert report["volumes"] == 6 and report["seconds_per_volume"] > 0
-    assert report["precision"] == "float32"
+    assert report["precision"] == "float32" and report["early_exit"] is False
 
 
 def test_train_rejects_bad_data(tmp_path, tiny_config_file):

@@ -95,3 +95,64 @@ def test_shared_features_equal_copied_features():
         feats = g.encode(img)
         copied = [f.repeat_interleave(3, dim=0) for f in feats]
         assert torch.allclose(g.decode(x, tau, z, feats), g.decode(x, tau, z, copied), atol=1e-6)
+
+
+def test_modulate_bf16_channels_last_matches_broadcast():
+    """The matmul path (bf16, channels-last) computes x * scale + shift like the plain broadcast."""
+    from cdal_core.networks import modulate
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, 8, 12)
+    scale, shift = 1 + 0.1 * torch.randn(6, 16), 0.1 * torch.randn(6, 16)
+    want = x * scale[:, :, None, None] + shift[:, :, None, None]
+    x_cl = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    got = modulate(x_cl, scale.bfloat16(), shift.bfloat16())
+    assert got.shape == x.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got.float(), want, atol=0.05, rtol=0.02)
+    assert torch.equal(modulate(x, scale, shift), want)
+
+
+def test_one_time_step_for_the_batch_equals_per_sample_time():
+    """Sampling passes one t for the whole batch, which the blocks fold into conv1's bias."""
+    torch.manual_seed(0)
+    g = Generator(SMALL).eval()
+    block = g.down_blocks[0][0]
+    with torch.no_grad():
+        x, w = torch.randn(4, block.conv1.in_channels, 8, 8), torch.randn(4, SMALL.latent_dim)
+        temb = torch.randn(1, block.time.in_features)
+        folded = block(x, temb, w)
+        per_sample = block(x, temb.expand(4, -1), w)
+        assert torch.allclose(folded, per_sample, atol=1e-5)
+        assert not torch.allclose(folded, block(x, temb + 1, w), atol=1e-3)
+
+
+class _HalfEmptyGenerator(Generator):
+    """Predicts certain background for slices whose image is negative, the base network elsewhere."""
+
+    def encode(self, image):
+        return [image.mean(dim=(1, 2, 3), keepdim=True)] + super().encode(image)[1:]
+
+    def decode(self, x_t, t, z, image_features):
+        self.decoded_rows.append(x_t.shape[0])
+        k = x_t.shape[0] // image_features[0].shape[0]
+        empty = (image_features[0].flatten() < 0).repeat_interleave(k)
+        out = torch.tanh(x_t)  # any non-constant prediction
+        background = torch.full_like(out, -1.0)
+        background[:, 0] = 1.0
+        return torch.where(empty[:, None, None, None], background, out)
+
+
+def test_early_exit_stops_surely_empty_slices_after_the_first_step():
+    g = _HalfEmptyGenerator(SMALL).eval()
+    g.decoded_rows = []
+    img = torch.cat([-torch.ones(2, 3, 16, 16), torch.ones(3, 3, 16, 16)])
+    out = sample(g, img, DiffusionSchedule(2), 4, torch.Generator().manual_seed(0), early_exit=0.05)
+    assert g.decoded_rows == [5 * 4, 3 * 4]  # step 2: all slices; step 1: only the 3 non-empty ones
+    assert torch.equal(out.labels[:2], torch.zeros(2, 16, 16, dtype=torch.long))
+    assert out.variance[:2].abs().max() == 0 and out.variance[2:].max() > 0
+    g.decoded_rows = []
+    full = sample(g, img, DiffusionSchedule(2), 4, torch.Generator().manual_seed(0))
+    assert g.decoded_rows == [20, 20]
+    assert torch.equal(full.labels[:2], out.labels[:2])
+    d = Discriminator(SMALL).eval()
+    with_d = sample(g, img, DiffusionSchedule(2), 4, torch.Generator().manual_seed(0), d, early_exit=0.05)
+    assert with_d.attention.shape == (5, 16, 16) and torch.isfinite(with_d.attention).all()
