@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__
-from .augment import augment_batch, build_augmentation
+from .augment import BatchAugmentation, augment_batch, build_augmentation
 from .config import TrainConfig
 from .data import (Normalisation, SliceBank, load_png_case, load_volume, read_msd_cases, read_png_pairs,
                    split_cases)
@@ -197,10 +197,15 @@ class Trainer:
         bank, augment = self.banks[view], self.augments[view]
         idx = rng.integers(0, len(bank), self.cfg.batch_size)
         images, labels = bank.images[idx], bank.labels[idx]
-        if augment is not None:
-            images, labels = augment_batch(augment, images, labels, int(rng.integers(0, 2**31)))
-        x_img = torch.from_numpy(images).to(self.device).mul_(2).sub_(1)
+        seed = int(rng.integers(0, 2**31))
+        batched = isinstance(augment, BatchAugmentation)
+        if augment is not None and not batched:
+            images, labels = augment_batch(augment, images, labels, seed)
+        x_img = torch.from_numpy(images).to(self.device)
         lab = torch.from_numpy(labels.astype(np.int64)).to(self.device)
+        if batched:  # on the training device, the whole batch at once
+            x_img, lab = augment(x_img, lab, torch.Generator().manual_seed(seed))
+        x_img = x_img.mul(2).sub(1)
         x0 = F.one_hot(lab, self.net_cfg.num_classes).permute(0, 3, 1, 2).float() * 2 - 1
         t = torch.from_numpy(rng.integers(1, self.schedule.num_steps + 1, self.cfg.batch_size)).to(self.device)
         noise = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))

@@ -26,8 +26,9 @@ def _checkpoint(run):
     return torch.load(run / "checkpoint.pt", weights_only=True)
 
 
-def test_resume_continues_exactly(synthetic_dir, tmp_path):
-    cfg = TrainConfig.from_dict({**TINY_CONFIG, "augmentation": {"flip_axis": 1}})
+@pytest.mark.parametrize("backend", ["monai", "batched"])
+def test_resume_continues_exactly(synthetic_dir, tmp_path, backend):
+    cfg = TrainConfig.from_dict({**TINY_CONFIG, "augmentation": {"flip_axis": 1, "backend": backend}})
     straight = tmp_path / "straight"
     train(str(synthetic_dir), str(straight), cfg, max_steps=6, device="cpu")
     split = tmp_path / "split"

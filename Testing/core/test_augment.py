@@ -1,0 +1,94 @@
+"""Batched augmentation: the geometry of its affine, its ranges, and that a seed fixes the batch."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cdal_core.augment import BatchAugmentation, affine_theta, build_augmentation
+
+SETTINGS = {"flip_axis": 1, "probability": 0.3, "rotate_degrees": 15, "scale": 0.15, "translate": 4}
+
+
+def _dot(h, w, row, col):
+    img = torch.zeros(1, 1, h, w)
+    img[0, 0, row, col] = 1.0
+    return img
+
+
+def _warp(img, angle=0.0, zoom=(1.0, 1.0), shift=(0.0, 0.0)):
+    theta = affine_theta(torch.tensor([angle]), torch.tensor([zoom]), torch.tensor([shift]), *img.shape[-2:])
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    out = F.grid_sample(img, grid, mode="nearest", align_corners=False)
+    return divmod(int(out.flatten().argmax()), img.shape[-1]), float(out.sum())
+
+
+def test_affine_shift_moves_content_by_whole_pixels():
+    # the output pixel p samples the input at p + shift: content moves by -shift
+    assert _warp(_dot(24, 16, 10, 9), shift=(3.0, -2.0)) == ((12, 6), 1.0)
+
+
+def test_affine_rotation_is_about_the_centre_in_pixels_on_a_non_square_slice():
+    # input dot at (x, y) = (4.5, 0.5) from the centre of a 24x16 slice; after 90 degrees it sits at
+    # R^-1 (4.5, 0.5) = (0.5, -4.5): column 8, row 7; a normalised-coordinate rotation would stretch it
+    assert _warp(_dot(24, 16, 12, 12), angle=np.pi / 2) == ((7, 8), 1.0)
+
+
+def test_zoom_of_two_doubles_distances_from_the_centre_and_the_dot():
+    # dot at (x, y) = (2.5, 0.5): its cell [2, 3) x [0, 1) is seen by output pixels (4.5 | 5.5, 0.5 | 1.5)
+    assert _warp(_dot(24, 16, 12, 10), zoom=(2.0, 2.0)) == ((12, 12), 4.0)
+
+
+def _batch(n=64):
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.random((n, 3, 40, 32)).astype(np.float32))
+    labels = torch.zeros(n, 40, 32, dtype=torch.long)
+    labels[:, 12:28, 10:22], labels[:, 16:22, 12:18] = 1, 2
+    return images, labels
+
+
+def test_batched_augmentation_keeps_shapes_ranges_and_labels():
+    aug = build_augmentation({**SETTINGS, "backend": "batched"})
+    assert isinstance(aug, BatchAugmentation)
+    images, labels = _batch()
+    out_i, out_l = aug(images, labels, torch.Generator().manual_seed(0))
+    assert out_i.shape == images.shape and out_l.shape == labels.shape and out_l.dtype == torch.long
+    assert out_i.min() >= 0 and out_i.max() <= 1
+    assert set(out_l.unique().tolist()) <= {0, 1, 2}
+    changed = (out_l != labels).flatten(1).any(dim=1).float().mean()
+    assert 0.4 < changed < 1.0  # affine at p = 0.7 (plus flips): most slices move, not all
+    area = (out_l > 0).float().mean() / (labels > 0).float().mean()
+    assert 0.8 < area < 1.25  # scale within +-15 %
+
+
+def test_batched_augmentation_is_fixed_by_its_seed_and_off_when_told():
+    aug = BatchAugmentation(SETTINGS)
+    images, labels = _batch(8)
+    a = aug(images, labels, torch.Generator().manual_seed(3))
+    b = aug(images, labels, torch.Generator().manual_seed(3))
+    c = aug(images, labels, torch.Generator().manual_seed(4))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    off = BatchAugmentation({"probability": 0.0, "affine_probability": 0.0})
+    same_i, same_l = off(images, labels, torch.Generator().manual_seed(3))
+    assert torch.equal(same_l, labels) and torch.allclose(same_i, images, atol=1e-5)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend"):
+        build_augmentation({"backend": "gpu"})
+
+
+def test_gpu_benchmark_runs_on_cpu_and_reports_every_row(tmp_path):
+    """benchmarks/bench_gpu.py cannot be run on a GPU in CI; this keeps it working on CPU (tiny settings)."""
+    import json
+    import subprocess
+    import sys
+    from core_settings import ROOT
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--batch", "4",
+                    "--steps", "1", "--warmup", "0", "--volumes", "1", "--repeats", "1", "--json", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"training, fp32, batched augmentation", "training, fp32, monai augmentation",
+                         "inference T=2 x 5, bf16", "inference T=2 x 5, fp32"}
+    assert all(r.get("slices_per_s", r.get("volumes_per_s")) > 0 for r in rows.values())
