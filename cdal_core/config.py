@@ -34,6 +34,7 @@ class TrainConfig:
     use_latent: bool = True           # ablation switch: z = 0 everywhere
     adv_weight: float = 0.0           # adversarial generator term (off in the reference code)
     dice_weight: float = 0.5          # soft Dice term on the predicted x0 (0 = the reference's MSE only)
+    boundary_weight: float = 0.0      # extra MSE weight on pixels next to a label change (0 = plain MSE)
     orientation: str = "RAS"
     spacing: Optional[List[float]] = None
     slice_axis: int = 0

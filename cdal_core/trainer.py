@@ -265,6 +265,9 @@ class Trainer:
             x0_pred = self.G(x_t_att, tau, self._z(len(t), gen), image).float()
         loss_mse = F.mse_loss(x0_pred, x0)
         loss_g = loss_mse
+        if cfg.boundary_weight > 0:
+            weight = 1 + cfg.boundary_weight * label_boundaries(x0)
+            loss_g = ((x0_pred - x0) ** 2 * weight).mean() / weight.mean()
         if cfg.dice_weight > 0:
             loss_g = loss_g + cfg.dice_weight * _soft_dice_loss(x0_pred, x0)
         if cfg.adv_weight > 0:
@@ -418,6 +421,13 @@ def _landmarks(cases, norm: Normalisation) -> List[float]:
         array = sitk.GetArrayFromImage(read_image(case.image))  # a copy: a view would outlive its image
         scaled.append(norm.scale(array, norm.fit(array)))
     return Normalisation.learn_landmarks(scaled)
+
+
+def label_boundaries(x0: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) one-hot * 2 - 1 -> (B, 1, H, W) 1.0 where the 3x3 neighbourhood holds another class
+    (both sides of every edge, including the anterior/posterior interface), else 0."""
+    neighbourhood_max = F.max_pool2d(x0, 3, stride=1, padding=1)
+    return ((neighbourhood_max - x0).amax(dim=1, keepdim=True) > 0).to(x0.dtype)
 
 
 def _soft_dice_loss(x0_pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -129,3 +129,22 @@ def test_cosine_learning_rate_reaches_the_optimisers(synthetic_dir, tmp_path):
     assert trainer.opt_d.param_groups[0]["lr"] / cfg.lr_d == pytest.approx(seen[-1])
     with pytest.raises(CDALError, match="lr_schedule"):
         TrainConfig.from_dict({"lr_schedule": "step"})
+
+
+def test_label_boundaries_mark_both_sides_of_every_edge():
+    import torch.nn.functional as F
+    from cdal_core.trainer import label_boundaries
+    lab = torch.zeros(1, 8, 8, dtype=torch.long)
+    lab[0, 2:6, 2:4], lab[0, 2:6, 4:6] = 1, 2         # two touching 4x2 blocks
+    x0 = F.one_hot(lab, 3).permute(0, 3, 1, 2).float() * 2 - 1
+    edge = label_boundaries(x0)[0, 0]
+    assert edge[0, 0] == 0 and edge[7, 7] == 0           # far background
+    assert edge[1, 3] == 1 and edge[2, 2] == 1           # background side and class-1 side of its border
+    assert edge[3, 3] == 1 and edge[3, 4] == 1           # both sides of the class 1 / class 2 interface
+    assert edge.sum() < 64
+
+
+def test_boundary_weight_trains(synthetic_dir, tmp_path):
+    cfg = TrainConfig.from_dict({**TINY_CONFIG, "boundary_weight": 4.0})
+    train(str(synthetic_dir), str(tmp_path / "run"), cfg, max_steps=2, device="cpu")
+    assert _checkpoint(tmp_path / "run")["step"] == 2
