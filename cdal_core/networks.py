@@ -225,9 +225,8 @@ class Generator(nn.Module):
     def decode(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
                image_features: List[torch.Tensor]) -> torch.Tensor:
         """``image_features`` may hold N slices for ``x_t`` of N * K samples (sample-major per slice):
-        they are broadcast, not copied."""
-        if t.numel() > 1 and bool((t == t[0]).all()):
-            t = t[:1]  # one time step for the batch: the blocks fold it into a conv bias
+        they are broadcast, not copied. ``t`` is (B,), or (1,) when the whole batch is at one step (the
+        sampler): the blocks then fold the time into a conv bias."""
         temb = self.time_mlp(sinusoidal_embedding(t * 1000.0, self.cfg.time_dim).to(x_t.dtype))
         w = self.mapping(z)
         h = _add_per_image(self.stem(x_t), image_features[0])

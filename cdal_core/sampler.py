@@ -75,7 +75,7 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
         t = torch.full((x.shape[0],), step, device=device, dtype=torch.long)
         z = noise(x.shape[0], generator.cfg.latent_dim) if use_latent else \
             torch.zeros(x.shape[0], generator.cfg.latent_dim, device=device, dtype=dtype)
-        x0 = generator.decode(x, schedule.time(t), z, feats)
+        x0 = generator.decode(x, schedule.time(t[:1]), z, feats)  # one step for all: a (1,) time
         x_t, x = x, (schedule.posterior_sample(x0, x, t, generator=rng) if step > 1 else x0)
         done = torch.ones(len(active), dtype=torch.bool, device=device) if step == 1 else \
             _confidently_background(x0, k, early_exit)

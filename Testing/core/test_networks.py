@@ -123,6 +123,10 @@ def test_one_time_step_for_the_batch_equals_per_sample_time():
         per_sample = block(x, temb.expand(4, -1), w)
         assert torch.allclose(folded, per_sample, atol=1e-5)
         assert not torch.allclose(folded, block(x, temb + 1, w), atol=1e-3)
+        g.out_conv.weight.normal_()
+        img, x_t, z = torch.randn(2, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, SMALL.latent_dim)
+        feats, tau = g.encode(img), torch.full((1,), 0.5)
+        assert torch.allclose(g.decode(x_t, tau, z, feats), g.decode(x_t, tau.expand(4), z, feats), atol=1e-5)
 
 
 class _HalfEmptyGenerator(Generator):
