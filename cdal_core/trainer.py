@@ -205,7 +205,7 @@ class Trainer:
         lab = torch.from_numpy(labels.astype(np.int64)).to(self.device)
         if batched:  # on the training device, the whole batch at once
             x_img, lab = augment(x_img, lab, torch.Generator().manual_seed(seed))
-        x_img = x_img.mul(2).sub(1)
+        x_img = x_img.mul_(2).sub_(1)  # a fresh batch (fancy-indexed copy or augmentation output)
         x0 = F.one_hot(lab, self.net_cfg.num_classes).permute(0, 3, 1, 2).float() * 2 - 1
         t = torch.from_numpy(rng.integers(1, self.schedule.num_steps + 1, self.cfg.batch_size)).to(self.device)
         noise = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
