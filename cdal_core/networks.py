@@ -92,7 +92,7 @@ def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch
 
     bf16 channels-last tensors on CPU (inference) take a batched matmul with diagonal scales instead: torch's
     CPU broadcast add is a scalar loop for that layout, 8x slower than the matmul, which also rounds only once."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _is_channels_last(x):
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and is_channels_last(x):
         b, c, h, w = x.shape
         y = torch.baddbmm(shift.to(x.dtype)[:, None, :], x.permute(0, 2, 3, 1).reshape(b, h * w, c),
                           torch.diag_embed(scale.to(x.dtype)))
@@ -100,7 +100,8 @@ def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch
     return x * scale[:, :, None, None] + shift[:, :, None, None]
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4D tensor stored channels-last (and not also plain contiguous, as 1-channel tensors are)."""
     return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) \
         and not x.is_contiguous()
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .networks import Discriminator, Generator, attention_map
+from .networks import Discriminator, Generator, attention_map, is_channels_last
 from .schedule import DiffusionSchedule
 
 
@@ -37,9 +37,7 @@ def x0_to_probabilities(x0: torch.Tensor) -> torch.Tensor:
 def _memory_format(module: torch.nn.Module) -> torch.memory_format:
     """Channels-last when the module's convolution weights are (see model_io.load_model), else contiguous."""
     conv = next((p for p in module.parameters() if p.dim() == 4), None)
-    channels_last = conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
-        and not conv.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.channels_last if conv is not None and is_channels_last(conv) else torch.contiguous_format
 
 
 @torch.inference_mode()
