@@ -84,20 +84,60 @@ class AdaptiveGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.style(w).chunk(2, dim=1)
+        if _small_bf16_map_on_cpu(x):
+            return group_norm_modulate(x, self.norm.num_groups, 1 + gamma.float(), beta.float(), self.norm.eps)
         return modulate(self.norm(x), 1 + gamma, beta)
+
+
+# Below this many pixels torch's CPU GroupNorm walks each group across the map with the channel stride
+# (its "HxW < 1024" algorithm): 12.7 ms for a 200x32x28x20 bf16 map whose statistics alone take 1.5 ms.
+_SMALL_MAP_PIXELS = 1024
+
+
+def _small_bf16_map_on_cpu(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[2] * x.shape[3] < _SMALL_MAP_PIXELS \
+        and is_channels_last(x)
+
+
+def group_norm_modulate(x: torch.Tensor, groups: int, scale: torch.Tensor, shift: torch.Tensor,
+                        eps: float = 1e-5) -> torch.Tensor:
+    """``GroupNorm(x) * scale + shift`` for a channels-last ``x`` (B, C, H, W) and float32 ``scale``, ``shift``
+    (B, C): float32 per-channel moments, then the normalisation and the modulation as one per-sample affine
+    (``_affine_rows``, as in ``modulate``). Returns channels-last (B, C, H, W), x's dtype."""
+    b, c, h, w = x.shape
+    pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)                 # a view: channels are contiguous
+    moments = pixels.float()
+    sums = moments.sum(dim=1)
+    squares = moments.square_().sum(dim=1)
+    count = h * w * (c // groups)
+    mean = sums.view(b, groups, -1).sum(dim=2).div_(count)
+    var = squares.view(b, groups, -1).sum(dim=2).div_(count).sub_(mean * mean).clamp_min_(0)
+    per_group = c // groups
+    gain = torch.rsqrt(var.add_(eps)).repeat_interleave(per_group, dim=1).mul_(scale)
+    bias = shift - mean.repeat_interleave(per_group, dim=1) * gain
+    y = _affine_rows(pixels, gain.to(x.dtype), bias.to(x.dtype))
+    return y.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x * scale + shift`` for ``x`` (B, C, H, W) and per-sample, per-channel ``scale``, ``shift`` (B, C).
 
-    bf16 channels-last tensors on CPU (inference) take a batched matmul with diagonal scales instead: torch's
-    CPU broadcast add is a scalar loop for that layout, 8x slower than the matmul, which also rounds only once."""
+    bf16 channels-last tensors on CPU (inference) are modulated as rows of pixels (``_affine_rows``): torch's
+    CPU broadcast over the (B, C, H, W) view of that layout is a scalar loop, up to 8x slower."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and is_channels_last(x):
         b, c, h, w = x.shape
-        y = torch.baddbmm(shift.to(x.dtype)[:, None, :], x.permute(0, 2, 3, 1).reshape(b, h * w, c),
-                          torch.diag_embed(scale.to(x.dtype)))
+        y = _affine_rows(x.permute(0, 2, 3, 1).reshape(b, h * w, c), scale.to(x.dtype), shift.to(x.dtype))
         return y.view(b, h, w, c).permute(0, 3, 1, 2)
     return x * scale[:, :, None, None] + shift[:, :, None, None]
+
+
+def _affine_rows(pixels: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``pixels * scale + shift`` for ``pixels`` (B, N, C) and ``scale``, ``shift`` (B, C). Rows of fewer than
+    32 channels are too short for the vectorised multiply-add: a batched matmul with diagonal scales is faster
+    there (1.4 ms against 7.4 ms for 200x2240x16 in bf16) and 3-18x slower for wider rows."""
+    if pixels.shape[2] < 32:
+        return torch.baddbmm(shift[:, None, :], pixels, torch.diag_embed(scale))
+    return torch.addcmul(shift[:, None, :], pixels, scale[:, None, :])
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

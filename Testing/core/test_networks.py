@@ -111,6 +111,44 @@ def test_modulate_bf16_channels_last_matches_broadcast():
     assert torch.equal(modulate(x, scale, shift), want)
 
 
+def test_modulate_wide_rows_match_broadcast():
+    """From 32 channels up the rows take a vectorised multiply-add instead of the diagonal matmul."""
+    from cdal_core.networks import modulate
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 6, 5)
+    scale, shift = 1 + 0.1 * torch.randn(3, 64), 0.1 * torch.randn(3, 64)
+    want = x * scale[:, :, None, None] + shift[:, :, None, None]
+    got = modulate(x.bfloat16().contiguous(memory_format=torch.channels_last), scale.bfloat16(), shift.bfloat16())
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got.float(), want, atol=0.05, rtol=0.02)
+
+
+def test_adaptive_group_norm_small_bf16_maps_match_the_plain_path():
+    """Small bf16 channels-last maps on CPU take float32 moments + one affine (torch's kernel is slow there);
+    the result must equal GroupNorm then modulation, and larger maps must keep the plain path."""
+    import torch.nn.functional as F
+    from cdal_core import networks
+    torch.manual_seed(0)
+    norm = networks.AdaptiveGroupNorm(32, 8)
+    nn_init = torch.nn.init
+    nn_init.normal_(norm.style.weight, std=0.3)
+    nn_init.normal_(norm.style.bias, std=0.3)
+    w = torch.randn(4, 8)
+    for hw in ((6, 5), (28, 20)):
+        x = 3 + 2 * torch.randn(4, 32, *hw)                     # a mean far from 0 tests the variance formula
+        gamma, beta = norm.style(w).chunk(2, dim=1)
+        want = F.group_norm(x, 8) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+        x_cl = x.bfloat16().contiguous(memory_format=torch.channels_last)
+        assert networks._small_bf16_map_on_cpu(x_cl)
+        with torch.no_grad():
+            got = norm(x_cl, w)
+        assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(got.float(), want, atol=0.06, rtol=0.02), (got.float() - want).abs().max()
+    big = torch.randn(1, 32, 32, 32).bfloat16().contiguous(memory_format=torch.channels_last)
+    assert not networks._small_bf16_map_on_cpu(big)
+    assert not networks._small_bf16_map_on_cpu(torch.randn(4, 32, 6, 5).contiguous(memory_format=torch.channels_last))
+
+
 def test_one_time_step_for_the_batch_equals_per_sample_time():
     """Sampling passes one t for the whole batch, which the blocks fold into conv1's bias."""
     torch.manual_seed(0)
