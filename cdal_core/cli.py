@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, help_text in (("train", "train a model on an MSD-style folder (re-run to resume)"),
-                            ("finetune", "train starting from an existing model")):
+                            ("finetune", "train starting from an existing model (an ensemble: from its first generator)")):
         p = sub.add_parser(name, help=help_text)
         if name == "finetune":
             p.add_argument("--model", required=True, help="model folder or shipped model name")

@@ -124,21 +124,23 @@ def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], 
                    with_attention: bool, progress: Optional[ProgressFn], early_exit: Optional[float] = None):
     """Normalised (Z, Y, X) array on the model grid -> probabilities (C, Z, Y, X), variance, attention.
 
-    A multi-view model spreads the ``samples`` over its slicing axes (5 samples, 2 views: 3 + 2); the mean and
-    the variance are then those of all samples pooled, so disagreement between views counts as uncertainty.
+    The ``samples`` are spread over every (generator, slicing axis) pair of the model, in turn: an ensemble of
+    2 generators draws 3 + 2 of 5 samples, a model with 2 views likewise, and one sample comes from the primary
+    generator alone. The mean and the variance are those of all samples pooled, so disagreement between
+    members or views counts as uncertainty. Attention comes from the primary's discriminator for all of them.
     """
-    axes = model.slice_axes
-    counts = [samples // len(axes) + (i < samples % len(axes)) for i in range(len(axes))]
+    runs = [(generator, axis) for generator in model.generators for axis in model.slice_axes]
+    counts = [samples // len(runs) + (i < samples % len(runs)) for i in range(len(runs))]
     schedule = model.schedule(steps)
     rng = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
     views = []
-    for i, (axis, k) in enumerate(zip(axes, counts)):
+    for i, ((generator, axis), k) in enumerate(zip(runs, counts)):
         if k == 0:
             continue
         view_progress = None
         if progress is not None:
-            view_progress = (lambda f, msg, i=i: progress((i + f) / len(axes), msg))
-        views.append((k, _segment_view(array, axis, model, schedule, k, rng, device, batch_slices,
+            view_progress = (lambda f, msg, i=i: progress((i + f) / len(runs), msg))
+        views.append((k, _segment_view(array, axis, model, generator, schedule, k, rng, device, batch_slices,
                                        with_attention, view_progress, early_exit)))
     if progress is not None:
         progress(1.0, "done")
@@ -158,7 +160,7 @@ def pool_views(views):
     return probs.astype(np.float32), variance.astype(np.float32), attention
 
 
-def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, schedule, samples: int,
+def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, generator, schedule, samples: int,
                   rng: torch.Generator, device: torch.device, batch_slices: Optional[int], with_attention: bool,
                   progress: Optional[ProgressFn], early_exit: Optional[float] = None):
     """Slices along one ``axis`` -> batched sampling -> probabilities (C, Z, Y, X), variance, attention."""
@@ -175,7 +177,7 @@ def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, schedule, sa
     for first in range(0, n, per_batch):
         if progress is not None:
             progress(first / n, f"slices {first + 1}-{min(first + per_batch, n)} of {n}")
-        out = sample(model.generator, images[first:first + per_batch], schedule, samples, rng, disc,
+        out = sample(generator, images[first:first + per_batch], schedule, samples, rng, disc,
                      early_exit=early_exit)
         outs_p.append(out.probabilities[..., crop[0], crop[1]].float().cpu())
         outs_v.append(out.variance[..., crop[0], crop[1]].float().cpu())

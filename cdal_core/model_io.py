@@ -1,5 +1,9 @@
 """Model directories: ``model.json`` (the model card) + ``model.safetensors`` (weights; loading never unpickles).
 
+An ensemble adds further generators, one safetensors file each, listed in the card's ``members``
+(``[{"weights": "member1.safetensors", ...}]``); they share the first one's network, grid and normalisation,
+and inference spreads its samples over all of them.
+
 A model is named by a path or by the name of a shipped model (``Resources/Models/<name>/``) or of a user model
 (``~/.cdal/models/<name>/``, or ``$CDAL_USER_MODELS``), e.g. ``--model hippocampus``.
 """
@@ -9,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -69,6 +73,12 @@ class LoadedModel:
     config: NetworkConfig
     generator: Generator
     discriminator: Optional[Discriminator]
+    members: List[Generator] = field(default_factory=list)   # further generators of an ensemble
+
+    @property
+    def generators(self) -> List[Generator]:
+        """Every generator, the primary (the one that was trained with ``discriminator``) first."""
+        return [self.generator] + self.members
 
     @property
     def class_names(self):
@@ -101,7 +111,8 @@ class LoadedModel:
         return DiffusionSchedule(steps or self.default_steps, sched.get("beta_min", 0.1), sched.get("beta_max", 20.0))
 
     def to(self, device: torch.device) -> "LoadedModel":
-        self.generator.to(device)
+        for generator in self.generators:
+            generator.to(device)
         if self.discriminator is not None:
             self.discriminator.to(device)
         return self
@@ -174,6 +185,48 @@ def save_model(directory: os.PathLike, card: Dict, generator: Generator,
     return directory
 
 
+def save_member(directory: os.PathLike, generator: Generator, info: Optional[Dict] = None) -> Dict:
+    """Add ``generator`` to the model in ``directory`` as a further ensemble member: its weights file first,
+    then the card that lists it (each written atomically). ``info`` (e.g. its training summary) goes into the
+    card's entry. Returns that entry."""
+    directory = Path(directory)
+    card = read_card(directory)
+    if NetworkConfig.from_dict(card["network"]).to_dict() != generator.cfg.to_dict():
+        raise CDALError(f"{directory}: the new member's network differs from the model's: members must share it")
+    members = list(card.get("members", []))
+    entry = {"weights": f"member{len(members) + 1}.safetensors", **(info or {})}
+    tensors = {f"generator.{k}": v.detach().float().cpu().contiguous() for k, v in generator.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".member", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": MODEL_FORMAT})
+        make_readable(tmp)
+        os.replace(tmp, directory / entry["weights"])
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    card["members"] = members + [entry]
+    atomic_write_bytes(directory / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
+    return entry
+
+
+def member_mismatch(card: Dict, other: Dict) -> Optional[str]:
+    """Why a model with card ``other`` cannot join the ensemble of ``card`` (None when it can): members must
+    see the same input (grid, slicing, normalisation), predict the same classes and sample the same way."""
+    def normalisation(c: Dict) -> Dict:
+        return {k: v for k, v in c.get("normalisation", {}).items() if k != "note"}
+
+    def names(c: Dict) -> List[str]:
+        return [k["name"] for k in c.get("classes", [])]
+
+    for part, get in (("network", lambda c: c.get("network")), ("input", lambda c: c.get("input")),
+                      ("normalisation", normalisation), ("classes", names),
+                      ("schedule", lambda c: (c.get("schedule"), c.get("train_num_steps")))):
+        if get(card) != get(other):
+            return f"its {part} differs"
+    return None
+
+
 def read_card(directory: Path) -> Dict:
     card_path = directory / CARD_NAME
     if not card_path.exists():
@@ -206,10 +259,7 @@ def load_model(name_or_path: os.PathLike, device: str = "cpu", with_discriminato
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         raise CDALError(f"{directory}: {WEIGHTS_NAME} is missing: the model folder is incomplete")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CDALError(f"{weights}: is corrupt or truncated ({str(exc)[:80]}): re-download or re-train the model")
+    tensors = _read_weights(weights)
     generator = Generator(config)
     _load_part(generator, tensors, "generator", weights)
     discriminator = None
@@ -218,8 +268,31 @@ def load_model(name_or_path: os.PathLike, device: str = "cpu", with_discriminato
         _load_part(discriminator, tensors, "discriminator", weights)
     # channels-last convolutions run ~20 % faster on CPU (oneDNN) and on GPU; the sampler follows the weights
     generator = generator.eval().to(memory_format=torch.channels_last)
-    model = LoadedModel(directory, card, config, generator, discriminator.eval() if discriminator else None)
+    members = [_load_member(directory, entry, config) for entry in card.get("members", [])]
+    model = LoadedModel(directory, card, config, generator, discriminator.eval() if discriminator else None,
+                        members)
     return model.to(torch.device(device))
+
+
+def _read_weights(weights: Path) -> Dict[str, torch.Tensor]:
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CDALError(f"{weights}: is corrupt or truncated ({str(exc)[:80]}): re-download or re-train the model")
+
+
+def _load_member(directory: Path, entry: Dict, config: NetworkConfig) -> Generator:
+    name = entry.get("weights") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+        raise CDALError(f"{directory / CARD_NAME}: ensemble member entry {entry!r} must name a .safetensors file "
+                        "in the model folder: re-export the model")
+    weights = directory / name
+    if not weights.exists():
+        raise CDALError(f"{directory}: ensemble member {name} is missing: the model folder is incomplete, "
+                        "copy the whole folder")
+    member = Generator(config)
+    _load_part(member, _read_weights(weights), "generator", weights)
+    return member.eval().to(memory_format=torch.channels_last)
 
 
 def _load_part(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], prefix: str, source: Path) -> None:

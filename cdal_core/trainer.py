@@ -54,6 +54,10 @@ class Trainer:
         self.init_model = init_model
         self.net_cfg, self.class_names, self.grid, self.norm = self._model_settings(data_dir)
         self._prepare_run_dir()  # after the settings are known to fit: a refused run leaves no folder behind
+        if self.init is not None and self.init.members:
+            self._emit({"event": "note", "message": f"{self.init_model} is an ensemble of "
+                        f"{len(self.init.generators)} generators: fine-tuning starts from its first one, and the "
+                        "result is a single-generator model"})
         self._load_data(data_dir)
         torch.manual_seed(config.seed)
         self.G = Generator(self.net_cfg).to(self.device)
@@ -397,7 +401,7 @@ class Trainer:
 
     def _emit(self, rec: Dict) -> None:
         self._log(rec)
-        if not self.json_progress and self.rank == 0 and rec.get("event") in ("resumed", "done", "time_limit"):
+        if not self.json_progress and self.rank == 0 and rec.get("event") in ("resumed", "done", "time_limit", "note"):
             tqdm.write(", ".join(f"{k}={v}" for k, v in rec.items()))
 
 

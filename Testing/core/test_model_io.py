@@ -62,3 +62,73 @@ def test_models_by_name(tiny_model, tmp_path, monkeypatch):
     assert resolve_model("mymodel") == tmp_path / "shipped" / "mymodel"
     with pytest.raises(CDALError, match="mymodel"):  # the message lists what exists
         resolve_model("other")
+
+
+def _constant_generator(model, cls):
+    """A generator of the model's network whose x0 is the one-hot map of ``cls`` everywhere."""
+    from cdal_core.networks import Generator
+    g = Generator(model.config)
+    with torch.no_grad():
+        g.out_conv.weight.zero_()
+        g.out_conv.bias.fill_(-5.0)
+        g.out_conv.bias[cls] = 5.0
+    return g
+
+
+def test_ensemble_members_share_the_samples(tiny_model, synthetic_dir, tmp_path):
+    """An ensemble's samples are spread over its generators in turn (5 = 3 + 2); one sample is the primary's."""
+    import SimpleITK as sitk
+    from cdal_core.inference import segment_image
+    from cdal_core.model_io import save_member
+    base = load_model(tiny_model)
+    ensemble = save_model(tmp_path / "ensemble", base.card, _constant_generator(base, 1), base.discriminator)
+    entry = save_member(ensemble, _constant_generator(base, 0), {"note": "always background"})
+    assert entry["weights"] == "member1.safetensors"
+    model = load_model(ensemble)
+    assert len(model.generators) == 2 and json.loads((ensemble / "model.json").read_text())["members"] == [entry]
+    image = sitk.ReadImage(str(next((synthetic_dir / "imagesTr").glob("*.nii.gz"))))
+    for samples, anterior in ((1, 1.0), (2, 0.5), (5, 0.6)):
+        result = segment_image(image, model, samples=samples, seed=0, with_attention=False)
+        assert result.probabilities[1].min() == pytest.approx(anterior, abs=1e-3)
+        assert result.probabilities[1].max() == pytest.approx(anterior, abs=1e-3)
+        variance = sitk.GetArrayFromImage(result.uncertainty)   # between members: sum over C of p(1-p)
+        assert variance.max() == pytest.approx(2 * anterior * (1 - anterior), abs=1e-3)
+
+
+def test_broken_ensembles_give_one_clear_error(tiny_model, tmp_path):
+    from cdal_core.model_io import save_member
+    from cdal_core.networks import Generator, NetworkConfig
+    base = load_model(tiny_model)
+    with pytest.raises(CDALError, match="network differs"):
+        save_member(tiny_model, Generator(NetworkConfig(**{**base.config.to_dict(), "base_channels": 4,
+                                                           "channel_mults": (1, 2), "disc_mults": (1, 2)})))
+    for damage, message in (
+            (lambda d: (d / "member1.safetensors").unlink(), "member member1.safetensors is missing"),
+            (lambda d: (d / "member1.safetensors").write_bytes(b"junk"), "corrupt"),
+            (lambda d: (d / "member1.safetensors").write_bytes((d / "model.safetensors").read_bytes()
+                                                             .replace(b"generator.", b"generatoR.")), "do not match"),
+            (lambda d: (d / "model.json").write_text(json.dumps({**json.loads((d / "model.json").read_text()),
+                                                                 "members": [{"weights": "../x.safetensors"}]})),
+             "must name a .safetensors file")):
+        broken = tmp_path / "broken"
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(tiny_model, broken)
+        save_member(broken, base.generator)
+        load_model(broken)
+        damage(broken)
+        with pytest.raises(CDALError, match=message):
+            load_model(broken)
+
+
+def test_member_mismatch_names_what_differs(tiny_model):
+    from cdal_core.model_io import member_mismatch
+    card = load_model(tiny_model).card
+    assert member_mismatch(card, json.loads(json.dumps(card))) is None
+    other = json.loads(json.dumps(card))
+    other["normalisation"]["note"] = "landmarks added later"            # notes do not matter
+    assert member_mismatch(card, other) is None
+    other["normalisation"]["lower"] = 1.0
+    assert member_mismatch(card, other) == "its normalisation differs"
+    other = json.loads(json.dumps(card))
+    other["input"]["slice_axis"] = 2
+    assert member_mismatch(card, other) == "its input differs"
