@@ -219,7 +219,10 @@ def member_mismatch(card: Dict, other: Dict) -> Optional[str]:
     def names(c: Dict) -> List[str]:
         return [k["name"] for k in c.get("classes", [])]
 
-    for part, get in (("network", lambda c: c.get("network")), ("input", lambda c: c.get("input")),
+    def inputs(c: Dict) -> Dict:  # cards from before multi-view models have no extra_views: the same as none
+        return {**c.get("input", {}), "extra_views": c.get("input", {}).get("extra_views") or []}
+
+    for part, get in (("network", lambda c: c.get("network")), ("input", inputs),
                       ("normalisation", normalisation), ("classes", names),
                       ("schedule", lambda c: (c.get("schedule"), c.get("train_num_steps")))):
         if get(card) != get(other):

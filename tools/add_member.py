@@ -6,9 +6,11 @@
 The member must have been trained for the same input, classes and network (`model_io.member_mismatch`); its
 generator is written as `member<N>.safetensors` next to the model's weights and listed, with its training
 summary and recipe, in the card's `members`. The shipped folder is replaced only once the result loads.
+`--validation REPORT.json` replaces the card's validation block with the ensemble's own evaluation.
 """
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cdal_core.model_io import load_model, member_mismatch, resolve_model, save_member  # noqa: E402
+from cdal_core.model_io import (CARD_NAME, atomic_write_bytes, load_model, member_mismatch,  # noqa: E402
+                                resolve_model, save_member)
+from ship_model import validation_block  # noqa: E402
 
 
 def main() -> None:
@@ -24,6 +28,8 @@ def main() -> None:
     p.add_argument("model", help="the ensemble to extend (name or folder)")
     p.add_argument("member", help="model folder of the new member (a run's model/)")
     p.add_argument("--recipe", required=True, help="the command that trained the member")
+    p.add_argument("--validation", default=None, help="evaluation report (JSON) of the resulting ensemble")
+    p.add_argument("--cases", default=None, help="the case list that report was measured on")
     args = p.parse_args()
     dst = resolve_model(args.model)
     base, member = load_model(dst), load_model(args.member)
@@ -40,6 +46,10 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(dst, tmp)
     entry = save_member(tmp, member.generator, info)
+    if args.validation:
+        card = json.loads((tmp / CARD_NAME).read_text())
+        card["validation"] = validation_block(args.validation, args.cases)
+        atomic_write_bytes(tmp / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
     load_model(tmp)  # refuse to ship anything that does not load
     old = dst.with_name("." + dst.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

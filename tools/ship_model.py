@@ -22,6 +22,15 @@ from cdal_core.model_io import CARD_NAME, atomic_write_bytes, load_model, shippe
 from cdal_core.trainer import _landmarks  # noqa: E402
 
 
+def validation_block(report_path: str, cases: str = None) -> dict:
+    """The card's validation entry from an evaluation report (JSON)."""
+    report = json.loads(Path(report_path).read_text())
+    block = {k: report[k] for k in ("per_class", "uncertainty", "volumes", "seconds_per_volume",
+                                    "steps", "samples", "precision", "early_exit") if k in report}
+    block["cases"] = cases or "see training.data.validation_cases"
+    return block
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model")
@@ -52,10 +61,7 @@ def main() -> None:
         card["normalisation"]["note"] = "landmarks learned from the training split after training (inference only)"
     card["training"]["recipe"] = args.recipe
     if args.validation:
-        report = json.loads(Path(args.validation).read_text())
-        card["validation"] = {k: report[k] for k in ("per_class", "uncertainty", "volumes", "seconds_per_volume",
-                                                       "steps", "samples", "precision", "early_exit") if k in report}
-        card["validation"]["cases"] = args.cases or "see training.data.validation_cases"
+        card["validation"] = validation_block(args.validation, args.cases)
     atomic_write_bytes(tmp / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
     load_model(tmp)
     if dst.exists():

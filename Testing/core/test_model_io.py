@@ -127,6 +127,8 @@ def test_member_mismatch_names_what_differs(tiny_model):
     other = json.loads(json.dumps(card))
     other["normalisation"]["note"] = "landmarks added later"            # notes do not matter
     assert member_mismatch(card, other) is None
+    other["input"].pop("extra_views")                                    # older cards: no extra views
+    assert member_mismatch(card, other) is None
     other["normalisation"]["lower"] = 1.0
     assert member_mismatch(card, other) == "its normalisation differs"
     other = json.loads(json.dumps(card))
