@@ -109,10 +109,10 @@ def group_norm_modulate(x: torch.Tensor, groups: int, scale: torch.Tensor, shift
     moments = pixels.float()
     sums = moments.sum(dim=1)
     squares = moments.square_().sum(dim=1)
-    count = h * w * (c // groups)
+    per_group = c // groups
+    count = h * w * per_group
     mean = sums.view(b, groups, -1).sum(dim=2).div_(count)
     var = squares.view(b, groups, -1).sum(dim=2).div_(count).sub_(mean * mean).clamp_min_(0)
-    per_group = c // groups
     gain = torch.rsqrt(var.add_(eps)).repeat_interleave(per_group, dim=1).mul_(scale)
     bias = shift - mean.repeat_interleave(per_group, dim=1) * gain
     y = _affine_rows(pixels, gain.to(x.dtype), bias.to(x.dtype))
