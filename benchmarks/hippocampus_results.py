@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (see cdal_core.inference)")
     p.add_argument("--full-sampling", action="store_true", help="every step on every slice (no early exit)")
     p.add_argument("--tag", default="", help="suffix of the report names, e.g. _fp32")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (vary it to see how much the noise moves Dice)")
     args = p.parse_args()
     model = load_model(args.model, device=args.device, with_discriminator=False)
     cases, _ = read_msd_cases(args.data)
@@ -54,9 +55,9 @@ def main() -> None:
     for setting in args.settings.split(","):
         steps, samples = (int(v) for v in setting.split("x"))
         t0 = time.time()
-        report = evaluate_cases(model, cases, steps=steps, samples=samples, seed=0, device=args.device,
+        report = evaluate_cases(model, cases, steps=steps, samples=samples, seed=args.seed, device=args.device,
                                 precision=args.precision, early_exit=not args.full_sampling)
-        report.update({"steps": steps, "samples": samples, "model": str(model.path), "wall_seconds": time.time() - t0})
+        report.update({"steps": steps, "samples": samples, "seed": args.seed, "model": str(model.path), "wall_seconds": time.time() - t0})
         (out / f"hippocampus_T{steps}_K{samples}{args.tag}.json").write_text(json.dumps(report, indent=1))
         print(markdown_row(f"T={steps}, K={samples}", report), flush=True)
 
