@@ -178,7 +178,7 @@ def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, generator, s
         if progress is not None:
             progress(first / n, f"slices {first + 1}-{min(first + per_batch, n)} of {n}")
         out = sample(generator, images[first:first + per_batch], schedule, samples, rng, disc,
-                     early_exit=early_exit)
+                     use_latent=model.uses_latent, early_exit=early_exit)
         outs_p.append(out.probabilities[..., crop[0], crop[1]].float().cpu())
         outs_v.append(out.variance[..., crop[0], crop[1]].float().cpu())
         if out.attention is not None:

@@ -103,6 +103,11 @@ class LoadedModel:
         return [self.slice_axis] + [int(v["axis"]) for v in self.card["input"].get("extra_views", [])]
 
     @property
+    def uses_latent(self) -> bool:
+        """False for a model trained with z = 0 (the paper's "without latent" ablation): sample it the same way."""
+        return uses_latent(self.card)
+
+    @property
     def default_steps(self) -> int:
         return int(self.card.get("num_steps", 2))
 
@@ -209,6 +214,11 @@ def save_member(directory: os.PathLike, generator: Generator, info: Optional[Dic
     return entry
 
 
+def uses_latent(card: Dict) -> bool:
+    """Whether the generator of ``card`` was trained with a random latent z (cards before the switch: yes)."""
+    return bool(card.get("training", {}).get("config", {}).get("use_latent", True))
+
+
 def member_mismatch(card: Dict, other: Dict) -> Optional[str]:
     """Why a model with card ``other`` cannot join the ensemble of ``card`` (None when it can): members must
     see the same input (grid, slicing, normalisation), predict the same classes and sample the same way."""
@@ -223,7 +233,8 @@ def member_mismatch(card: Dict, other: Dict) -> Optional[str]:
 
     for part, get in (("network", lambda c: c.get("network")), ("input", inputs),
                       ("normalisation", normalisation), ("classes", names),
-                      ("schedule", lambda c: (c.get("schedule"), c.get("train_num_steps")))):
+                      ("schedule", lambda c: (c.get("schedule"), c.get("train_num_steps"))),
+                      ("use of the latent z", uses_latent)):
         if get(card) != get(other):
             return f"its {part} differs"
     return None

@@ -452,7 +452,7 @@ def _evaluate_2d(model: LoadedModel, volumes, cfg: TrainConfig) -> Dict:
         img = vol.image[0]
         img = np.moveaxis(img, -1, 0) if img.ndim == 3 else img[None]
         out = sample(model.generator, torch.from_numpy(img[None] * 2 - 1).float().to(dev), model.schedule(),
-                     cfg.val_samples, rng)
+                     cfg.val_samples, rng, use_latent=model.uses_latent)
         per.append(segmentation_metrics(out.labels[0].cpu().numpy()[None], vol.label, model.config.num_classes))
     return {"per_class": summarise(per, model.class_names), "volumes": len(volumes), "seconds_per_volume": 0.0}
 

@@ -134,3 +134,25 @@ def test_member_mismatch_names_what_differs(tiny_model):
     other = json.loads(json.dumps(card))
     other["input"]["slice_axis"] = 2
     assert member_mismatch(card, other) == "its input differs"
+    other = json.loads(json.dumps(card))
+    other["training"]["config"]["use_latent"] = False
+    assert member_mismatch(card, other) == "its use of the latent z differs"
+
+
+def test_a_model_trained_without_latent_is_sampled_without_it(tiny_model, synthetic_dir, tmp_path):
+    """The "without z" ablation must be measured the way it was trained: z = 0 at inference too."""
+    import SimpleITK as sitk
+    from cdal_core.inference import segment_image
+    card = json.loads((tiny_model / "model.json").read_text())
+    card["training"]["config"]["use_latent"] = False
+    no_z = tmp_path / "no_z"
+    shutil.copytree(tiny_model, no_z)
+    (no_z / "model.json").write_text(json.dumps(card))
+    image = sitk.ReadImage(str(next((synthetic_dir / "imagesTr").glob("*.nii.gz"))))
+    for folder, expect_zero in ((tiny_model, False), (no_z, True)):
+        model = load_model(folder)
+        assert model.uses_latent is not expect_zero
+        seen = []
+        model.generator.mapping.register_forward_hook(lambda mod, args, out: seen.append(args[0].abs().max().item()))
+        segment_image(image, model, samples=2, seed=0)
+        assert seen and (max(seen) == 0) is expect_zero
