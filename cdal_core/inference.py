@@ -128,20 +128,30 @@ def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], 
     2 generators draws 3 + 2 of 5 samples, a model with 2 views likewise, and one sample comes from the primary
     generator alone. The mean and the variance are those of all samples pooled, so disagreement between
     members or views counts as uncertainty. Attention comes from the primary's discriminator for all of them.
+    Slices the first run stopped early on (surely background) are not sampled again by the other generators
+    along the same axis: the first run's samples stand for them there.
     """
     runs = [(generator, axis) for generator in model.generators for axis in model.slice_axes]
     counts = [samples // len(runs) + (i < samples % len(runs)) for i in range(len(runs))]
     schedule = model.schedule(steps)
     rng = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
-    views = []
+    views, primary = [], None
     for i, ((generator, axis), k) in enumerate(zip(runs, counts)):
         if k == 0:
             continue
         view_progress = None
         if progress is not None:
             view_progress = (lambda f, msg, i=i: progress((i + f) / len(runs), msg))
-        views.append((k, _segment_view(array, axis, model, generator, schedule, k, rng, device, batch_slices,
-                                       with_attention, view_progress, early_exit)))
+        # Later members skip the slices the first run found surely background (early exit): there the
+        # first run's samples stand in for theirs. Only along the first run's axis, where slices coincide.
+        skip = primary[3] if primary is not None and axis == model.slice_axis else None
+        view = _segment_view(array, axis, model, generator, schedule, k, rng, device, batch_slices,
+                             with_attention, view_progress, early_exit, skip)
+        if skip is not None and skip.any():
+            view = _fill_slices(view, primary, axis, skip)
+        if primary is None:
+            primary = view
+        views.append((k, view[:3]))
     if progress is not None:
         progress(1.0, "done")
     return pool_views(views)
@@ -160,12 +170,29 @@ def pool_views(views):
     return probs.astype(np.float32), variance.astype(np.float32), attention
 
 
+def _fill_slices(view, source, axis: int, slices: np.ndarray):
+    """``view`` with the slices marked in ``slices`` (along array ``axis``) taken from ``source``."""
+    probs, variance, attention, early = view
+    probs, variance = probs.copy(), variance.copy()
+    at = (slice(None),) * axis + (slices,)
+    probs[(slice(None),) + at] = source[0][(slice(None),) + at]
+    variance[at] = source[1][at]
+    if attention is not None and source[2] is not None:
+        attention = attention.copy()
+        attention[at] = source[2][at]
+    return probs, variance, attention, early | slices
+
+
 def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, generator, schedule, samples: int,
                   rng: torch.Generator, device: torch.device, batch_slices: Optional[int], with_attention: bool,
-                  progress: Optional[ProgressFn], early_exit: Optional[float] = None):
-    """Slices along one ``axis`` -> batched sampling -> probabilities (C, Z, Y, X), variance, attention."""
+                  progress: Optional[ProgressFn], early_exit: Optional[float] = None,
+                  skip: Optional[np.ndarray] = None):
+    """Slices along one ``axis`` -> batched sampling -> probabilities (C, Z, Y, X), variance, attention and the
+    (S,) mask of slices that stopped early. Slices marked in ``skip`` are not sampled (left at zero)."""
     cfg = model.config
     stack = slice_stack(array, axis, cfg.context_slices)              # (S, 2c+1, H, W)
+    todo = np.flatnonzero(~skip) if skip is not None else np.arange(len(stack))
+    stack = stack[todo]
     h, w = stack.shape[-2:]
     m = cfg.size_multiple
     stack, crop = pad_to(stack, (round_up(h, m), round_up(w, m)))
@@ -173,7 +200,7 @@ def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, generator, s
     n = images.shape[0]
     per_batch = batch_slices or _auto_batch(images.shape[-2:], samples, cfg.num_classes)
     disc = model.discriminator if with_attention else None
-    outs_p, outs_v, outs_a = [], [], []
+    outs_p, outs_v, outs_a, outs_e = [], [], [], []
     for first in range(0, n, per_batch):
         if progress is not None:
             progress(first / n, f"slices {first + 1}-{min(first + per_batch, n)} of {n}")
@@ -183,11 +210,24 @@ def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, generator, s
         outs_v.append(out.variance[..., crop[0], crop[1]].float().cpu())
         if out.attention is not None:
             outs_a.append(out.attention[..., crop[0], crop[1]].float().cpu())
-    probs = np.moveaxis(torch.cat(outs_p).numpy(), 1, 0)              # (C, S, H, W)
-    probs = np.stack([np.moveaxis(p, 0, axis) for p in probs])
-    variance = np.moveaxis(torch.cat(outs_v).numpy(), 0, axis)
-    attention = np.moveaxis(torch.cat(outs_a).numpy(), 0, axis) if outs_a else None
-    return probs, variance, attention
+        outs_e.append(out.early.cpu())
+    total = len(skip) if skip is not None else n
+
+    def scatter(parts):  # sampled slices -> all S slices (skipped ones zero)
+        done = torch.cat(parts).numpy() if parts else np.zeros((0, h, w), np.float32)
+        if total == n:
+            return done
+        full = np.zeros((total,) + done.shape[1:], done.dtype)
+        full[todo] = done
+        return full
+
+    probs = np.moveaxis(scatter(outs_p), 1, 0) if n else np.zeros((cfg.num_classes, total, h, w), np.float32)
+    probs = np.stack([np.moveaxis(p, 0, axis) for p in probs])       # (C, Z, Y, X)
+    variance = np.moveaxis(scatter(outs_v), 0, axis)
+    attention = np.moveaxis(scatter(outs_a), 0, axis) if outs_a else None
+    early = np.zeros(total, bool)
+    early[todo] = torch.cat(outs_e).numpy() if outs_e else False
+    return probs, variance, attention, early
 
 
 def _auto_batch(hw, samples: int, classes: int, budget_pixels: int = 6_000_000) -> int:

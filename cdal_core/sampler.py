@@ -21,6 +21,7 @@ class SampleOutput:
     probabilities: torch.Tensor   # (N, C, H, W), sums to 1 over C
     variance: torch.Tensor        # (N, H, W) across-sample variance of the class probabilities, summed over C
     attention: Optional[torch.Tensor] = None  # (N, H, W) |channel mean - its slice median| of D's inner features
+    early: Optional[torch.Tensor] = None      # (N,) bool: stopped before the last step, surely background
 
     @property
     def labels(self) -> torch.Tensor:
@@ -69,6 +70,7 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
     # D's partner of x0: x_1, or for a slice that stopped early the x_{t-1} drawn at its last step
     pairs = torch.empty_like(final) if discriminator is not None else None
     active = torch.arange(n, device=device)  # slices still being denoised
+    early = torch.zeros(n, dtype=torch.bool, device=device)
     for step in range(schedule.num_steps, 0, -1):
         t = torch.full((x.shape[0],), step, device=device, dtype=torch.long)
         z = noise(x.shape[0], generator.cfg.latent_dim) if use_latent else \
@@ -80,6 +82,7 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
         if bool(done.any()):
             rows, done_rows = _sample_rows(active[done], k), done.repeat_interleave(k)
             final[rows] = x0[done_rows].float()
+            early[active[done]] = step > 1
             if pairs is not None:
                 pairs[rows] = (x_t if step == 1 else x)[done_rows].float()
             keep = ~done
@@ -103,7 +106,7 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
         # D answers flat background with a constant; where it looks is where it departs from that level
         a = (a - a.flatten(1).median(dim=1).values[:, None, None, None]).abs()
         attention = a.view(n, k, *images.shape[2:]).mean(dim=1)
-    return SampleOutput(probs, variance, attention)
+    return SampleOutput(probs, variance, attention, early)
 
 
 def _confidently_background(x0: torch.Tensor, k: int, below: Optional[float]) -> torch.Tensor:

@@ -95,6 +95,28 @@ def test_ensemble_members_share_the_samples(tiny_model, synthetic_dir, tmp_path)
         assert variance.max() == pytest.approx(2 * anterior * (1 - anterior), abs=1e-3)
 
 
+def test_members_skip_slices_the_primary_found_surely_background(tiny_model, synthetic_dir, tmp_path):
+    """Early exit across members: where the primary's first step is surely background, the others' samples
+    are not drawn and the primary's stand in for them; with every step run, the members count again."""
+    import SimpleITK as sitk
+    from cdal_core.inference import segment_image
+    from cdal_core.model_io import save_member
+    base = load_model(tiny_model)
+    ensemble = save_model(tmp_path / "ensemble", base.card, _constant_generator(base, 0), base.discriminator)
+    save_member(ensemble, _constant_generator(base, 1))
+    model = load_model(ensemble)
+    assert model.default_steps >= 2
+    calls = []
+    model.members[0].mapping.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    model.members[0].encoder.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    image = sitk.ReadImage(str(next((synthetic_dir / "imagesTr").glob("*.nii.gz"))))
+    fast = segment_image(image, model, samples=5, seed=0)
+    assert fast.probabilities[1].max() == pytest.approx(0.0, abs=1e-3) and not calls
+    assert sitk.GetArrayFromImage(fast.uncertainty).max() == pytest.approx(0.0, abs=1e-3)
+    full = segment_image(image, model, samples=5, seed=0, early_exit=False)
+    assert full.probabilities[1].min() == pytest.approx(0.4, abs=1e-3) and calls
+
+
 def test_broken_ensembles_give_one_clear_error(tiny_model, tmp_path):
     from cdal_core.model_io import save_member
     from cdal_core.networks import Generator, NetworkConfig
