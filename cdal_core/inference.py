@@ -177,8 +177,8 @@ def _fill_slices(view, source, axis: int, slices: np.ndarray):
     at = (slice(None),) * axis + (slices,)
     probs[(slice(None),) + at] = source[0][(slice(None),) + at]
     variance[at] = source[1][at]
-    if attention is not None and source[2] is not None:
-        attention = attention.copy()
+    if source[2] is not None:  # a run that skipped every slice has no attention of its own
+        attention = attention.copy() if attention is not None else np.zeros_like(source[2])
         attention[at] = source[2][at]
     return probs, variance, attention, early | slices
 

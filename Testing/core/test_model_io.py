@@ -113,6 +113,7 @@ def test_members_skip_slices_the_primary_found_surely_background(tiny_model, syn
     fast = segment_image(image, model, samples=5, seed=0)
     assert fast.probabilities[1].max() == pytest.approx(0.0, abs=1e-3) and not calls
     assert sitk.GetArrayFromImage(fast.uncertainty).max() == pytest.approx(0.0, abs=1e-3)
+    assert fast.attention is not None     # the skipped runs take the first run's attention too
     full = segment_image(image, model, samples=5, seed=0, early_exit=False)
     assert full.probabilities[1].min() == pytest.approx(0.4, abs=1e-3) and calls
 
