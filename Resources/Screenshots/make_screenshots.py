@@ -347,7 +347,7 @@ def compose(out, panels, threed, info):
         fig = plt.figure(figsize=size)
         _slice_axes(fig, panels[key], info)
         fig.suptitle(title + "; segment outlines", fontsize=15, y=0.985)
-        _colorbar(fig, low, high, threshold, label, 0.105)
+        _colorbar(fig, low, high, threshold, label, 0.128)
         _footer(fig, info)
         save(fig, "%s.png" % key)
 
