@@ -171,16 +171,16 @@ def pool_views(views):
 
 
 def _fill_slices(view, source, axis: int, slices: np.ndarray):
-    """``view`` with the slices marked in ``slices`` (along array ``axis``) taken from ``source``."""
+    """``view`` (fresh arrays from ``_segment_view``, filled in place) with the slices marked in ``slices``
+    (along array ``axis``) taken from ``source``."""
     probs, variance, attention, early = view
-    probs, variance = probs.copy(), variance.copy()
     at = (slice(None),) * axis + (slices,)
     probs[(slice(None),) + at] = source[0][(slice(None),) + at]
     variance[at] = source[1][at]
     if source[2] is not None:  # a run that skipped every slice has no attention of its own
-        attention = attention.copy() if attention is not None else np.zeros_like(source[2])
+        attention = attention if attention is not None else np.zeros_like(source[2])
         attention[at] = source[2][at]
-    return probs, variance, attention, early | slices
+    return probs, variance, attention, early
 
 
 def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, generator, schedule, samples: int,
@@ -213,21 +213,19 @@ def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, generator, s
         outs_e.append(out.early.cpu())
     total = len(skip) if skip is not None else n
 
-    def scatter(parts):  # sampled slices -> all S slices (skipped ones zero)
-        done = torch.cat(parts).numpy() if parts else np.zeros((0, h, w), np.float32)
-        if total == n:
+    def gather(parts, shape):  # sampled slices -> all S slices, the skipped ones zero
+        done = torch.cat(parts).numpy() if parts else np.zeros((0,) + shape, np.float32)
+        if n == total:
             return done
-        full = np.zeros((total,) + done.shape[1:], done.dtype)
+        full = np.zeros((total,) + shape, done.dtype)
         full[todo] = done
         return full
 
-    probs = np.moveaxis(scatter(outs_p), 1, 0) if n else np.zeros((cfg.num_classes, total, h, w), np.float32)
+    probs = np.moveaxis(gather(outs_p, (cfg.num_classes, h, w)), 1, 0)  # (C, S, H, W)
     probs = np.stack([np.moveaxis(p, 0, axis) for p in probs])       # (C, Z, Y, X)
-    variance = np.moveaxis(scatter(outs_v), 0, axis)
-    attention = np.moveaxis(scatter(outs_a), 0, axis) if outs_a else None
-    early = np.zeros(total, bool)
-    early[todo] = torch.cat(outs_e).numpy() if outs_e else False
-    return probs, variance, attention, early
+    variance = np.moveaxis(gather(outs_v, (h, w)), 0, axis)
+    attention = np.moveaxis(gather(outs_a, (h, w)), 0, axis) if outs_a else None
+    return probs, variance, attention, gather(outs_e, ()).astype(bool)
 
 
 def _auto_batch(hw, samples: int, classes: int, budget_pixels: int = 6_000_000) -> int:
