@@ -102,7 +102,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _is_2d_request(path: str) -> bool:
+    """PNG/JPEG/TIFF images, or a folder of them (or images/ + masks/), go to the 2D path."""
+    from .data import PNG_SUFFIXES
+    p = Path(path)
+    if p.is_file():
+        return p.name.lower().endswith(PNG_SUFFIXES)
+    if p.is_dir():
+        if (p / "images").is_dir():
+            return True
+        return any(q.name.lower().endswith(PNG_SUFFIXES) for q in p.iterdir() if q.is_file())
+    return False
+
+
 def cmd_predict(args) -> int:
+    if _is_2d_request(args.input):
+        from .predict2d import predict_images
+        return predict_images(args)
     import SimpleITK as sitk
     from tqdm import tqdm
     from .data import check_volume, read_image, stem_of
@@ -170,6 +186,9 @@ def write_image_atomic(image, path: Path) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    if _is_2d_request(args.data) and not (Path(args.data) / "imagesTr").is_dir():
+        from .predict2d import evaluate_images
+        return evaluate_images(args)
     from tqdm import tqdm
     from .data import read_case_list, read_msd_cases, select_cases
     from .evaluation import evaluate_cases, format_table
