@@ -39,6 +39,10 @@ class TrainConfig:
     spacing: Optional[List[float]] = None
     slice_axis: int = 0
     train_size: List[int] = field(default_factory=lambda: [64, 48])
+    # 2D datasets: resize every image to this (H, W) and train on random train_size patches of it; inference
+    # resizes to it and runs overlapping train_size windows (MoNuSeg: [512, 512] with 256 patches, as the
+    # paper). None: resize whole images to train_size.
+    image_size: Optional[List[int]] = None
     # Multi-view: further array axes to slice along, each with its training size. One network learns every
     # view; inference spreads its samples over the views (see inference._segment_array).
     extra_views: List[Dict[str, Any]] = field(default_factory=list)   # [{"axis": 2, "size": [40, 56]}]

@@ -84,7 +84,8 @@ class Trainer:
         mine = {"config": self.cfg.to_dict(), "init_model": str(self.init_model) if self.init_model else None}
         if saved.exists():
             prev = json.loads(saved.read_text())
-            a, b = dict(prev["config"]), dict(mine["config"])
+            # a setting the saved run predates had its default value there
+            a, b = {**TrainConfig().to_dict(), **prev["config"]}, dict(mine["config"])
             a.pop("max_steps", None), b.pop("max_steps", None)
             if a != b or prev.get("init_model") != mine["init_model"]:
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -130,12 +131,17 @@ class Trainer:
         all_val = [c.name for c in self.val_cases]
         self.val_cases = self.val_cases[: cfg.val_max_volumes] if not self.is_2d else self.val_cases
         n_cls = net.num_classes
-        loader = (lambda c: load_png_case(c, cfg.train_size, net.image_channels)) if self.is_2d else \
+        # 2D: whole images at image_size (train_size when unset); _batch cuts train_size patches from them
+        image_size = cfg.image_size or cfg.train_size
+        if self.is_2d and any(i < t for i, t in zip(image_size, cfg.train_size)):
+            raise CDALError(f"image_size {image_size} is smaller than train_size {cfg.train_size}: "
+                            "patches are cut from the resized image, make image_size at least train_size")
+        loader = (lambda c: load_png_case(c, image_size, net.image_channels)) if self.is_2d else \
             (lambda c: load_volume(c, self.grid, self.norm, n_cls, net.image_channels))
         volumes = [loader(c) for c in tqdm(train_cases, desc="loading", disable=self._quiet(), leave=False)]
         if self.is_2d and cfg.extra_views:
             raise CDALError(f"{root}: 2D images have one view only: remove extra_views from the config")
-        self.views = [(0, cfg.train_size)] if self.is_2d else cfg.views
+        self.views = [(0, image_size)] if self.is_2d else cfg.views
         self.banks = [SliceBank(volumes, axis, net.context_slices, size) for axis, size in self.views]
         self.val_volumes = [loader(c) for c in self.val_cases] if self.is_2d else None
         self.data_summary = {"folder": str(root.resolve()), "train_cases": len(train_cases),
@@ -182,7 +188,7 @@ class Trainer:
         cfg = self.cfg
         hardware = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
             f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        return make_card(
+        card = make_card(
             cfg.name, self.net_cfg, self.class_names, num_steps=cfg.num_steps,
             train_num_steps=cfg.train_num_steps, grid=self.grid, slice_axis=cfg.slice_axis,
             train_size=cfg.train_size, normalisation=self.norm, modality=cfg.modality,
@@ -193,6 +199,9 @@ class Trainer:
                       "data": self.data_summary, "config": cfg.to_dict(), "torch": torch.__version__,
                       "cdal_version": __version__},
             validation=scores or {})
+        if self.is_2d:  # predict2d resizes inputs to this and slides train_size windows over it
+            card["input"]["image_size"] = list(cfg.image_size or cfg.train_size)
+        return card
 
     # -- one step ------------------------------------------------------------------------------------------
     def _batch(self, step: int):
@@ -201,6 +210,9 @@ class Trainer:
         bank, augment = self.banks[view], self.augments[view]
         idx = rng.integers(0, len(bank), self.cfg.batch_size)
         images, labels = bank.images[idx], bank.labels[idx]
+        if self.is_2d and tuple(images.shape[-2:]) != tuple(self.cfg.train_size):  # 2D patch training
+            images, labels = random_patches(images, labels, self.cfg.train_size,
+                                            np.random.default_rng([self.cfg.seed, step, self.rank, 1]))
         seed = int(rng.integers(0, 2**31))
         batched = isinstance(augment, BatchAugmentation)
         if augment is not None and not batched:
@@ -425,6 +437,20 @@ def _landmarks(cases, norm: Normalisation) -> List[float]:
         array = sitk.GetArrayFromImage(read_image(case.image))  # a copy: a view would outlive its image
         scaled.append(norm.scale(array, norm.fit(array)))
     return Normalisation.learn_landmarks(scaled)
+
+
+def random_patches(images: np.ndarray, labels: np.ndarray, size, rng: np.random.Generator):
+    """One random ``size`` crop per sample: images (B, C, H, W), labels (B, H, W) -> (B, C, h, w), (B, h, w).
+    Its own RNG stream (seed, step, rank, 1), so runs without patches draw exactly what they drew before."""
+    h, w = size
+    tops = rng.integers(0, images.shape[-2] - h + 1, len(images))
+    lefts = rng.integers(0, images.shape[-1] - w + 1, len(images))
+    rows = tops[:, None] + np.arange(h)[None]                     # (B, h)
+    cols = lefts[:, None] + np.arange(w)[None]                    # (B, w)
+    b = np.arange(len(images))[:, None, None]
+    patch_labels = labels[b, rows[:, :, None], cols[:, None, :]]
+    patch_images = images[b, :, rows[:, :, None], cols[:, None, :]]  # advanced indices first: (B, h, w, C)
+    return np.ascontiguousarray(np.moveaxis(patch_images, -1, 1)), np.ascontiguousarray(patch_labels)
 
 
 def label_boundaries(x0: torch.Tensor) -> torch.Tensor:
