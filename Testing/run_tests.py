@@ -1,8 +1,8 @@
 """One entry point for all tests.
 
 * Desktop 3D Slicer:  ``Slicer --no-splash --python-script Testing/run_tests.py``
-  registers the CDALSegmentation module from this source tree when it is not loaded yet, runs its
-  ScriptedLoadableModuleTest classes (logic on real MRML, the background job and the widget), and exits with
+  registers the CDALSegmentation module from this source tree when it is not loaded yet, runs the desktop
+  tests in Testing/desktop/desktop_tests.py (the widget, the background job over qt.QProcess), and exits with
   status 0 only if all pass.
 * Plain Python:  ``python Testing/run_tests.py [extra pytest args]``
   runs pytest over Testing/ (cdal_core tests in Testing/core/, Slicer-module logic tests with PyPI's
@@ -13,6 +13,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DESKTOP_TESTS_DIR = os.path.join(HERE, "desktop")
 REPO = os.path.dirname(HERE)
 MODULE_DIR = os.path.join(REPO, "CDALSegmentation")
 MODULE_NAME = "CDALSegmentation"
@@ -40,13 +41,11 @@ def runInSlicer():
         factoryManager.registerModule(qt.QFileInfo(os.path.join(MODULE_DIR, MODULE_NAME + ".py")))
         factoryManager.loadModules([MODULE_NAME])
         slicer.app.processEvents()
-    module = __import__(MODULE_NAME)
-    suite = unittest.TestSuite()
-    loader = unittest.TestLoader()
-    for name in dir(module):
-        obj = getattr(module, name)
-        if isinstance(obj, type) and issubclass(obj, unittest.TestCase) and obj.__module__ == module.__name__:
-            suite.addTests(loader.loadTestsFromTestCase(obj))
+    if DESKTOP_TESTS_DIR not in sys.path:
+        sys.path.insert(0, DESKTOP_TESTS_DIR)
+    import desktop_tests
+
+    suite = unittest.TestLoader().loadTestsFromModule(desktop_tests)
     result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
     ok = result.wasSuccessful() and result.testsRun > 0
     print("CDALSegmentation desktop tests: %s (%d run, %d failures, %d errors, %d skipped)" % (

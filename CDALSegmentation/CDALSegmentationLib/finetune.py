@@ -54,10 +54,13 @@ def labelArrayForPair(volumeNode, segmentationNode, card):
     import slicer.util
 
     segmentation = segmentationNode.GetSegmentation()
-    byName = {}
+    byName = {}  # class name -> segment IDs ("Anterior", "Left anterior", "Right anterior" all count)
     for i in range(segmentation.GetNumberOfSegments()):
-        segment = segmentation.GetNthSegment(i)
-        byName.setdefault(segment.GetName().strip().lower(), segmentation.GetNthSegmentID(i))
+        name = segmentation.GetNthSegment(i).GetName().strip().lower()
+        for prefix in ("left ", "right "):
+            if name.startswith(prefix):
+                name = name[len(prefix):].strip()
+        byName.setdefault(name, []).append(segmentation.GetNthSegmentID(i))
     dims = volumeNode.GetImageData().GetDimensions()
     labels = np.zeros((dims[2], dims[1], dims[0]), dtype=np.uint8)
     matched = []
@@ -65,14 +68,15 @@ def labelArrayForPair(volumeNode, segmentationNode, card):
         index, name = int(c["index"]), str(c["name"])
         if index == 0:
             continue
-        segmentId = byName.get(name.strip().lower())
-        if segmentId is None:
+        segmentIds = byName.get(name.strip().lower())
+        if not segmentIds:
             continue
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
-        if mask is None or tuple(mask.shape) != labels.shape:
-            raise CDALError("segment '%s' of %s could not be resampled onto %s: check the segmentation's geometry"
-                            % (name, segmentationNode.GetName(), volumeNode.GetName()))
-        labels[mask > 0] = index
+        for segmentId in segmentIds:
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+            if mask is None or tuple(mask.shape) != labels.shape:
+                raise CDALError("segment '%s' of %s could not be resampled onto %s: check the segmentation's "
+                                "geometry" % (name, segmentationNode.GetName(), volumeNode.GetName()))
+            labels[mask > 0] = index
         matched.append(name)
     if not matched:
         names = [c["name"] for c in card["classes"] if int(c["index"]) != 0]
@@ -137,32 +141,16 @@ def exportTrainingData(pairs, outDir, card):
     return outDir, warnings
 
 
-def fineTuneDevice(requested="auto"):
-    # type: (str) -> Tuple[str, Optional[str]]
-    """(device, warning or None). 'cuda' without a GPU is a CDALError; no GPU means CPU with a warning."""
-    requested = (requested or "auto").lower()
-    try:
-        import torch
-
-        cuda = bool(torch.cuda.is_available())
-    except ImportError:
-        raise CDALError("PyTorch is not installed: install it (PyTorch extension or the module's install prompt)")
-    if requested in ("cuda", "gpu"):
-        if not cuda:
-            raise CDALError("no CUDA GPU is available for fine-tuning: choose device CPU (slow) or auto")
-        return "cuda", None
-    if requested == "cpu" or not cuda:
-        return "cpu", ("No CUDA GPU in use: fine-tuning runs on the CPU and will be slow; keep the number of steps "
-                       "small or set a time limit")
-    return "cuda", None
-
-
 class FineTuneJob(ProcessJob):
     """``cdal finetune`` in a child process; registers the model in the per-user folder when done."""
 
-    def __init__(self, command, env, runDir, newModelName, baseModelName, numCases, cwd=None):
-        ProcessJob.__init__(self, command, env=env, cwd=cwd, name="fine-tuning")
+    def __init__(self, command, env, runDir, newModelName, baseModelName, numCases, cwd=None, dataDir=None,
+                 keepData=False, runnerFactory=None):
+        ProcessJob.__init__(self, command, env=env, cwd=cwd, name="fine-tuning", runnerFactory=runnerFactory)
         self.runDir = runDir
+        self.dataDir = dataDir  # copies of the patients' images: removed after the run unless keepData
+        self.keepData = keepData
+        self.device = None  # reported by the child (finetune_worker)
         self.newModelName = newModelName
         self.baseModelName = baseModelName
         self.numCases = numCases
@@ -173,7 +161,12 @@ class FineTuneJob(ProcessJob):
 
     def handleEvent(self, event):
         kind = event.get("event")
-        if kind == "progress":
+        if kind == "device":
+            self.device = event.get("device")
+            if event.get("warning"):
+                self.warnings.insert(0, str(event["warning"]))
+            self.message = "Fine-tuning on %s" % ("the GPU" if self.device == "cuda" else "the CPU")
+        elif kind == "progress":
             self.step = int(event.get("step", self.step))
             if event.get("max_steps"):
                 self.maxSteps = int(event["max_steps"])
@@ -208,7 +201,19 @@ class FineTuneJob(ProcessJob):
                 return path
         return None
 
+    def removeTrainingData(self):
+        """Delete the exported image copies (privacy, disk) unless the user asked to keep them."""
+        if self.dataDir and not self.keepData:
+            shutil.rmtree(self.dataDir, ignore_errors=True)
+
+    def onFailed(self):
+        self.removeTrainingData()
+
+    def onCancelled(self):
+        self.removeTrainingData()
+
     def onDone(self):
+        self.removeTrainingData()
         try:
             self.modelPath = registerModel(self._trainedModelDir(), self.newModelName, self.baseModelName,
                                            self.numCases)
@@ -254,10 +259,13 @@ def runsDir():
 
 
 def startFineTune(pairs, baseModel="hippocampus", newModelName=None, maxSteps=200, maxMinutes=None,
-                  device="auto", workDir=None, python=None, config=None, baseEnvironment=None):
+                  device="auto", workDir=None, python=None, config=None, baseEnvironment=None, keepData=False,
+                  runnerFactory=None):
     """Export the pairs and start the fine-tuning child process. Returns a running FineTuneJob.
 
-    ``job.warnings`` holds the CPU warning (when no GPU is used) and export warnings; the GUI shows them.
+    ``job.warnings`` holds export warnings, and the CPU warning once the child reports its device (the
+    device is probed in the child, never by importing torch here). The exported images under
+    ``<workDir>/data`` are deleted when the run ends unless ``keepData``.
     ``config``: optional dict of training settings passed to ``cdal finetune --config`` (e.g. batch_size).
     """
     from .logic import readModelCard, resolveModelPath
@@ -269,14 +277,18 @@ def startFineTune(pairs, baseModel="hippocampus", newModelName=None, maxSteps=20
         raise CDALError("no training data: choose at least one segmentation (with its volume) to fine-tune on")
     if maxSteps is not None and int(maxSteps) < 1:
         raise CDALError("number of fine-tuning steps must be at least 1")
-    dev, deviceWarning = fineTuneDevice(device)
     newModelName = safeName(newModelName or "%s-finetuned-%s" % (baseName, time.strftime("%Y%m%d-%H%M")))
     if workDir is None:
         workDir = os.path.join(runsDir(), "%s-%s" % (newModelName, time.strftime("%Y%m%d-%H%M%S")))
     os.makedirs(workDir, exist_ok=True)
-    dataDir, warnings = exportTrainingData(pairs, os.path.join(workDir, "data"), card)
+    try:
+        dataDir, warnings = exportTrainingData(pairs, os.path.join(workDir, "data"), card)
+    except Exception:
+        shutil.rmtree(os.path.join(workDir, "data"), ignore_errors=True)  # no half-exported patient images
+        raise
     runDir = os.path.join(workDir, "run")
-    args = ["finetune", "--model", modelPath, "--data", dataDir, "--out", runDir, "--device", dev, "--json-progress"]
+    args = ["--model", modelPath, "--data", dataDir, "--out", runDir, "--device", device or "auto",
+            "--json-progress"]
     if maxSteps:
         args += ["--max-steps", int(maxSteps)]
     if maxMinutes:
@@ -286,9 +298,9 @@ def startFineTune(pairs, baseModel="hippocampus", newModelName=None, maxSteps=20
         with open(configPath, "w") as f:
             json.dump(config, f, indent=1)
         args += ["--config", configPath]
-    command = pythonModuleCommand("cdal_core.cli", args, python=python)
+    command = pythonModuleCommand("CDALSegmentationLib.finetune_worker", args, python=python)
     job = FineTuneJob(command, subprocessEnvironment(baseEnvironment), runDir, newModelName, baseName,
-                      len(pairs), cwd=workDir)
-    job.warnings = ([deviceWarning] if deviceWarning else []) + warnings
+                      len(pairs), cwd=workDir, dataDir=dataDir, keepData=keepData, runnerFactory=runnerFactory)
+    job.warnings = list(warnings)
     job.start()
     return job

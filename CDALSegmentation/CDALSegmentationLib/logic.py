@@ -28,8 +28,13 @@ ensureCoreOnPath()
 from cdal_core.errors import CancelledError, CDALError  # noqa: E402  (pure Python, no torch)
 
 DEFAULT_MODEL = "hippocampus"
-#: Volumes with more voxels than this are refused without an ROI (the user is offered to place one).
-MAX_VOXELS_WITHOUT_ROI = 40 * 1000 * 1000
+#: node reference from every output node to the volume that was segmented (results follow it, not the selector)
+INPUT_VOLUME_ROLE = "CDALSegmentation.inputVolume"
+#: attribute marking our output nodes (the input selector hides them)
+OUTPUT_ATTRIBUTE = "CDALSegmentation.output"
+PLOT_CHART_ATTRIBUTE = "CDALSegmentation.plotChart"
+CENTRE_ATTRIBUTE = "CDALSegmentation.centre."  # + "left" / "right": "R,A,S" on the volume table
+SIDE_NAMES = {1: "left", 2: "right", 3: "unknown"}
 
 # matplotlib's "inferno" at 17 evenly spaced points (used when Slicer's Inferno colour file is unavailable)
 _INFERNO = [(0.001, 0.0, 0.014), (0.042, 0.028, 0.141), (0.129, 0.047, 0.291), (0.238, 0.037, 0.396),
@@ -41,10 +46,6 @@ SLICER_INFERNO_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 CDAL_INFERNO_TAG = "CDALInferno"
 
 
-class VolumeTooLargeError(CDALError):
-    """The volume is too large to segment whole: the GUI offers to place an ROI."""
-
-
 class SegmentationResult(object):
     """Nodes created by one segmentation run (all in the input volume's scene)."""
 
@@ -53,7 +54,9 @@ class SegmentationResult(object):
         self.uncertaintyNode = None
         self.attentionNode = None
         self.sliceTableNode = None
+        self.volumeTableNode = None  # per-side volumes
         self.inputVolumeNode = None
+        self.report = {}
         self.modelName = ""
         self.seconds = 0.0
         self.notes = []  # type: List[str]
@@ -67,8 +70,8 @@ class SegmentationResult(object):
         return labelArrayForPair(self.inputVolumeNode, self.segmentationNode, self.card)[0]
 
     def nodes(self):
-        return [n for n in (self.segmentationNode, self.uncertaintyNode, self.attentionNode, self.sliceTableNode)
-                if n is not None]
+        return [n for n in (self.segmentationNode, self.uncertaintyNode, self.attentionNode, self.sliceTableNode,
+                            self.volumeTableNode) if n is not None]
 
 
 class _PreparedInput(object):
@@ -140,6 +143,22 @@ def modelKind(path):
     return "folder"
 
 
+def modelEntries(extraFolders=()):
+    """[(label, path)] for the model list: shipped first, then fine-tuned (per-user), then loaded folders."""
+    entries = []
+    for name, path in listModels().items():
+        shipped = modelKind(path) == "shipped"
+        entries.append((0 if shipped else 1, name if shipped else "%s (fine-tuned)" % name, path))
+    for path in extraFolders:
+        entries.append((2, "%s (folder)" % os.path.basename(str(path).rstrip("/\\")), str(path)))
+    return [(label, path) for _, label, path in sorted(entries)]
+
+
+def modelParameterValue(path):
+    """What the parameter node stores for a model: its name when installed, else its folder."""
+    return os.path.basename(path.rstrip("/\\")) if modelKind(path) in ("shipped", "user") else path
+
+
 def resolveModelPath(model):
     # type: (object) -> str
     """A model name (shipped or user), a model folder, or a LoadedModel -> model folder. Raises CDALError."""
@@ -194,8 +213,9 @@ def foregroundClasses(card):
 class CDALSegmentationLogic(object):
     """Segmentation with uncertainty and attention overlays, per-slice review table, and fine-tuning."""
 
-    def __init__(self, maxVoxelsWithoutROI=MAX_VOXELS_WITHOUT_ROI):
-        self.maxVoxelsWithoutROI = maxVoxelsWithoutROI
+    def __init__(self, runnerFactory=None):
+        #: process runner for child processes (jobs.py); the widget sets qt_process.QtProcessRunner
+        self.runnerFactory = runnerFactory
         #: environment child processes start from (desktop Slicer: slicer.util.startupEnvironment())
         self.baseEnvironment = None
         #: interpreter for child processes (default: PythonSlicer in desktop Slicer, else sys.executable)
@@ -248,15 +268,6 @@ class CDALSegmentationLogic(object):
             if min(boxDims) < 2:
                 raise CDALError("ROI '%s' covers only a %s-voxel slab of %s: make the ROI larger"
                                 % (roiNode.GetName(), "x".join(str(d) for d in boxDims), volumeNode.GetName()))
-            voxels = int(np.prod(boxDims))
-            if voxels > self.maxVoxelsWithoutROI:
-                raise VolumeTooLargeError("ROI '%s' covers %.0f million voxels (limit %.0f million): make the ROI "
-                                          "smaller" % (roiNode.GetName(), voxels / 1e6, self.maxVoxelsWithoutROI / 1e6))
-        else:
-            voxels = int(np.prod(dims))
-            if voxels > self.maxVoxelsWithoutROI:
-                raise VolumeTooLargeError("%s has %.0f million voxels, too many to segment whole: place an ROI around "
-                                          "the structure and segment that" % (volumeNode.GetName(), voxels / 1e6))
         image = geometry.sitkImageFromVolumeNode(volumeNode, ijkBox)
         self._checkIntensities(image, volumeNode.GetName())
         coreData = sys.modules.get("cdal_core.data")  # full check when cdal_core is loaded (in-process runs)
@@ -303,24 +314,23 @@ class CDALSegmentationLogic(object):
                 progress(float(fraction), message)
 
         report(0.0, "Loading model")
-        from cdal_core.inference import resolve_device, segment_image
+        from cdal_core.inference import resolve_device
+        from .segment_worker import segmentImage
 
         dev = str(resolve_device(device))
         loaded = self.loadModel(prepared.modelPath, dev)
         report(0.05, "Segmenting")
-        out = segment_image(prepared.image, loaded, steps=steps, samples=samples, seed=seed, device=dev,
-                            progress=lambda f, m: report(0.05 + 0.9 * float(f), m))
+        out = segmentImage(prepared.image, loaded, steps=steps, samples=samples, seed=seed, device=dev,
+                           progress=lambda f, m: report(0.05 + 0.9 * float(f), m))
         import SimpleITK as sitk
 
         report(0.96, "Creating nodes")
-        arrays = {
-            "labels": sitk.GetArrayFromImage(out.labels),
-            "uncertainty": sitk.GetArrayFromImage(out.uncertainty).astype(np.float32),
-            "attention": None if out.attention is None else sitk.GetArrayFromImage(out.attention).astype(np.float32),
-        }
-        result = self.createOutputNodes(prepared, arrays)
-        result.seconds = float(getattr(out, "seconds", 0.0))
-        result.notes = list(getattr(out, "notes", []) or [])
+        arrays = dict((key, None if image is None else sitk.GetArrayFromImage(image)) for key, image in (
+            ("labels", out.labels), ("uncertainty", out.uncertainty), ("attention", out.attention),
+            ("sides", out.sides)))
+        result = self.createOutputNodes(prepared, arrays, out.report)
+        result.seconds = out.seconds
+        result.notes = out.notes
         report(1.0, "Done")
         return result
 
@@ -329,8 +339,9 @@ class CDALSegmentationLogic(object):
                           device="auto", python=None):
         """Validate, export the input to a temporary file and start the segmentation child process.
 
-        Returns a SegmentationJob; call ``job.poll()`` regularly, then ``finishSegmentation(job)`` once
-        ``job.state == "done"``. ``job.cancel()`` kills the process; ``job.cleanup()`` removes temporary files.
+        Returns a SegmentationJob (its ``prepared.volumeNode`` is the volume the results belong to); once
+        ``job.state == "done"`` call ``finishSegmentation(job)``. ``job.cancel()`` kills the process tree at
+        once; ``job.cleanup()`` removes the temporary folder.
         """
         import SimpleITK as sitk
 
@@ -346,13 +357,13 @@ class CDALSegmentationLogic(object):
             args += ["--seed", int(seed)]
         command = pythonModuleCommand("CDALSegmentationLib.segment_worker", args, python=python or self.python)
         job = SegmentationJob(command, env=subprocessEnvironment(self.baseEnvironment), prepared=prepared,
-                              workDir=workDir)
+                              workDir=workDir, runnerFactory=self.runnerFactory)
         job.start()
         return job
 
     def finishSegmentation(self, job):
         """Create the output nodes from a finished SegmentationJob (GUI thread). Returns a SegmentationResult."""
-        import SimpleITK as sitk
+        from .segment_worker import readOutputs
 
         if job.state != "done":
             raise CDALError("segmentation did not finish (%s): %s" % (job.state, job.error or job.message))
@@ -361,20 +372,11 @@ class CDALSegmentationLogic(object):
         if scene is None or scene.GetNodeByID(prepared.volumeID) is not prepared.volumeNode:
             raise CDALError("input volume %s was removed while segmenting: load it again and re-run"
                             % prepared.volumeName)
-        outDir = os.path.join(job.workDir, "out")
         try:
-            arrays = {
-                "labels": sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(outDir, "labels.nrrd"))),
-                "uncertainty": sitk.GetArrayFromImage(
-                    sitk.ReadImage(os.path.join(outDir, "uncertainty.nrrd"))).astype(np.float32),
-                "attention": None,
-            }
-            attentionPath = os.path.join(outDir, "attention.nrrd")
-            if os.path.exists(attentionPath):
-                arrays["attention"] = sitk.GetArrayFromImage(sitk.ReadImage(attentionPath)).astype(np.float32)
-        except RuntimeError as exc:
+            arrays, report = readOutputs(os.path.join(job.workDir, "out"))
+        except (RuntimeError, OSError, ValueError) as exc:
             raise CDALError("segmentation results could not be read (%s): run again" % str(exc).splitlines()[0])
-        result = self.createOutputNodes(prepared, arrays)
+        result = self.createOutputNodes(prepared, arrays, report)
         done = [e for e in job.events if e.get("event") == "done"]
         if done:
             result.seconds = float(done[-1].get("seconds", 0.0))
@@ -382,56 +384,68 @@ class CDALSegmentationLogic(object):
         return result
 
     # ---- outputs -----------------------------------------------------------------------------------------
-    def createOutputNodes(self, prepared, arrays):
+    @staticmethod
+    def _pasteIntoFullGrid(prepared, arrays):
+        """Outputs of the (cropped) input pasted into arrays of the whole volume's grid."""
+        I, J, K = prepared.fullDimensions
+        cropShape = tuple(reversed(prepared.image.GetSize()))  # (k, j, i)
+        full = {}
+        for key, dtype in (("labels", np.uint8), ("uncertainty", np.float32), ("attention", np.float32),
+                           ("sides", np.uint8)):
+            array = arrays.get(key)
+            if array is None:
+                full[key] = None
+                continue
+            if tuple(array.shape) != cropShape:
+                raise CDALError("model output %s has shape %s, expected %s: the model or cdal_core is broken"
+                                % (key, array.shape, cropShape))
+            if prepared.ijkBox is None:
+                full[key] = np.ascontiguousarray(array.astype(dtype))
+            else:
+                (i0, j0, k0), (i1, j1, k1) = prepared.ijkBox
+                full[key] = np.zeros((K, J, I), dtype=dtype)
+                full[key][k0:k1, j0:j1, i0:i1] = array
+        if full["sides"] is None:
+            full["sides"] = (full["labels"] > 0).astype(np.uint8) * 3
+        return full
+
+    def createOutputNodes(self, prepared, arrays, report=None):
         """Paste the (cropped) outputs into full-size arrays and create the nodes. All or nothing."""
         volumeNode = prepared.volumeNode
         scene = volumeNode.GetScene()
-        I, J, K = prepared.fullDimensions
-        cropShape = tuple(reversed(prepared.image.GetSize()))  # (k, j, i)
-        for key in ("labels", "uncertainty", "attention"):
-            if arrays.get(key) is not None and tuple(arrays[key].shape) != cropShape:
-                raise CDALError("model output %s has shape %s, expected %s: the model or cdal_core is broken"
-                                % (key, arrays[key].shape, cropShape))
-        full = {}
-        for key, dtype in (("labels", np.uint8), ("uncertainty", np.float32), ("attention", np.float32)):
-            if arrays.get(key) is None:
-                full[key] = None
-                continue
-            if prepared.ijkBox is None:
-                full[key] = np.ascontiguousarray(arrays[key].astype(dtype))
-            else:
-                (i0, j0, k0), (i1, j1, k1) = prepared.ijkBox
-                target = np.zeros((K, J, I), dtype=dtype)
-                target[k0:k1, j0:j1, i0:i1] = arrays[key]
-                full[key] = target
-
+        full = self._pasteIntoFullGrid(prepared, arrays)
         base = "%s CDAL" % prepared.volumeName
         classes = foregroundClasses(prepared.card)
+        structures = sideStructures(full["labels"], full["sides"], classes)
         result = SegmentationResult()
         result.inputVolumeNode = volumeNode
         result.modelName = os.path.basename(prepared.modelPath.rstrip("/\\"))
         result.ijkBox = prepared.ijkBox
         result.card = prepared.card
-        created = []
+        result.report = dict(report or {})
         try:
             result.segmentationNode = self._createSegmentationNode(scene, base + " segmentation", volumeNode,
-                                                                   prepared.ijkToRas, full["labels"], classes)
-            created.append(result.segmentationNode)
+                                                                   structures)
             result.uncertaintyNode = self._createScalarNode(scene, base + " uncertainty", volumeNode,
                                                             prepared.ijkToRas, full["uncertainty"])
-            created.append(result.uncertaintyNode)
             self.setupOverlayDisplay(result.uncertaintyNode, "uncertainty")
             if full["attention"] is not None:
                 result.attentionNode = self._createScalarNode(scene, base + " attention", volumeNode,
                                                               prepared.ijkToRas, full["attention"])
-                created.append(result.attentionNode)
                 self.setupOverlayDisplay(result.attentionNode, "attention")
             result.sliceTableNode = self._createSliceTable(scene, base + " slice uncertainty", full["labels"],
                                                            full["uncertainty"], classes)
-            created.append(result.sliceTableNode)
+            result.volumeTableNode = self._createVolumeTable(scene, base + " volumes", structures,
+                                                             full["uncertainty"], prepared.ijkToRas)
+            centres = sideCentres(result.report, full["sides"], prepared.ijkToRas)
+            for side, ras in centres.items():
+                result.volumeTableNode.SetAttribute(CENTRE_ATTRIBUTE + side, ",".join("%.4f" % v for v in ras))
+            for node in result.nodes():
+                node.SetNodeReferenceID(INPUT_VOLUME_ROLE, volumeNode.GetID())
+                node.SetAttribute(OUTPUT_ATTRIBUTE, node.GetClassName())
         except Exception:
-            for node in created:
-                if node is not None and node.GetScene() is scene:
+            for node in result.nodes():
+                if node.GetScene() is scene:
                     scene.RemoveNode(node)
             raise
         return result
@@ -440,7 +454,7 @@ class CDALSegmentationLogic(object):
     def _uniqueName(scene, name):
         return scene.GenerateUniqueName(name)
 
-    def _createSegmentationNode(self, scene, name, volumeNode, ijkToRas, labels, classes):
+    def _createSegmentationNode(self, scene, name, volumeNode, structures):
         import slicer
         import vtk
         from vtk.util import numpy_support
@@ -452,19 +466,19 @@ class CDALSegmentationLogic(object):
             segNode.SetAndObserveTransformNodeID(volumeNode.GetParentTransformNode().GetID())
         matrix = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(matrix)
-        K, J, I = labels.shape
         segmentation = segNode.GetSegmentation()
-        for index, className, color in classes:
+        for structure in structures:
+            K, J, I = structure.mask.shape
             image = slicer.vtkOrientedImageData()
             image.SetExtent(0, I - 1, 0, J - 1, 0, K - 1)
             image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
             image.SetImageToWorldMatrix(matrix)
             voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-            voxels[:] = (labels == index).astype(np.uint8).ravel()
+            voxels[:] = structure.mask.astype(np.uint8).ravel()
             image.Modified()
-            segmentId = segNode.AddSegmentFromBinaryLabelmapRepresentation(image, className, list(color))
-            segment = segmentation.GetSegment(segmentId)
-            segment.SetName(className)  # (the ID may differ when the name is taken)
+            segmentId = segNode.AddSegmentFromBinaryLabelmapRepresentation(image, structure.segmentName,
+                                                                          list(structure.color))
+            segmentation.GetSegment(segmentId).SetName(structure.segmentName)  # (the ID may differ)
         return segNode
 
     def _createScalarNode(self, scene, name, volumeNode, ijkToRas, array):
@@ -478,33 +492,45 @@ class CDALSegmentationLogic(object):
         node.CreateDefaultDisplayNodes()
         return node
 
+    def _createTable(self, scene, name, columns, descriptions=None):
+        """A table node from [(name, vtk array class, values)], column names shown as headers."""
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode", self._uniqueName(scene, name))
+        for columnName, arrayClass, values in columns:
+            column = arrayClass()
+            column.SetName(columnName)
+            column.SetNumberOfTuples(len(values))
+            for row, value in enumerate(values):
+                column.SetValue(row, value.item() if hasattr(value, "item") else value)
+            table.AddColumn(column)
+        for columnName, text in (descriptions or {}).items():
+            table.SetColumnDescription(columnName, text)
+        useColumnNamesAsHeaders(table)
+        return table
+
     def _createSliceTable(self, scene, name, labels, uncertainty, classes):
         import vtk
 
         stats = self.sliceStatistics(labels, uncertainty, classes)
-        table = scene.AddNewNodeByClass("vtkMRMLTableNode", self._uniqueName(scene, name))
-        columns = []
-        sliceColumn = vtk.vtkIntArray()
-        sliceColumn.SetName("Slice")
-        columns.append((sliceColumn, stats["Slice"]))
-        for key in ("Mean uncertainty", "Max uncertainty"):
-            col = vtk.vtkDoubleArray()
-            col.SetName(key)
-            columns.append((col, stats[key]))
-        for _, className, _ in classes:
-            col = vtk.vtkIntArray()
-            col.SetName("%s voxels" % className)
-            columns.append((col, stats["%s voxels" % className]))
-        for col, values in columns:
-            col.SetNumberOfTuples(len(values))
-            for row, value in enumerate(values):
-                col.SetValue(row, value.item() if hasattr(value, "item") else value)
-            table.AddColumn(col)
-        table.SetColumnDescription("Slice", "Slice index K of the input volume (IJK)")
-        table.SetColumnDescription("Mean uncertainty", "Mean per-voxel variance across the ensemble in this slice")
-        table.SetColumnDescription("Max uncertainty", "Largest per-voxel variance in this slice")
-        table.SetUseColumnTitleAsColumnHeader(True) if hasattr(table, "SetUseColumnTitleAsColumnHeader") else None
-        return table
+        columns = [("Slice", vtk.vtkIntArray, stats["Slice"])]
+        columns += [(key, vtk.vtkDoubleArray, stats[key]) for key in ("Mean uncertainty", "Max uncertainty")]
+        columns += [("%s voxels" % c, vtk.vtkIntArray, stats["%s voxels" % c]) for _, c, _ in classes]
+        return self._createTable(scene, name, columns, {
+            "Slice": "Slice index K of the segmented volume (IJK)",
+            "Mean uncertainty": "Mean per-voxel variance across the ensemble in this slice",
+            "Max uncertainty": "Largest per-voxel variance in this slice"})
+
+    def _createVolumeTable(self, scene, name, structures, uncertainty, ijkToRas):
+        import vtk
+
+        voxelMm3 = abs(float(np.linalg.det(np.asarray(ijkToRas)[:3, :3])))
+        rows = [(s.side, s.className, int(s.mask.sum()), float(s.mask.sum()) * voxelMm3,
+                 float(uncertainty[s.mask].mean()) if s.mask.any() else 0.0) for s in structures]
+        columns = [("Side", vtk.vtkStringArray, [r[0] for r in rows]),
+                   ("Structure", vtk.vtkStringArray, [r[1] for r in rows]),
+                   ("Voxels", vtk.vtkIntArray, [r[2] for r in rows]),
+                   ("Volume mm3", vtk.vtkDoubleArray, [round(r[3], 1) for r in rows]),
+                   ("Mean uncertainty", vtk.vtkDoubleArray, [r[4] for r in rows])]
+        return self._createTable(scene, name, columns, {"Volume mm3": "Voxel count times voxel volume (mm^3)"})
 
     @staticmethod
     def sliceStatistics(labels, uncertainty, classes):
@@ -578,21 +604,64 @@ class CDALSegmentationLogic(object):
     def sliceCenterRAS(volumeNode, k):
         """World RAS of the centre of slice ``k`` (for jumping slice views there)."""
         dims = volumeNode.GetImageData().GetDimensions()
-        ijk = [(dims[0] - 1) / 2.0, (dims[1] - 1) / 2.0, float(k), 1.0]
-        ras = geometry.ijkToRasArray(volumeNode).dot(ijk)[:3]
-        parent = volumeNode.GetParentTransformNode()
-        if parent is not None:
-            import vtk
+        return localToWorld(volumeNode, geometry.ijkToRasArray(volumeNode).dot(
+            [(dims[0] - 1) / 2.0, (dims[1] - 1) / 2.0, float(k), 1.0])[:3])
 
-            transform = vtk.vtkGeneralTransform()
-            parent.GetTransformToWorld(transform)
-            ras = transform.TransformPoint(list(ras))
-        return [float(v) for v in ras]
+    # ---- review: everything follows the volume that was segmented, not the input selector -------------------
+    @staticmethod
+    def segmentedVolume(outputNode):
+        """The volume an output node (table, overlay, segmentation) was computed from, or None."""
+        return outputNode.GetNodeReference(INPUT_VOLUME_ROLE) if outputNode is not None else None
 
-    def createSliceUncertaintyPlot(self, tableNode, name=None):
-        """A plot chart (mean uncertainty vs slice) for the table; returns the vtkMRMLPlotChartNode."""
+    def sliceJumpRAS(self, sliceTable, k):
+        """World RAS of slice ``k`` of the volume ``sliceTable`` belongs to."""
+        volume = self.segmentedVolume(sliceTable)
+        if volume is None:
+            raise CDALError("the volume this table was computed from is gone: segment again")
+        return self.sliceCenterRAS(volume, k)
+
+    @staticmethod
+    def mostUncertainSlice(sliceTable):
+        """Slice index with the largest mean uncertainty (None for an empty table)."""
+        import slicer.util
+
+        mean = slicer.util.arrayFromTableColumn(sliceTable, "Mean uncertainty")
+        slices = slicer.util.arrayFromTableColumn(sliceTable, "Slice")
+        return int(slices[int(np.argmax(mean))]) if len(mean) else None
+
+    def centreRAS(self, volumeTable, side):
+        """World RAS of the left/right structure's centre stored with the results, or None."""
+        text = volumeTable.GetAttribute(CENTRE_ATTRIBUTE + side) if volumeTable is not None else None
+        volume = self.segmentedVolume(volumeTable)
+        if not text or volume is None:
+            return None
+        return localToWorld(volume, [float(v) for v in text.split(",")])
+
+    def overlayLayers(self, uncertaintyNode, attentionNode, showUncertainty, showAttention):
+        """(background, foreground) volumes for the slice views: the segmented volume under the chosen map."""
+        shown = uncertaintyNode if showUncertainty and uncertaintyNode is not None else (
+            attentionNode if showAttention else None)
+        background = self.segmentedVolume(uncertaintyNode or attentionNode)
+        return background, shown
+
+    @staticmethod
+    def outputVolumeIDs(scene):
+        """IDs of the volumes this module created (uncertainty, attention): never offered as inputs."""
+        ids = []
+        nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            if node.GetAttribute(OUTPUT_ATTRIBUTE):
+                ids.append(node.GetID())
+        return ids
+
+    def slicePlot(self, tableNode):
+        """The uncertainty-per-slice chart of a table, created once and reused (vtkMRMLPlotChartNode)."""
         scene = tableNode.GetScene()
-        name = name or tableNode.GetName() + " plot"
+        chart = scene.GetNodeByID(tableNode.GetAttribute(PLOT_CHART_ATTRIBUTE) or "")
+        if chart is not None:
+            return chart
+        name = tableNode.GetName() + " plot"
         series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", self._uniqueName(scene, name + " mean"))
         series.SetAndObserveTableNodeID(tableNode.GetID())
         series.SetXColumnName("Slice")
@@ -605,6 +674,7 @@ class CDALSegmentationLogic(object):
         chart.SetXAxisTitle("Slice (K)")
         chart.SetYAxisTitle("Mean variance")
         chart.SetLegendVisibility(False) if hasattr(chart, "SetLegendVisibility") else None
+        tableNode.SetAttribute(PLOT_CHART_ATTRIBUTE, chart.GetID())
         return chart
 
     # ---- fine-tuning (see finetune.py) ---------------------------------------------------------------------
@@ -615,33 +685,124 @@ class CDALSegmentationLogic(object):
         return trainingPairsInScene(scene)
 
     def startFineTune(self, pairs, baseModel=DEFAULT_MODEL, newModelName=None, maxSteps=200, maxMinutes=None,
-                      device="auto", workDir=None, python=None, config=None):
+                      device="auto", workDir=None, python=None, config=None, keepData=False):
         """Start fine-tuning on (volume, segmentation) pairs; see ``finetune.startFineTune``."""
         from .finetune import startFineTune
 
         return startFineTune(pairs, baseModel=baseModel, newModelName=newModelName, maxSteps=maxSteps,
                              maxMinutes=maxMinutes, device=device, workDir=workDir, python=python or self.python,
-                             config=config, baseEnvironment=self.baseEnvironment)
+                             config=config, baseEnvironment=self.baseEnvironment, keepData=keepData,
+                             runnerFactory=self.runnerFactory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small Qt-free helpers
+# ---------------------------------------------------------------------------------------------------------------
+class Structure(object):
+    """One segment to create: a model class on one side (side "unknown" when not localised)."""
+
+    def __init__(self, classIndex, className, color, side, mask):
+        self.classIndex, self.className, self.color, self.side, self.mask = classIndex, className, color, side, mask
+
+    @property
+    def segmentName(self):
+        """"Left anterior", "Right posterior", or the class name when the side is unknown."""
+        if self.side not in ("left", "right"):
+            return self.className
+        return "%s %s" % (self.side.capitalize(), self.className[:1].lower() + self.className[1:])
+
+
+def sideStructures(labels, sides, classes):
+    """Structures per class and side present (a class found nowhere still gets one, empty, segment)."""
+    structures = []
+    for index, className, color in classes:
+        inClass = labels == index
+        present = sorted(set(int(v) for v in np.unique(sides[inClass])) - {0}) if inClass.any() else []
+        if not present or present == [3]:
+            structures.append(Structure(index, className, color, "unknown", inClass))
+            continue
+        for code in present:
+            structures.append(Structure(index, className, color, SIDE_NAMES.get(code, "unknown"),
+                                        inClass & (sides == code)))
+    return structures
+
+
+def sideCentres(report, sides, ijkToRas):
+    """{"left"/"right": [R, A, S]} in the volume's local RAS: the localiser's centres when it reported
+    them, else the centroid of the labelled voxels of that side."""
+    centres = {}
+    reported = ((report or {}).get("localisation") or {}).get("centres_ras") or {}
+    for code, side in ((1, "left"), (2, "right")):
+        if reported.get(side):
+            centres[side] = [float(v) for v in reported[side]]
+        elif sides is not None and np.any(sides == code):
+            k, j, i = np.nonzero(sides == code)
+            centres[side] = [float(v) for v in np.asarray(ijkToRas).dot([i.mean(), j.mean(), k.mean(), 1.0])[:3]]
+    return centres
+
+
+def localToWorld(volumeNode, ras):
+    """A point in the volume's local RAS through its parent transform (if any) into world RAS."""
+    parent = volumeNode.GetParentTransformNode()
+    if parent is not None:
+        import vtk
+
+        transform = vtk.vtkGeneralTransform()
+        parent.GetTransformToWorld(transform)
+        ras = transform.TransformPoint([float(v) for v in ras])
+    return [float(v) for v in ras]
+
+
+def useColumnNamesAsHeaders(table):
+    """Show column names as the table view's headers: Slicer 5.8+ ``SetUseColumnTitleAsColumnHeader``,
+    5.6 ``SetUseColumnNameAsColumnHeader`` (without it 5.6 shows A/B/C and the names as row 0)."""
+    for method in ("SetUseColumnTitleAsColumnHeader", "SetUseColumnNameAsColumnHeader"):
+        if hasattr(table, method):
+            getattr(table, method)(True)
+            return method
+    return None
+
+
+def tableAsTSV(table):
+    """The table as tab-separated text with a header row (for the clipboard)."""
+    vtkTable = table.GetTable()
+    columns = [vtkTable.GetColumn(c) for c in range(vtkTable.GetNumberOfColumns())]
+    rows = ["\t".join(column.GetName() for column in columns)]
+    for r in range(vtkTable.GetNumberOfRows()):
+        rows.append("\t".join(_cellText(column.GetVariantValue(r)) for column in columns))
+    return "\n".join(rows) + "\n"
+
+
+def _cellText(variant):
+    if variant.IsNumeric() and not variant.IsChar():
+        value = variant.ToDouble()
+        return ("%d" % value) if value == int(value) else ("%.6g" % value)
+    return variant.ToString()
 
 
 class SegmentationJob(ProcessJob):
     """Segmentation running in a child process; holds the validated input for ``finishSegmentation``."""
 
-    def __init__(self, command, env=None, prepared=None, workDir=None):
-        ProcessJob.__init__(self, command, env=env, name="segmentation")
+    def __init__(self, command, env=None, prepared=None, workDir=None, runnerFactory=None):
+        ProcessJob.__init__(self, command, env=env, name="segmentation", runnerFactory=runnerFactory)
         self.prepared = prepared
         self.workDir = workDir
+
+    @property
+    def volumeNode(self):
+        """The volume being segmented: results, jumps and overlays belong to it."""
+        return self.prepared.volumeNode if self.prepared is not None else None
 
     def succeeded(self):
         return any(e.get("event") == "done" for e in self.events) and os.path.exists(
             os.path.join(self.workDir, "out", "labels.nrrd"))
 
     def cleanup(self):
-        if self.state == RUNNING:
-            self.cancel()
+        self.cancel()
         if self.workDir and os.path.isdir(self.workDir):
             shutil.rmtree(self.workDir, ignore_errors=True)
 
 
-__all__ = ["CDALSegmentationLogic", "SegmentationResult", "SegmentationJob", "VolumeTooLargeError", "CDALError",
-           "CancelledError", "listModels", "resolveModelPath", "readModelCard", "userModelsDir", "modelKind"]
+__all__ = ["CDALSegmentationLogic", "SegmentationResult", "SegmentationJob", "CDALError", "CancelledError",
+           "listModels", "resolveModelPath", "readModelCard", "userModelsDir", "modelKind", "tableAsTSV",
+           "useColumnNamesAsHeaders"]

@@ -4,7 +4,10 @@ Run as ``python -m CDALSegmentationLib.segment_worker --input in.nrrd --model M 
 ``cdal_core`` importable. Prints one JSON object per line on stdout:
 ``{"event": "progress", "fraction": f, "message": m}`` ... ``{"event": "done", "seconds": s, ...}``;
 on a user-facing problem ``{"event": "error", "message": m}`` and exit status 2.
-Writes ``labels.nrrd`` (UInt8), ``uncertainty.nrrd`` and ``attention.nrrd`` (Float32) on the input grid.
+Writes into the output folder, all on the input grid: ``labels.nrrd`` (UInt8), ``uncertainty.nrrd`` and
+``attention.nrrd`` (Float32), ``sides.nrrd`` (UInt8: 1 left, 2 right, 3 unknown, 0 background) and
+``report.json`` (per-structure volumes, localisation). A volume larger than the model's crop (a whole brain)
+is localised by ``cdal_core.scan.segment_scan``; an ROI crop from the GUI arrives already cropped.
 """
 import argparse
 import json
@@ -12,10 +15,80 @@ import os
 import sys
 import time
 
+OUTPUT_FILES = {"labels": "labels.nrrd", "uncertainty": "uncertainty.nrrd", "attention": "attention.nrrd",
+                "sides": "sides.nrrd"}
+REPORT_FILE = "report.json"
+
+
+class Outputs(object):
+    """SimpleITK images and report of one run, whichever cdal_core entry point produced them."""
+
+    def __init__(self, labels, uncertainty, attention, sides, report, notes, seconds):
+        self.labels, self.uncertainty, self.attention, self.sides = labels, uncertainty, attention, sides
+        self.report, self.notes, self.seconds = report, list(notes or []), float(seconds or 0.0)
+
+
+def segmentImage(image, model, samples=5, steps=None, seed=None, device="cpu", progress=None):
+    """Segment a SimpleITK image with a loaded model: ``cdal_core.scan.segment_scan`` (localises the
+    hippocampi in a whole brain) when present, else ``cdal_core.inference.segment_image`` (side unknown)."""
+    try:
+        from cdal_core.scan import segment_scan
+    except ImportError:
+        segment_scan = None
+    if segment_scan is not None:
+        r = segment_scan(image, model, steps=steps, samples=samples, seed=seed, device=device, progress=progress)
+        return Outputs(r.labels, r.uncertainty, r.attention, r.sides, r.report, r.notes, r.seconds)
+    import SimpleITK as sitk
+    from cdal_core.inference import segment_image
+
+    r = segment_image(image, model, steps=steps, samples=samples, seed=seed, device=device, progress=progress)
+    sides = sitk.Cast(r.labels > 0, sitk.sitkUInt8) * 3
+    sides.CopyInformation(r.labels)
+    report = {"structures": [], "seconds": float(r.seconds), "localisation": {"status": "not needed"}}
+    return Outputs(r.labels, r.uncertainty, r.attention, sides, report, getattr(r, "notes", []), r.seconds)
+
+
+def writeOutputs(outputs, folder):
+    import SimpleITK as sitk
+
+    os.makedirs(folder, exist_ok=True)
+    for key, name in OUTPUT_FILES.items():
+        image = getattr(outputs, key)
+        if image is not None:
+            sitk.WriteImage(image, os.path.join(folder, name), True)
+    with open(os.path.join(folder, REPORT_FILE), "w") as f:
+        json.dump(outputs.report or {}, f, indent=1)
+
+
+def readOutputs(folder):
+    """(arrays, report) from a finished run's folder: arrays in (K, J, I) order, missing optional ones None."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    arrays = {}
+    for key, name in OUTPUT_FILES.items():
+        path = os.path.join(folder, name)
+        if key != "labels" and key != "uncertainty" and not os.path.exists(path):
+            arrays[key] = None
+            continue
+        array = sitk.GetArrayFromImage(sitk.ReadImage(path))
+        arrays[key] = array.astype(np.float32) if key in ("uncertainty", "attention") else array.astype(np.uint8)
+    report = {}
+    if os.path.exists(os.path.join(folder, REPORT_FILE)):
+        with open(os.path.join(folder, REPORT_FILE)) as f:
+            report = json.load(f)
+    return arrays, report
+
 
 def _emit(obj):
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
+
+
+def _fail(message):
+    _emit({"event": "error", "message": message})
+    sys.stderr.write(message + "\n")
+    return 2
 
 
 def main(argv=None):
@@ -34,10 +107,10 @@ def main(argv=None):
     try:
         _emit({"event": "progress", "fraction": 0.0, "message": "Loading model"})
         import SimpleITK as sitk
-        from cdal_core.inference import resolve_device, segment_image
+        from cdal_core.inference import resolve_device
         from cdal_core.model_io import load_model
 
-        device = str(resolve_device(args.device))
+        device = str(resolve_device(args.device))  # probed here, never in the GUI process
         model = load_model(args.model, device=device)
         image = sitk.ReadImage(args.input)
         last = [0.0]
@@ -48,30 +121,20 @@ def main(argv=None):
                 last[0] = now
                 _emit({"event": "progress", "fraction": 0.05 + 0.9 * float(fraction), "message": str(message)})
 
-        result = segment_image(image, model, steps=args.steps, samples=args.samples, seed=args.seed,
+        outputs = segmentImage(image, model, samples=args.samples, steps=args.steps, seed=args.seed,
                                device=device, progress=progress)
         _emit({"event": "progress", "fraction": 0.97, "message": "Writing results"})
-        os.makedirs(args.output_dir, exist_ok=True)
-        sitk.WriteImage(result.labels, os.path.join(args.output_dir, "labels.nrrd"), True)
-        sitk.WriteImage(result.uncertainty, os.path.join(args.output_dir, "uncertainty.nrrd"), True)
-        if result.attention is not None:
-            sitk.WriteImage(result.attention, os.path.join(args.output_dir, "attention.nrrd"), True)
-        _emit({"event": "done", "seconds": float(result.seconds), "device": device,
-               "notes": list(getattr(result, "notes", []) or [])})
+        writeOutputs(outputs, args.output_dir)
+        _emit({"event": "done", "seconds": outputs.seconds, "device": device, "notes": outputs.notes})
         return 0
     except CDALError as exc:
-        _emit({"event": "error", "message": str(exc)})
-        sys.stderr.write(str(exc) + "\n")
-        return 2
+        return _fail(str(exc))
     except MemoryError:
-        msg = "out of memory: use an ROI to segment a smaller region, or fewer samples"
-        _emit({"event": "error", "message": msg})
-        sys.stderr.write(msg + "\n")
-        return 2
+        return _fail("out of memory: use an ROI to segment a smaller region, or fewer samples")
     except RuntimeError as exc:
         text = str(exc)
         if "out of memory" in text.lower():
-            text = "GPU out of memory: choose Device CPU, use an ROI, or fewer samples"
+            return _fail("GPU out of memory: choose Device CPU, use an ROI, or fewer samples")
         _emit({"event": "error", "message": text.splitlines()[0] if text else exc.__class__.__name__})
         raise
 

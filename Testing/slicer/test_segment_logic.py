@@ -67,7 +67,7 @@ def test_outputs_have_input_geometry_names_and_colours(app, logic, tiny_model, s
     after = scene_snapshot(app.scene)
     assert after[:len(before)] == before
     names = [n[2] for n in after]
-    assert len(set(n.GetName() for n in result.nodes())) == 4
+    assert len(set(n.GetName() for n in result.nodes())) == 5
     # a second run never overwrites the first one's nodes
     first_ids = [n.GetID() for n in result.nodes()]
     first_unc = unc.copy()
@@ -118,8 +118,9 @@ def test_slice_table_consistent_with_uncertainty_volume(app, logic, tiny_model, 
     ras = logic.sliceCenterRAS(volume, K // 2)
     ijk = np.linalg.inv(geometry.ijkToRasArray(volume)).dot(list(ras) + [1.0])
     assert ijk[2] == pytest.approx(K // 2)
-    chart = logic.createSliceUncertaintyPlot(table)
+    chart = logic.slicePlot(table)
     assert chart.GetNumberOfPlotSeriesNodes() == 1
+    assert logic.slicePlot(table) is chart, "'Show plot' must reuse its chart"
 
 
 def test_same_physical_image_permuted_flipped_and_oblique(app, logic, tiny_model, synthetic_data):
@@ -210,5 +211,5 @@ def test_ras_nifti_and_lps_nrrd_files_and_parent_transform(app, logic, tiny_mode
     la = logic.segment(a, model=tiny_model, **FAST)
     lb = logic.segment(b, model=tiny_model, **FAST)
     assert np.array_equal(la.labelArray(), lb.labelArray())
-    for node in lb.nodes()[:3]:
+    for node in (lb.segmentationNode, lb.uncertaintyNode, lb.attentionNode):
         assert node.GetTransformNodeID() == transform.GetID()

@@ -1,0 +1,65 @@
+"""The process runner of desktop Slicer: ``qt.QProcess`` (see ``jobs.py`` for the runner interface).
+
+Slicer's main loop does not release the GIL while Qt idles, so Python reader threads would stall; QProcess
+reads the child's pipes inside Qt's event loop and tells us through ``readyReadStandardOutput`` /
+``readyReadStandardError`` / ``finished`` (as SlicerNNUnet runs nnU-Net). Only the widget imports this file.
+"""
+import qt
+
+from .jobs import killProcessTree
+
+
+class QtProcessRunner(object):
+    def __init__(self):
+        self.onStdout = self.onStderr = self.onFinished = None
+        self.process = qt.QProcess()
+        self.process.setProcessChannelMode(qt.QProcess.SeparateChannels)
+        self.process.connect("readyReadStandardOutput()", self._readStdout)
+        self.process.connect("readyReadStandardError()", self._readStderr)
+        self.process.connect("finished(int,QProcess::ExitStatus)", self._finished)
+        self.process.connect("errorOccurred(QProcess::ProcessError)", self._error)
+        self._done = False
+
+    @property
+    def pid(self):
+        pid = self.process.processId()
+        return int(pid) if pid else None
+
+    def start(self, program, args, env=None, cwd=None):
+        if env is not None:
+            environment = qt.QProcessEnvironment()
+            for key, value in env.items():
+                environment.insert(str(key), str(value))
+            self.process.setProcessEnvironment(environment)
+        if cwd:
+            self.process.setWorkingDirectory(cwd)
+        self.process.start(program, list(args))
+
+    def _readStdout(self):
+        self.onStdout(bytes(self.process.readAllStandardOutput().data()))
+
+    def _readStderr(self):
+        self.onStderr(bytes(self.process.readAllStandardError().data()))
+
+    def _finished(self, exitCode, exitStatus=None):
+        if self._done:
+            return
+        self._done = True
+        self._readStdout()
+        self._readStderr()
+        crashed = exitStatus == qt.QProcess.CrashExit
+        self.onFinished(-1 if crashed else int(exitCode))
+
+    def _error(self, error):
+        if error == qt.QProcess.FailedToStart and not self._done:
+            self._done = True
+            self.onStderr(("could not start %s: %s\n" % (self.process.program(), self.process.errorString()))
+                          .encode("utf-8"))
+            self.onFinished(-1)
+
+    def pump(self):
+        pass  # Qt's event loop delivers the signals
+
+    def kill(self):
+        if self.process.state() != qt.QProcess.NotRunning:
+            killProcessTree(self.pid)

@@ -1,0 +1,88 @@
+"""Tests that need desktop 3D Slicer (Qt, the module widget, qt.QProcess). Run by Testing/run_tests.py inside
+Slicer (``Slicer --no-splash --python-script Testing/run_tests.py``) or by the module's "Reload and Test".
+Not collected by pytest (file name): plain Python has no ``qt``."""
+import time
+import unittest
+
+import numpy as np
+import slicer
+
+from CDALSegmentationLib import logic as libLogic
+from CDALSegmentationLib.dependencies import missingPackages
+
+
+def _volume(name="CDAL test volume"):
+    z, y, x = np.mgrid[0:24, 0:40, 0:32].astype(np.float32)
+    blob = ((x - 16) / 7.0) ** 2 + ((y - 20) / 11.0) ** 2 + ((z - 12) / 6.0) ** 2 < 1.0
+    array = (np.random.default_rng(0).normal(40, 5, blob.shape) + 100 * blob).astype(np.float32)
+    ijkToRAS = np.array([[-1.2, 0, 0, 10], [0, 0.9, 0.1, -5], [0, -0.1, 0.9, 3], [0, 0, 0, 1]])
+    return slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name=name)
+
+
+def _waitFor(condition, seconds=300):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        slicer.app.processEvents()
+        time.sleep(0.05)
+    return condition()
+
+
+class CDALSegmentationDesktopTest(unittest.TestCase):
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+        if missingPackages():
+            self.skipTest("missing packages: %s" % missingPackages())
+        models = libLogic.listModels()
+        if not models:
+            self.skipTest("no cDAL model installed")
+        self.model = libLogic.DEFAULT_MODEL if libLogic.DEFAULT_MODEL in models else sorted(models)[0]
+        slicer.util.selectModule("CDALSegmentation")
+        self.widget = slicer.modules.cdalsegmentation.widgetRepresentation().self()
+
+    def _configure(self, volume):
+        p = self.widget._parameterNode
+        p.inputVolume, p.samples, p.steps, p.seed = volume, 2, 1, 0
+        self.widget.refreshModels()
+        self.widget.selectModel(self.model)
+
+    def test_segment_over_qprocess_results_follow_the_segmented_volume(self):
+        volume, other = _volume("A"), _volume("B")
+        self._configure(volume)
+        self.widget.ui.applyButton.click()
+        self.assertFalse(self.widget.ui.inputSelector.enabled, "input selector must be locked during a run")
+        self.assertTrue(_waitFor(lambda: not self.widget.segmentPanel.running), "segmentation did not finish")
+        p = self.widget._parameterNode
+        self.assertIsNotNone(p.uncertainty)
+        self.assertIsNotNone(p.volumeTable)
+        p.inputVolume = other
+        composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+        self.widget.updateOverlays()
+        self.assertEqual(composite.GetBackgroundVolumeID(), volume.GetID())
+        self.assertEqual(composite.GetForegroundVolumeID(), p.uncertainty.GetID())
+        self.widget.onJumpToMostUncertain()
+        self.widget.onShowPlot()
+        self.widget.onShowPlot()
+        self.assertEqual(slicer.mrmlScene.GetNodesByClass("vtkMRMLPlotChartNode").GetNumberOfItems(), 1)
+        self.widget.onCopyVolumes()
+        import qt
+
+        self.assertTrue(qt.QApplication.clipboard().text().startswith("Side\tStructure"))
+
+    def test_cancel_and_scene_close_leave_nothing_behind(self):
+        import os
+
+        self._configure(_volume())
+        count = slicer.mrmlScene.GetNumberOfNodes()
+        self.widget.ui.applyButton.click()
+        self.assertEqual(self.widget.ui.applyButton.text, "Cancel")
+        started = time.time()
+        self.widget.ui.applyButton.click()
+        self.assertLess(time.time() - started, 1.0, "Cancel blocked the GUI")
+        self.assertEqual(self.widget.ui.applyButton.text, "Segment")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+        self.widget.ui.applyButton.click()
+        job = self.widget.segmentPanel.job
+        slicer.mrmlScene.Clear()  # StartCloseEvent mid-run
+        self.assertFalse(self.widget.ui.progressBar.visible)
+        self.assertFalse(os.path.exists(job.workDir))
+        self.assertEqual(job.state, "cancelled")
