@@ -48,11 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto")
         p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines (for GUIs)")
 
-    p = sub.add_parser("predict", help="segment volumes: writes <stem>_seg/_uncertainty/_attention.nii.gz")
+    p = sub.add_parser("predict", help="segment volumes: writes <stem>_seg/_uncertainty/_attention.nii.gz and <stem>_report.json")
     p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True, help="a volume (.nii.gz, .nrrd, .mha) or a folder of them")
+    p.add_argument("--input", required=True,
+                   help="a volume (.nii.gz, .nrrd, .mha), a folder of them, a folder holding one DICOM series, "
+                        "or a folder of such series folders")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--roi", default=None, metavar="R1,A1,S1,R2,A2,S2",
+                   help="segment only this box: two opposite corners in RAS mm (as Slicer shows them)")
+    p.add_argument("--localise", default="auto", choices=("auto", "on", "off"),
+                   help="auto (default): on a whole brain or head, find both hippocampi first; "
+                        "off: segment the whole input as it is")
+    p.add_argument("--allow-thick-slices", action="store_true",
+                   help="segment scans with slices thicker than 2 mm anyway (coarse results)")
     _add_common_sampling(p)
 
     p = sub.add_parser("evaluate", help="Dice/IoU/precision/recall/HD95 and uncertainty quality on labelled data")
@@ -119,54 +128,55 @@ def cmd_predict(args) -> int:
     if _is_2d_request(args.input):
         from .predict2d import predict_images
         return predict_images(args)
-    import SimpleITK as sitk
     from tqdm import tqdm
-    from .data import check_volume, read_image, stem_of
-    from .inference import resolve_device, segment_image
-    from .model_io import load_model
+    from .data import check_volume
+    from .inference import resolve_device
+    from .inputs import list_inputs, read_scan
+    from .model_io import atomic_write_bytes, load_model
+    from .scan import format_report, parse_roi, segment_scan
 
     device = resolve_device(args.device)
-    inputs = _list_inputs(Path(args.input))
+    roi = parse_roi(args.roi) if args.roi else None
+    inputs = list_inputs(Path(args.input))
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise CDALError(f"{out_dir}: exists and is not a folder: choose another --output")
-    planned = {p: {k: out_dir / f"{stem_of(p)}_{k}.nii.gz" for k in OUTPUT_KINDS} for p in inputs}
+    stems = [item.stem for item in inputs]
+    if len(set(stems)) != len(stems):
+        twice = sorted({s for s in stems if stems.count(s) > 1})[0]
+        raise CDALError(f"two inputs would both write {twice}_seg.nii.gz: rename one, or run them separately")
+    planned = {item.stem: {**{k: out_dir / f"{item.stem}_{k}.nii.gz" for k in OUTPUT_KINDS},
+                           "report": out_dir / f"{item.stem}_report.json"} for item in inputs}
     existing = [str(f) for files in planned.values() for f in files.values() if f.exists()]
     if existing and not args.overwrite:
         raise CDALError(f"{existing[0]} already exists ({len(existing)} outputs would be replaced): "
                         "pass --overwrite or choose another --output")
     model = load_model(args.model, device=str(device))
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(inputs, desc="volumes", unit="vol", disable=len(inputs) < 2):
-        image = read_image(path)
-        check_volume(image, model.config.image_channels, name=str(path))
-        with tqdm(total=100, desc=path.name, unit="%", leave=False) as bar:
+    for item in tqdm(inputs, desc="volumes", unit="vol", disable=len(inputs) < 2):
+        scan = read_scan(item, allow_thick_slices=args.allow_thick_slices)
+        for warning in scan.warnings:
+            print(f"cdal: warning: {warning}", file=sys.stderr)
+        check_volume(scan.image, model.config.image_channels, name=str(item.path))
+        with tqdm(total=100, desc=item.stem, unit="%", leave=False) as bar:
             def progress(fraction, message, bar=bar):
                 bar.n = int(100 * fraction)
-                bar.refresh()
-            result = segment_image(image, model, steps=args.steps, samples=args.samples, seed=args.seed,
-                                   device=str(device), progress=progress, precision=args.precision,
-                                   early_exit=not args.full_sampling)
-        files = planned[path]
+                bar.set_postfix_str(message[:40], refresh=True)
+            result = segment_scan(scan.image, model, roi=roi, localise=args.localise, steps=args.steps,
+                                  samples=args.samples, seed=args.seed, device=str(device), progress=progress,
+                                  precision=args.precision, early_exit=not args.full_sampling)
+        files = planned[item.stem]
         write_image_atomic(result.labels, files["seg"])
         write_image_atomic(result.uncertainty, files["uncertainty"])
-        write_image_atomic(result.attention, files["attention"])
+        if result.attention is not None:
+            write_image_atomic(result.attention, files["attention"])
+        report = {"input": str(item.path), "model": str(model.path), "warnings": scan.warnings, **result.report}
+        atomic_write_bytes(files["report"], (json.dumps(report, indent=1) + "\n").encode())
         notes = f" ({'; '.join(result.notes)})" if result.notes else ""
-        print(f"{path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name} "
-              f"in {result.seconds:.2f} s{notes}")
+        print(f"{item.path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name}, "
+              f"{files['report'].name} in {result.seconds:.2f} s{notes}")
+        print(format_report(result.report))
     return 0
-
-
-def _list_inputs(path: Path) -> List[Path]:
-    from .data import VOLUME_SUFFIXES
-    if not path.exists():
-        raise CDALError(f"{path}: not found: check the --input path")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
-        if not files:
-            raise CDALError(f"{path}: holds no .nii.gz/.nii/.nrrd/.mha volumes")
-        return files
-    return [path]
 
 
 def write_image_atomic(image, path: Path) -> None:

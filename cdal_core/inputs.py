@@ -1,0 +1,194 @@
+"""Scans as clinics and researchers keep them: files (NIfTI, NRRD, MHA) and DICOM series folders, read with
+nothing silent.
+
+- A truncated or corrupt compressed file is an error (SimpleITK alone reads a cut .nii.gz as zeros).
+- NaN/inf voxels (SimpleITK's NIfTI reader turns NaN into 0 without a word) become background with a warning
+  that says how many; a scan that is mostly NaN is refused.
+- A singular or non-orthonormal orientation is refused; a NIfTI without any orientation (qform and sform codes
+  0) is read with a warning that left and right cannot be trusted.
+- Slices thicker than ``MAX_SLICE_MM`` are refused unless the caller allows them (then a warning names them).
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .data import VOLUME_SUFFIXES, stem_of
+from .errors import CDALError
+
+MAX_SLICE_MM = 2.0           # the model was trained at 1 mm; beyond ~2 mm a hippocampus spans too few slices
+MAX_NONFINITE_FRACTION = 0.01
+
+
+@dataclass
+class ScanInput:
+    """One thing to segment: a file or a folder holding one DICOM series; ``stem`` names its outputs."""
+
+    path: Path
+    stem: str
+    dicom: bool = False
+
+
+@dataclass
+class Scan:
+    image: sitk.Image
+    warnings: List[str] = field(default_factory=list)
+
+
+def list_inputs(path: Path) -> List[ScanInput]:
+    """A file, a folder of files, a DICOM series folder, or a folder of DICOM series folders."""
+    path = Path(path)
+    if not path.exists():
+        raise CDALError(f"{path}: not found: check the --input path")
+    if path.is_file():
+        return [ScanInput(path, stem_of(path))]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+    if files:
+        return [ScanInput(p, stem_of(p)) for p in files]
+    if _dicom_series(path):
+        return [ScanInput(path, path.name, dicom=True)]
+    series = [ScanInput(d, d.name, dicom=True) for d in sorted(path.iterdir()) if d.is_dir() and _dicom_series(d)]
+    if series:
+        return series
+    raise CDALError(f"{path}: holds no .nii.gz/.nii/.nrrd/.mha volumes and no DICOM series: give a volume file, a "
+                    "folder of them, a folder holding one DICOM series, or a folder of such folders")
+
+
+def read_scan(item: ScanInput, allow_thick_slices: bool = False) -> Scan:
+    """Read, verify and sanitise one input (see the module docstring)."""
+    scan = _read_dicom(item.path) if item.dicom else _read_file(item.path)
+    check_slice_thickness(scan, item.path, allow_thick_slices)
+    return scan
+
+
+def check_slice_thickness(scan: Scan, name, allow: bool) -> None:
+    if scan.image.GetDimension() != 3:
+        return  # check_volume explains dimensionality
+    thickest = max(scan.image.GetSpacing())
+    if thickest <= MAX_SLICE_MM:
+        return
+    message = (f"{name}: voxels are {_fmt(scan.image.GetSpacing())} mm, slices {thickest:.1f} mm thick; this model "
+               f"was trained on ~1 mm 3D T1 scans and needs <= {MAX_SLICE_MM:g} mm")
+    if not allow:
+        raise CDALError(message + ": use a 3D T1 series (MPRAGE/SPGR, ~1 mm), or pass --allow-thick-slices to "
+                                  "segment it anyway (results will be coarse)")
+    scan.warnings.append(message + ": segmented anyway (--allow-thick-slices), expect coarse results")
+
+
+# -- files --------------------------------------------------------------------------------------------------
+def _read_file(path: Path) -> Scan:
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    if nifti:
+        header, raw = _nifti_raw(path)  # reads every byte: a cut file fails here
+    elif path.name.lower().endswith(".gz"):
+        _verify_gzip(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        text = str(exc)
+        if "orthonormal" in text or "direction" in text.lower():
+            raise CDALError(f"{path}: its header's orientation matrix is singular or not a rotation (no valid "
+                            "qform/sform), so the scan has no geometry to put results on: fix the header (e.g. "
+                            "re-export from the scanner or with dcm2niix)")
+        first = text.strip().splitlines()[-1][:200] if text.strip() else "unknown error"
+        raise CDALError(f"{path}: cannot be read as an image ({first}): is it a complete .nii.gz/.nrrd/.mha file?")
+    scan = Scan(image)
+    if nifti:
+        _check_nifti(path, scan, header, raw)
+    scan.image, replaced = replace_nonfinite(scan.image, name=str(path))
+    if replaced:
+        scan.warnings.append(replaced)
+    return scan
+
+
+def _verify_gzip(path: Path) -> None:
+    """Decompress the whole stream (CRC and length checked): a cut or damaged download is an error, not zeros."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise CDALError(f"{path}: the compressed file is truncated or corrupt ({exc}): copy or download it again")
+
+
+def _nifti_raw(path: Path):
+    """The NIfTI header and its whole data array (nibabel), or a clear error for a cut or damaged file."""
+    import nibabel as nib
+    try:
+        img = nib.load(str(path))
+        return img.header, np.asanyarray(img.dataobj)
+    except (EOFError, OSError, zlib.error, ValueError) as exc:
+        raise CDALError(f"{path}: the file is truncated or corrupt ({str(exc)[:120]}): copy or download it again")
+
+
+def _check_nifti(path: Path, scan: Scan, header, raw: np.ndarray) -> None:
+    """What SimpleITK hides about a NIfTI file: missing orientation and NaN voxels (it reads NaN as 0)."""
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        scan.warnings.append(f"{path}: the header has no orientation (qform and sform codes are 0), so the scan's "
+                             "geometry is assumed and left/right cannot be trusted: fix the header if sides matter")
+    if np.issubdtype(raw.dtype, np.floating):
+        bad = ~np.isfinite(raw)
+        if bad.any():
+            array = sitk.GetArrayFromImage(scan.image)
+            array[np.transpose(bad.reshape(bad.shape[:3] + (-1,))[..., 0], (2, 1, 0))] = np.nan
+            image = sitk.GetImageFromArray(array, isVector=scan.image.GetNumberOfComponentsPerPixel() > 1)
+            image.CopyInformation(scan.image)
+            scan.image = image
+
+
+def replace_nonfinite(image: sitk.Image, name: str = "input") -> Tuple[sitk.Image, str]:
+    """NaN/inf voxels -> the scan's lowest finite value (background), with a warning; mostly-NaN is refused."""
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(array.dtype, np.floating):
+        return image, ""
+    finite = np.isfinite(array)
+    bad = int(finite.size - np.count_nonzero(finite))
+    if bad == 0:
+        return image, ""
+    if not finite.any() or bad > MAX_NONFINITE_FRACTION * finite.size:
+        raise CDALError(f"{name}: {bad} of {finite.size} voxels are NaN/inf: the scan is damaged; re-export it")
+    fixed = np.where(finite, array, float(array[finite].min())).astype(array.dtype)
+    out = sitk.GetImageFromArray(fixed, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    out.CopyInformation(image)
+    return out, f"{name}: {bad} NaN/inf voxels replaced by background ({float(array[finite].min()):g})"
+
+
+# -- DICOM --------------------------------------------------------------------------------------------------
+def _dicom_series(folder: Path) -> List[str]:
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+    except RuntimeError:
+        return []
+
+
+def _read_dicom(folder: Path) -> Scan:
+    ids = _dicom_series(folder)
+    if len(ids) != 1:
+        raise CDALError(f"{folder}: holds {len(ids)} DICOM series: give a folder with one series (one folder per "
+                        "series, e.g. as dcm2niix or the scanner export sorts them)")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
+    if len(files) < 2:
+        raise CDALError(f"{folder}: the DICOM series has {len(files)} slice: a 3D T1 series has many")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise CDALError(f"{folder}: the DICOM series cannot be read ({str(exc).strip().splitlines()[-1][:160]}): "
+                        "check that the files are complete")
+    scan = Scan(image)
+    scan.image, replaced = replace_nonfinite(image, name=str(folder))
+    if replaced:
+        scan.warnings.append(replaced)
+    return scan
+
+
+def _fmt(values) -> str:
+    return "x".join(f"{v:.3g}" for v in values)

@@ -1,0 +1,183 @@
+"""Find the left and right hippocampus in a whole-brain or whole-head T1 MRI, in any orientation.
+
+How: an affine registration (SimpleITK: moments initialiser, Mattes mutual information, three resolution
+levels) of a 3 mm copy of the scan to the skull-stripped ICBM152 2009a template shipped in
+``cdal_core/templates``. The template-space box around each hippocampus (``RegionSpec``) is then carried into
+the scan by the rigid part of that affine, so the crop the model sees is 1 mm, axis-aligned with the template's
+head (the way MSD crops are) and at the scan's own scale: volumes measured in it are the subject's.
+
+Coordinates: SimpleITK works in LPS; everything this module reports is RAS (as Slicer and the MNI space are).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import CDALError
+
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "icbm152_brain_3mm.nii.gz"
+REGISTRATION_MM = 3.0
+_LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
+
+# A registration this poor, or this far from a plausible head, is not trusted (see docs/RESULTS.md,
+# "Whole-brain localisation": real scans score -0.55 to -0.65, the template itself -1.06; a scan of
+# something else or a failed optimisation scores above -0.3).
+MAX_METRIC = -0.35
+SCALE_RANGE = (0.7, 1.4)        # singular values of the affine (head size relative to the template)
+
+
+@dataclass
+class RegionSpec:
+    """A box in template (MNI, RAS mm) space: where one structure lies, and the crop the model wants."""
+
+    side: str
+    centre_mni: Tuple[float, float, float]
+    size_mm: Tuple[float, float, float]
+
+
+def hippocampus_regions(size_mm: Sequence[float] = (40.0, 56.0, 40.0)) -> List[RegionSpec]:
+    """Both hippocampi in ICBM152 2009a (centres checked on the template itself, docs/RESULTS.md). The box is
+    a little larger than MSD Task04's crops (about 35 x 50 x 35 mm) to absorb registration error."""
+    size = tuple(float(s) for s in size_mm)
+    return [RegionSpec("left", (-26.0, -23.0, -13.0), size), RegionSpec("right", (26.0, -23.0, -13.0), size)]
+
+
+@dataclass
+class Region:
+    """One located box: ``to_scan`` maps crop (template-aligned) LPS points to the scan's LPS points."""
+
+    side: str
+    to_scan: sitk.Transform
+    centre_lps: np.ndarray          # the box centre in crop space (= template space)
+    size_mm: Tuple[float, float, float]
+
+    @property
+    def centre_ras(self) -> List[float]:
+        return (_LPS @ np.asarray(self.to_scan.TransformPoint(self.centre_lps.tolist()))).round(2).tolist()
+
+    def crop_reference(self, spacing: float = 1.0) -> sitk.Image:
+        """The crop's grid: ``spacing`` mm, RAS-oriented in template space, centred on the box."""
+        size = [int(round(s / spacing)) for s in self.size_mm]
+        ref = sitk.Image(size, sitk.sitkUInt8)
+        ref.SetSpacing([spacing] * 3)
+        ref.SetDirection(_LPS.flatten().tolist())  # RAS axes, written in LPS
+        half = (np.asarray(size) - 1) / 2.0 * spacing
+        ref.SetOrigin((self.centre_lps - _LPS @ half).tolist())
+        return ref
+
+    def crop(self, image: sitk.Image, spacing: float = 1.0, fill: float = 0.0) -> sitk.Image:
+        """The scan resampled (linear) into this box: the image the model segments."""
+        return sitk.Resample(image, self.crop_reference(spacing), self.to_scan, sitk.sitkLinear, fill,
+                             sitk.sitkFloat32)
+
+
+@dataclass
+class Localisation:
+    regions: List[Region]
+    metric: float
+    scales: List[float]
+    seconds: float
+    status: str = "ok"                      # "ok" or "doubtful"
+    reasons: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict:
+        return {"method": "affine registration to ICBM152 2009a (3 mm, Mattes MI)", "status": self.status,
+                "reasons": list(self.reasons), "metric": round(self.metric, 4),
+                "scales": [round(s, 3) for s in self.scales], "seconds": round(self.seconds, 2),
+                "centres_ras": {r.side: r.centre_ras for r in self.regions}}
+
+
+def needs_localisation(image: sitk.Image, crop_mm: Sequence[float] = (45.0, 60.0, 50.0)) -> bool:
+    """True when the scan is much larger than one hippocampus crop (two of its extents exceed twice the
+    largest MSD crop's), i.e. a brain or a head rather than a crop."""
+    extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
+    return int(np.sum(extent > 2 * max(crop_mm))) >= 2
+
+
+def locate(image: sitk.Image, specs: Optional[List[RegionSpec]] = None) -> Localisation:
+    """Register ``image`` (3D, scalar) to the template and place each region in it."""
+    start = time.perf_counter()
+    specs = specs or hippocampus_regions()
+    fixed = _template()
+    moving = _normalise(_downsample(image, REGISTRATION_MM))
+    affine, metric = _register(fixed, moving)
+    matrix = np.asarray(affine.GetMatrix()).reshape(3, 3)
+    singular = np.linalg.svd(matrix, compute_uv=False)
+    loc = Localisation([], float(metric), sorted(singular.tolist()), 0.0)
+    if np.linalg.det(matrix) <= 0:
+        raise CDALError("localisation failed: the scan matched the template only as a mirror image (is the "
+                        "file's left/right orientation wrong?): check the header, or place an ROI by hand "
+                        "(--roi, or an ROI node in Slicer)")
+    if metric > MAX_METRIC:
+        loc.reasons.append(f"weak image match (mutual information {metric:.2f}, real brains give about -0.6)")
+    if singular.min() < SCALE_RANGE[0] or singular.max() > SCALE_RANGE[1]:
+        loc.reasons.append("implausible head size (scaled {:.2f}-{:.2f}x against the template)".format(
+            singular.min(), singular.max()))
+    rotation = _nearest_rotation(matrix)
+    for spec in specs:
+        centre = _LPS @ np.asarray(spec.centre_mni, float)
+        # rigid map: crop point q -> A c + t + R (q - c), with the full affine only choosing the centre
+        rigid = sitk.AffineTransform(3)
+        rigid.SetMatrix(rotation.flatten().tolist())
+        rigid.SetCenter(centre.tolist())
+        rigid.SetTranslation((np.asarray(affine.TransformPoint(centre.tolist())) - centre).tolist())
+        loc.regions.append(Region(spec.side, rigid, centre, spec.size_mm))
+    loc.status = "doubtful" if loc.reasons else "ok"
+    loc.seconds = time.perf_counter() - start
+    return loc
+
+
+def _template() -> sitk.Image:
+    if not TEMPLATE.exists():
+        raise CDALError(f"{TEMPLATE}: the localisation template is missing from this install: reinstall cdal_core")
+    return sitk.ReadImage(str(TEMPLATE), sitk.sitkFloat32)
+
+
+def _downsample(image: sitk.Image, mm: float) -> sitk.Image:
+    """Block-average to about ``mm`` per voxel (cheap, and it smooths as it shrinks)."""
+    factors = [max(1, int(round(mm / s))) for s in image.GetSpacing()]
+    return sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
+
+
+def _normalise(image: sitk.Image) -> sitk.Image:
+    """[0, 1] from the 1st-99th percentile of the non-background voxels (skull-stripped scans are mostly 0)."""
+    array = sitk.GetArrayViewFromImage(image)
+    body = array[array > np.percentile(array, 20)] if array.size else array
+    lo, hi = np.percentile(body if body.size else array, [1, 99])
+    return sitk.Clamp((image - float(lo)) / max(float(hi - lo), 1e-6), sitk.sitkFloat32, 0.0, 1.0)
+
+
+def _register(fixed: sitk.Image, moving: sitk.Image) -> Tuple[sitk.AffineTransform, float]:
+    """Affine ``fixed`` (template) -> ``moving`` (scan) point map, and the final Mattes MI (lower = better)."""
+    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.25, seed=1)  # fixed seed: the same scan always gives the same boxes
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-3, 100, relaxationFactor=0.5)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2, 1, 0.5])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    reg.SetInitialTransform(initial, inPlace=True)
+    try:
+        reg.Execute(fixed, moving)
+    except RuntimeError as exc:  # e.g. too few samples overlap: nothing brain-like where the template is
+        raise CDALError("localisation failed: the scan could not be matched to a brain template ({}): check that "
+                        "it is a T1 MRI of the head, or place an ROI by hand (--roi, or an ROI node in Slicer)"
+                        .format(str(exc).strip().splitlines()[-1][:120]))
+    return sitk.AffineTransform(initial), float(reg.GetMetricValue())
+
+
+def _nearest_rotation(matrix: np.ndarray) -> np.ndarray:
+    """The rotation closest to ``matrix`` (polar decomposition): the affine's pose without its scaling."""
+    u, _, vt = np.linalg.svd(matrix)
+    return u @ vt

@@ -1,0 +1,283 @@
+"""Segment a scan as a user hands it over: a crop, a whole brain (located automatically) or a user's ROI.
+
+``segment_scan`` is what ``cdal predict`` and the Slicer module run. It decides where the model looks:
+- a user ROI (RAS box, mm) wins: that box is segmented;
+- a scan much larger than the model's crops (a brain or a head) of a model whose card names template regions
+  (the hippocampus model does) is registered to a brain template and one box per side is segmented
+  (``localise.py``), then results are put back on the scan's grid;
+- anything else (an MSD-like crop) is segmented whole.
+Outputs always lie on the input grid; ``sides`` tells for each labelled voxel which side it belongs to, and the
+report gives per-side, per-class volumes computed from exactly those label maps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .data import check_volume
+from .errors import CDALError
+from .inference import segment_image
+from .localise import Localisation, Region, RegionSpec, hippocampus_regions, locate, needs_localisation
+from .model_io import LoadedModel
+
+ProgressFn = Callable[[float, str], None]
+SIDE_CODES = {"left": 1, "right": 2, "unknown": 3}
+LOCALISE_MODES = ("auto", "on", "off")
+# A located side whose segmentation is smaller than this (mm³) is not a hippocampus (adult: 2,000-6,500):
+# the box was put in the wrong place, so the result is refused rather than reported.
+MIN_SIDE_MM3 = 700.0
+
+
+@dataclass
+class ScanResult:
+    labels: sitk.Image                   # UInt8, the model's label values, input geometry
+    uncertainty: sitk.Image              # Float32 variance across samples
+    attention: Optional[sitk.Image]      # Float32 in [0, 1]
+    sides: sitk.Image                    # UInt8: 1 left, 2 right, 3 side unknown, on labelled voxels; 0 elsewhere
+    report: Dict
+    notes: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def region_specs(card: Dict) -> Optional[List[RegionSpec]]:
+    """Template regions the model's card names (``"localisation": {"regions": [...]}``); hippocampus models
+    without that field (older cards, fine-tuned copies) get the hippocampus boxes; other models none."""
+    spec = card.get("localisation")
+    if spec:
+        return [RegionSpec(r["side"], tuple(r["centre_mni"]), tuple(r["size_mm"])) for r in spec["regions"]]
+    names = [c["name"].lower() for c in card.get("classes", [])]
+    return hippocampus_regions() if names[1:] == ["anterior", "posterior"] else None
+
+
+def parse_roi(text: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """'R1,A1,S1,R2,A2,S2' (two opposite corners, RAS mm, as Slicer shows them) -> two corners."""
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 6 or not np.all(np.isfinite(values)):
+        raise CDALError(f"--roi '{text}': expected six numbers R1,A1,S1,R2,A2,S2 (two opposite corners in RAS mm, "
+                        "as Slicer's ROI shows them)")
+    return tuple(values[:3]), tuple(values[3:])
+
+
+def segment_scan(image: sitk.Image, model: LoadedModel, roi=None, localise: str = "auto",
+                 steps: Optional[int] = None, samples: int = 5, seed: Optional[int] = None, device: str = "cpu",
+                 precision: str = "auto", early_exit: bool = True,
+                 progress: Optional[ProgressFn] = None) -> ScanResult:
+    """Segment one 3D scan. ``roi``: two RAS corners (mm) or None. ``localise``: 'auto' (locate when the scan is
+    a brain rather than a crop), 'on' (always) or 'off' (segment the whole scan as it is)."""
+    start = time.perf_counter()
+    if localise not in LOCALISE_MODES:
+        raise CDALError(f"unknown localisation mode '{localise}': use auto, on or off")
+    check_volume(image, model.config.image_channels)
+    run = dict(steps=steps, samples=samples, seed=seed, device=device, precision=precision, early_exit=early_exit)
+    specs = region_specs(model.card)
+    if roi is not None:
+        result = _segment_roi(image, model, roi, run, progress)
+    elif specs and (localise == "on" or (localise == "auto" and needs_localisation(image))):
+        result = _segment_located(image, model, specs, run, progress)
+    else:
+        whole = segment_image(image, model, progress=progress, **run)
+        sides = _side_map(sitk.GetArrayViewFromImage(whole.labels), "unknown")
+        result = _assemble(image, model, sitk.GetArrayFromImage(whole.labels), sitk.GetArrayFromImage(whole.uncertainty),
+                           None if whole.attention is None else sitk.GetArrayFromImage(whole.attention), sides,
+                           {"method": "none (segmented whole)", "status": "not needed"}, whole.notes)
+    result.seconds = time.perf_counter() - start
+    result.report["seconds"] = round(result.seconds, 2)
+    return result
+
+
+# -- the three ways -----------------------------------------------------------------------------------------
+def _segment_located(image, model, specs, run, progress) -> ScanResult:
+    _report(progress, 0.0, "locating the hippocampi (registration to a brain template)")
+    loc = locate(image, specs)
+    if loc.status != "ok":
+        raise CDALError("could not locate the hippocampi reliably ({}): place an ROI around each hippocampus by "
+                        "hand (--roi R1,A1,S1,R2,A2,S2 in RAS mm, or an ROI node in Slicer) and segment again"
+                        .format("; ".join(loc.reasons)))
+    shape = sitk.GetArrayViewFromImage(image).shape
+    labels, sides = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    uncertainty, attention = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    fill = float(np.percentile(sitk.GetArrayViewFromImage(image), 0.5))
+    notes, removed = [], {}
+    for i, region in enumerate(loc.regions):
+        crop = region.crop(image, fill=fill)
+        sub = _sub_progress(progress, 0.1 + 0.85 * i / len(loc.regions), 0.85 / len(loc.regions),
+                            f"{region.side} hippocampus: ")
+        res = segment_image(crop, model, progress=sub, **run)
+        probs, removed[region.side] = _largest_component(res.probabilities, float(np.prod(crop.GetSpacing())))
+        box, lab, unc, att = _to_scan(image, region, crop, probs, res)
+        mine = lab > 0
+        labels[box][mine] = lab[mine]
+        sides[box][mine] = SIDE_CODES[region.side]
+        uncertainty[box] = np.maximum(uncertainty[box], unc)
+        if att is not None:
+            attention[box] = np.maximum(attention[box], att)
+    info = {**loc.to_dict(), "removed_islands_mm3": {k: round(v, 1) for k, v in removed.items()}}
+    result = _assemble(image, model, labels, uncertainty, attention, sides, info, notes)
+    _check_sides(result.report, [r.side for r in loc.regions])
+    return result
+
+
+def _segment_roi(image, model, roi, run, progress) -> ScanResult:
+    start, size = _roi_index_box(image, roi)
+    crop = sitk.RegionOfInterest(image, size, start)
+    res = segment_image(crop, model, progress=progress, **run)
+    shape = sitk.GetArrayViewFromImage(image).shape
+    box = tuple(slice(s, s + n) for s, n in zip(start[::-1], size[::-1]))
+    labels, uncertainty = np.zeros(shape, np.uint8), np.zeros(shape, np.float32)
+    attention = np.zeros(shape, np.float32) if res.attention is not None else None
+    labels[box] = sitk.GetArrayViewFromImage(res.labels)
+    uncertainty[box] = sitk.GetArrayViewFromImage(res.uncertainty)
+    if attention is not None:
+        attention[box] = sitk.GetArrayViewFromImage(res.attention)
+    info = {"method": "user ROI", "status": "roi", "roi_ras": [list(roi[0]), list(roi[1])],
+            "roi_index_box": {"start": list(start), "size": list(size)}}
+    return _assemble(image, model, labels, uncertainty, attention, _side_map(labels, "unknown"), info, res.notes)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+def _roi_index_box(image: sitk.Image, roi) -> Tuple[List[int], List[int]]:
+    """The index box of ``image`` covering an RAS box (clipped to the image), or a clear error."""
+    lo, hi = np.minimum(roi[0], roi[1]), np.maximum(roi[0], roi[1])
+    corners = [np.array([c[0], c[1], c[2]]) for c in np.array(np.meshgrid(*zip(lo, hi))).T.reshape(-1, 3)]
+    index = np.array([image.TransformPhysicalPointToContinuousIndex((-p[0], -p[1], p[2])) for p in corners])
+    first = np.maximum(np.floor(index.min(axis=0)).astype(int), 0)
+    last = np.minimum(np.ceil(index.max(axis=0)).astype(int), np.asarray(image.GetSize()) - 1)
+    size = last - first + 1
+    if np.any(size < 1):
+        raise CDALError("the ROI {} .. {} (RAS mm) does not overlap the image: give corners inside the scan"
+                        .format(_fmt(lo), _fmt(hi)))
+    if np.sum(size >= 8) < 3:
+        raise CDALError("the ROI covers only {} voxels of the image: make it larger (at least 8 voxels a side)"
+                        .format("x".join(str(int(s)) for s in size)))
+    return [int(v) for v in first], [int(v) for v in size]
+
+
+def _largest_component(probs: np.ndarray, voxel_mm3: float) -> Tuple[np.ndarray, float]:
+    """Keep the largest connected foreground component of a located box: the hippocampus is one structure, and
+    anything detached from it in the box (amygdala, choroid plexus) is not it. Returns the edited probabilities
+    (C, Z, Y, X) and the removed volume (mm³)."""
+    labels = probs.argmax(axis=0)
+    foreground = sitk.GetImageFromArray((labels > 0).astype(np.uint8))
+    components = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(foreground, True)))
+    drop = components > 1
+    if not drop.any():
+        return probs, 0.0
+    probs = probs.copy()
+    probs[1:, drop] = 0.0
+    probs[0, drop] = 1.0
+    return probs, float(drop.sum()) * voxel_mm3
+
+
+def _to_scan(image: sitk.Image, region: Region, crop: sitk.Image, probs: np.ndarray, res):
+    """Crop-grid results -> the part of the scan's grid the box covers: (box slices, labels, variance, attention).
+    Probabilities are interpolated and the labels are their argmax, as on a plain input."""
+    reference, box = _covering_subgrid(image, crop, region.to_scan)
+    to_crop = region.to_scan.GetInverse()
+
+    def back(array: np.ndarray, default: float) -> np.ndarray:
+        moved = sitk.GetImageFromArray(np.ascontiguousarray(array, np.float32))
+        moved.CopyInformation(crop)
+        return sitk.GetArrayFromImage(sitk.Resample(moved, reference, to_crop, sitk.sitkLinear, default))
+
+    scan_probs = np.stack([back(p, 1.0 if c == 0 else 0.0) for c, p in enumerate(probs)])
+    labels = scan_probs.argmax(axis=0).astype(np.uint8)
+    variance = back(sitk.GetArrayViewFromImage(res.uncertainty), 0.0)
+    attention = back(sitk.GetArrayViewFromImage(res.attention), 0.0) if res.attention is not None else None
+    return box, labels, variance, attention
+
+
+def _covering_subgrid(image: sitk.Image, crop: sitk.Image,
+                      to_scan: sitk.Transform) -> Tuple[sitk.Image, Tuple[slice, slice, slice]]:
+    """The sub-grid of ``image`` that holds the crop box (its 8 corners mapped into the scan), and its slices in
+    array (z, y, x) order: resampling only there keeps a whole-brain run small and fast."""
+    size = np.asarray(crop.GetSize())
+    corners = [to_scan.TransformPoint(crop.TransformIndexToPhysicalPoint([int(v) for v in c * (size - 1)]))
+               for c in np.ndindex(2, 2, 2)]
+    index = np.array([image.TransformPhysicalPointToContinuousIndex(p) for p in corners])
+    first = np.maximum(np.floor(index.min(axis=0)).astype(int) - 1, 0)
+    last = np.minimum(np.ceil(index.max(axis=0)).astype(int) + 1, np.asarray(image.GetSize()) - 1)
+    if np.any(last < first):
+        raise CDALError("a hippocampus box lies outside the scan (is the scan cut off?): place an ROI by hand "
+                        "(--roi, or an ROI node in Slicer)")
+    reference = sitk.Image([int(v) for v in last - first + 1], sitk.sitkUInt8)
+    reference.SetSpacing(image.GetSpacing())
+    reference.SetDirection(image.GetDirection())
+    reference.SetOrigin(image.TransformIndexToPhysicalPoint([int(v) for v in first]))
+    box = tuple(slice(int(a), int(b) + 1) for a, b in zip(first[::-1], last[::-1]))
+    return reference, box
+
+
+def _side_map(labels: np.ndarray, side: str) -> np.ndarray:
+    return np.where(labels > 0, SIDE_CODES[side], 0).astype(np.uint8)
+
+
+def _assemble(image, model, labels, uncertainty, attention, sides, localisation, notes) -> ScanResult:
+    def as_image(array):
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(image)
+        return out
+
+    report = {"structures": volume_table(labels, sides, uncertainty, model.class_names,
+                                         float(np.prod(image.GetSpacing()))),
+              "localisation": localisation, "notes": list(notes)}
+    return ScanResult(as_image(labels), as_image(uncertainty), None if attention is None else as_image(attention),
+                      as_image(sides), report, list(notes))
+
+
+def volume_table(labels: np.ndarray, sides: np.ndarray, uncertainty: np.ndarray, class_names: Sequence[str],
+                 voxel_mm3: float) -> List[Dict]:
+    """One row per (side, class) present: volume from the label map itself and mean uncertainty inside it."""
+    rows = []
+    for side, code in SIDE_CODES.items():
+        in_side = sides == code
+        if not in_side.any():
+            continue
+        for c in range(1, len(class_names)):
+            mask = in_side & (labels == c)
+            n = int(mask.sum())
+            rows.append({"side": side, "name": class_names[c], "label": c, "voxels": n,
+                         "volume_mm3": round(n * voxel_mm3, 1),
+                         "mean_uncertainty": round(float(uncertainty[mask].mean()), 5) if n else None})
+    return rows
+
+
+def _check_sides(report: Dict, sides: Sequence[str]) -> None:
+    """A located side with next to nothing segmented means the box missed: refuse instead of reporting it."""
+    for side in sides:
+        total = sum(r["volume_mm3"] for r in report["structures"] if r["side"] == side)
+        if total < MIN_SIDE_MM3:
+            raise CDALError(f"the {side} hippocampus was not found where the brain template puts it "
+                            f"({total:.0f} mm³ segmented there): localisation probably failed; place an ROI around "
+                            "each hippocampus by hand (--roi, or an ROI node in Slicer) and segment again")
+
+
+def format_report(report: Dict) -> str:
+    """The per-side volume table printed by ``cdal predict``."""
+    lines = [f"{'side':8s} {'structure':12s} {'volume mm³':>11s} {'mean uncertainty':>17s}"]
+    for r in report["structures"]:
+        unc = "-" if r["mean_uncertainty"] is None else f"{r['mean_uncertainty']:.4f}"
+        lines.append(f"{r['side']:8s} {r['name']:12s} {r['volume_mm3']:11.0f} {unc:>17s}")
+    return "\n".join(lines)
+
+
+def _report(progress: Optional[ProgressFn], fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(fraction, message)
+
+
+def _sub_progress(progress: Optional[ProgressFn], offset: float, scale: float, prefix: str):
+    if progress is None:
+        return None
+    return lambda f, msg: progress(offset + scale * f, prefix + msg)
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in values) + ")"
