@@ -7,7 +7,7 @@ import pytest
 import slicer
 import slicer.util
 from cdal_core.errors import CancelledError, CDALError
-from CDALSegmentationLib.logic import CDALSegmentationLogic, VolumeTooLargeError
+from CDALSegmentationLib.logic import CDALSegmentationLogic
 
 from helpers import scene_snapshot, volume_from_array
 
@@ -84,12 +84,13 @@ def test_nan_and_constant_volumes(app, logic, tiny_model):
     _expect_error(app, lambda: logic.segment(flat, model=tiny_model), ["constant"])
 
 
-def test_huge_volume_asks_for_roi_and_roi_outside(app, tiny_model):
-    logic = CDALSegmentationLogic(maxVoxelsWithoutROI=1000)
-    node = _volume(app)
-    _expect_error(app, lambda: logic.segment(node, model=tiny_model), ["ROI"], error=VolumeTooLargeError)
+def test_large_volume_without_roi_goes_to_the_worker_and_roi_outside_is_refused(app, logic, tiny_model):
+    """A whole brain without an ROI is no longer refused: the worker localises it (cdal_core.scan)."""
+    node = _volume(app, shape=(160, 200, 180))  # 5.8 M voxels, far more than the model's crop
+    prepared = logic.prepareInput(node, model=tiny_model)
+    assert prepared.ijkBox is None and prepared.image.GetSize() == (180, 200, 160)
     roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "far away")
-    roi.SetCenter(500.0, 500.0, 500.0)
+    roi.SetCenter(5000.0, 5000.0, 5000.0)
     roi.SetSize(10.0, 10.0, 10.0)
     _expect_error(app, lambda: CDALSegmentationLogic().segment(node, model=tiny_model, roiNode=roi),
                   ["does not overlap"])
@@ -113,8 +114,8 @@ def test_cancel_background_job_kills_process(app, logic, tiny_model):
     pid = job.pid
     job.cancel()
     assert job.state == "cancelled"
-    assert job._process.poll() is not None
     if os.name != "nt":
+        assert job._runner._process.wait(timeout=10) is not None
         with pytest.raises(OSError):
             os.killpg(pid, 0)  # the whole process group is gone
     with pytest.raises(CDALError):

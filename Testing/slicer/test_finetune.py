@@ -38,10 +38,12 @@ def test_finetune_round_trip_cpu(app, logic, tiny_model, synthetic_data, user_mo
     pairs = logic.trainingPairs(app.scene)
     job = logic.startFineTune(pairs, baseModel=tiny_model, newModelName="my tuned", maxSteps=3, device="cpu",
                               config=SMALL)
-    assert any("CPU" in w for w in job.warnings)
+    assert os.path.isdir(job.dataDir)
     statuses = []
     state = job.wait(timeout=240, interval=0.5, callback=lambda j: statuses.append(j.statusText()))
     assert state == "done", (job.error, job.stderrLines[-10:])
+    assert job.device == "cpu" and any("CPU" in w for w in job.warnings), "device is reported by the child"
+    assert not os.path.exists(job.dataDir), "exported patient images must be deleted after the run"
     assert os.path.dirname(job.modelPath) == str(user_models), (job.modelPath, userModelsDir(), str(user_models))
     assert os.path.basename(job.modelPath).startswith("my-tuned"), job.modelPath
     assert modelKind(job.modelPath) == "user"
@@ -69,8 +71,10 @@ def test_finetune_cancel_kills_children(app, logic, tiny_model, synthetic_data, 
     time.sleep(1.0)
     job.poll()
     job.cancel()
-    assert job.state == "cancelled" and job._process.poll() is not None
+    assert job.state == "cancelled"
+    assert not os.path.exists(job.dataDir)
     if os.name != "nt":
+        job._runner._process.wait(timeout=10)
         try:
             os.killpg(job.pid, 0)
             alive = True
@@ -78,3 +82,38 @@ def test_finetune_cancel_kills_children(app, logic, tiny_model, synthetic_data, 
             alive = False
         assert not alive
     assert "never" not in listModels()
+
+
+def test_finetune_keeps_data_when_asked_and_device_choice_in_child(app, logic, tiny_model, synthetic_data,
+                                                                   user_models):
+    from CDALSegmentationLib import finetune_worker
+
+    assert finetune_worker.chooseDevice("auto", False)[0] == "cpu" and finetune_worker.chooseDevice("auto", False)[1]
+    assert finetune_worker.chooseDevice("auto", True) == ("cuda", None, None)
+    assert finetune_worker.chooseDevice("cuda", False)[2]
+    volume = load_volume(os.path.join(str(synthetic_data), "imagesTr", "case_000.nii.gz"), name="case 0")
+    logic.segment(volume, model=tiny_model, samples=1, steps=1, seed=0)
+    job = logic.startFineTune(logic.trainingPairs(app.scene), baseModel=tiny_model, newModelName="kept",
+                              maxSteps=1000, device="cpu", config=SMALL, keepData=True)
+    job.cancel()
+    assert os.path.isfile(os.path.join(job.dataDir, "dataset.json"))
+    import shutil
+
+    shutil.rmtree(os.path.dirname(job.dataDir), ignore_errors=True)
+
+
+def test_gui_side_modules_do_not_import_torch():
+    """Importing torch freezes Slicer's GUI for seconds: the GUI-side code must not need it."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(here))
+    code = ("import sys; sys.path[:0] = [%r, %r]\n"
+            "from CDALSegmentationLib import logic, finetune, jobs, job_panel, dependencies, segment_worker\n"
+            "logic.listModels(); logic.modelEntries()\n"
+            "print('torch' in sys.modules)" % (os.path.join(repo, "CDALSegmentation"), repo))
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

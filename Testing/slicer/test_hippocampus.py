@@ -39,6 +39,13 @@ def hippocampus_model():
     return "hippocampus"
 
 
+@pytest.fixture(scope="module")
+def hippocampus_model_only():
+    if "hippocampus" not in listModels():
+        pytest.skip("shipped 'hippocampus' model not installed (Resources/Models/hippocampus)")
+    return "hippocampus"
+
+
 def test_real_hippocampus_dice(app, logic, hippocampus_model, capsys):
     import SimpleITK as sitk
 
@@ -92,3 +99,35 @@ def test_real_hippocampus_dice(app, logic, hippocampus_model, capsys):
     with capsys.disabled():
         print("\n[hippocampus via MRML] " + "\n[hippocampus via MRML] ".join(report))
     assert min(mean.values()) > 0.6, mean
+
+
+def test_whole_brain_without_roi_through_the_worker(app, logic, hippocampus_model_only):
+    """Segment on a whole brain (ICBM152 template) with no ROI: the worker localises both hippocampi
+    (cdal_core.scan), the segments are named per side, the volume table and the jumps know both sides."""
+    import glob
+
+    import slicer.util
+
+    found = glob.glob(os.path.join(REPO, ".venv", "lib", "python*", "site-packages", "nilearn", "datasets", "data",
+                                   "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
+    if not found:
+        pytest.skip("nilearn's ICBM152 template not installed")
+    volume = load_volume(found[0], name="ICBM152")
+    messages = []
+    job = logic.startSegmentation(volume, model=hippocampus_model_only, samples=2, seed=0, device="cpu")
+    try:
+        state = job.wait(timeout=600, interval=0.2, callback=lambda j: messages.append(j.message))
+        assert state == "done", (job.error, job.stderrLines[-10:])
+        result = logic.finishSegmentation(job)
+    finally:
+        job.cleanup()
+    assert any("locat" in m.lower() for m in messages), sorted(set(messages))
+    segmentation = result.segmentationNode.GetSegmentation()
+    names = sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments()))
+    assert names == ["Left anterior", "Left posterior", "Right anterior", "Right posterior"], names
+    sides = [result.volumeTableNode.GetCellText(r, 0) for r in range(result.volumeTableNode.GetNumberOfRows())]
+    assert sorted(set(sides)) == ["left", "right"]
+    volumes = slicer.util.arrayFromTableColumn(result.volumeTableNode, "Volume mm3")
+    assert all(500 < v < 6000 for v in volumes), volumes
+    left, right = logic.centreRAS(result.volumeTableNode, "left"), logic.centreRAS(result.volumeTableNode, "right")
+    assert left[0] < 0 < right[0], (left, right)  # RAS: the subject's left has negative R
