@@ -1,0 +1,261 @@
+"""The 2D path (issue 16): PNG/JPEG/TIFF images in, label PNG + heat maps + float TIFFs out, same size as the input;
+patch training and overlapping-window inference; evaluation of images/ + masks/ folders.
+
+Two tiny models (grey and RGB) are trained for two steps on synthetic discs: useless for accuracy, but complete
+2D model folders with ``image_size`` 64 and 32x32 windows, so every input larger than 32 pixels is slid over.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from core_settings import TINY_CONFIG
+
+from cdal_core.cli import main
+
+
+def _discs(rng, shape, rgb):
+    """A noisy image with 1-3 bright discs and its 0/255 mask; RGB images are tinted per channel (H&E-like)."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    mask = np.zeros(shape, bool)
+    for _ in range(rng.integers(1, 4)):
+        cy, cx, r = rng.integers(8, h - 8), rng.integers(8, w - 8), rng.integers(4, 9)
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    grey = 60 + 120 * mask + rng.normal(0, 15, shape)
+    image = np.stack([grey, 0.6 * grey + 40, 0.8 * grey + 20], -1) if rgb else grey
+    return np.clip(image, 0, 255).astype(np.uint8), (mask * 255).astype(np.uint8)
+
+
+def _write(path, array):
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=array.ndim == 3), str(path))
+    return path
+
+
+def _dataset(root, rgb, n=6, shape=(72, 80)):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(5 if rgb else 4)
+    for i in range(n):
+        image, mask = _discs(rng, shape, rgb)
+        _write(root / "images" / f"img{i}.png", image)
+        _write(root / "masks" / f"img{i}.png", mask)
+    return root
+
+
+def _train(tmp_path_factory, data, channels):
+    from cdal_core.config import TrainConfig
+    from cdal_core.trainer import train
+    cfg = dict(TINY_CONFIG, train_size=[32, 32], image_size=[64, 64], num_steps=2, val_samples=1,
+               network=dict(TINY_CONFIG["network"], image_channels=channels))
+    out = tmp_path_factory.mktemp(f"run2d_{channels}")
+    return train(str(data), str(out), TrainConfig.from_dict(cfg), max_steps=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def grey_data(tmp_path_factory):
+    return _dataset(tmp_path_factory.mktemp("grey2d"), rgb=False)
+
+
+@pytest.fixture(scope="module")
+def grey_model(tmp_path_factory, grey_data):
+    return _train(tmp_path_factory, grey_data, 1)
+
+
+@pytest.fixture(scope="module")
+def rgb_model(tmp_path_factory):
+    return _train(tmp_path_factory, _dataset(tmp_path_factory.mktemp("rgb2d"), rgb=True), 3)
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def assert_error(code, capsys, *words):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("cdal: error:"), err
+    for w in words:
+        assert w.lower() in err[0].lower(), err[0]
+
+
+def _read(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.mark.parametrize("rgb, shape", [(False, (70, 90)), (True, (100, 120))])
+def test_predict_outputs_have_the_input_size(request, tmp_path, rgb, shape):
+    model = request.getfixturevalue("rgb_model" if rgb else "grey_model")
+    image, _ = _discs(np.random.default_rng(1), shape, rgb)
+    src = _write(tmp_path / "tile.png", image)
+    assert run("predict", "--model", model, "--input", src, "--output", tmp_path / "out", "--samples", 2) == 0
+    seg = _read(tmp_path / "out" / "tile_seg.png")
+    assert seg.shape == shape and seg.dtype == np.uint8 and set(np.unique(seg)) <= {0, 255}
+    for kind in ("uncertainty", "attention"):
+        heat = _read(tmp_path / "out" / f"tile_{kind}.png")
+        assert heat.shape == shape + (3,) and heat.dtype == np.uint8
+        values = _read(tmp_path / "out" / f"tile_{kind}.tif")
+        assert values.shape == shape and values.dtype == np.float32 and np.isfinite(values).all()
+        assert values.min() >= 0
+    assert not list((tmp_path / "out").glob(".tmp-*"))  # atomic writes leave no partial files
+
+
+def test_card_records_patch_training(grey_model):
+    card = json.loads((grey_model / "model.json").read_text())
+    assert card["input"]["image_size"] == [64, 64] and card["input"]["train_size"] == [32, 32]
+
+
+def test_random_patches_cut_the_same_window_from_image_and_label():
+    from cdal_core.trainer import random_patches
+    images = np.random.rand(3, 2, 20, 30).astype(np.float32)
+    labels = (images[:, 0] > 0.5).astype(np.uint8)
+    out_i, out_l = random_patches(images, labels, (8, 10), np.random.default_rng(0))
+    assert out_i.shape == (3, 2, 8, 10) and out_l.shape == (3, 8, 10)
+    assert np.array_equal(out_l, (out_i[:, 0] > 0.5).astype(np.uint8))
+    assert not np.array_equal(out_i[0], images[0, :, :8, :10]) or not np.array_equal(out_i[1], images[1, :, :8, :10])
+
+
+def test_large_image_is_slid_over_in_overlapping_windows(grey_model, monkeypatch):
+    import cdal_core.sampler as sampler
+    from cdal_core.model_io import load_model
+    from cdal_core.predict2d import segment_image_2d
+    seen, real = [], sampler.sample
+
+    def recording(generator, images, *a, **k):
+        seen.append(tuple(images.shape))
+        return real(generator, images, *a, **k)
+
+    monkeypatch.setattr(sampler, "sample", recording)
+    image, _ = _discs(np.random.default_rng(2), (150, 200), False)
+    result = segment_image_2d(image[None].astype(np.float32), load_model(grey_model), samples=2, seed=0,
+                              precision="fp32")
+    assert all(s[-2:] == (32, 32) for s in seen)          # windows of the training patch size...
+    assert sum(s[0] for s in seen) == 9                    # ...3 x 3 of them over the 64 x 64 resized image
+    assert result.labels.shape == (150, 200) and result.probabilities.shape == (2, 150, 200)
+    assert np.allclose(result.probabilities.sum(axis=0), 1, atol=1e-4)  # every pixel covered by some window
+
+
+def test_predict_is_seeded(grey_model, grey_data, tmp_path):
+    src = grey_data / "images" / "img0.png"
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        run("predict", "--model", grey_model, "--input", src, "--output", tmp_path / name, "--samples", 2,
+            "--seed", seed)
+    read = lambda n: _read(tmp_path / n / "img0_uncertainty.tif")
+    assert np.array_equal(read("a"), read("b")) and not np.array_equal(read("a"), read("c"))
+
+
+@pytest.mark.parametrize("model_name, rgb, words", [
+    ("grey_model", True, ["RGB", "greyscale", "convert"]),
+    ("rgb_model", False, ["greyscale", "RGB", "colour image"]),
+])
+def test_wrong_channels_are_refused(request, tmp_path, capsys, model_name, rgb, words):
+    image, _ = _discs(np.random.default_rng(3), (40, 40), rgb)
+    src = _write(tmp_path / "x.png", image)
+    assert_error(run("predict", "--model", request.getfixturevalue(model_name), "--input", src, "--output",
+                     tmp_path / "out"), capsys, *words)
+    assert not list((tmp_path / "out").glob("*_seg.png")) if (tmp_path / "out").exists() else True
+
+
+def test_grey_image_saved_as_rgb_counts_as_grey(grey_model, tmp_path):
+    image, _ = _discs(np.random.default_rng(3), (40, 48), False)
+    src = _write(tmp_path / "x.png", np.repeat(image[..., None], 3, axis=-1))
+    assert run("predict", "--model", grey_model, "--input", src, "--output", tmp_path / "out", "--samples", 1) == 0
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: np.full((40, 40), 7, np.uint8), ["constant"]),
+    (lambda: np.where(np.random.rand(40, 40) > 0.9, np.nan, 1.0).astype(np.float32), ["NaN"]),
+])
+def test_bad_images_get_one_line_and_exit_2(grey_model, tmp_path, capsys, make, words):
+    src = _write(tmp_path / "bad.tif", make())
+    assert_error(run("predict", "--model", grey_model, "--input", src, "--output", tmp_path / "out"),
+                 capsys, *words)
+
+
+def test_no_overwrite_without_the_flag(grey_model, grey_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "img0_attention.tif").write_bytes(b"precious")
+    src = grey_data / "images" / "img0.png"
+    assert_error(run("predict", "--model", grey_model, "--input", src, "--output", out), capsys,
+                 "img0_attention.tif", "already exists", "--overwrite")
+    assert (out / "img0_attention.tif").read_bytes() == b"precious"
+    assert run("predict", "--model", grey_model, "--input", src, "--output", out, "--overwrite",
+               "--samples", 1) == 0
+    assert (out / "img0_attention.tif").read_bytes() != b"precious"
+
+
+def test_evaluate_json_has_per_class_dice_and_iou(grey_model, grey_data, tmp_path, capsys):
+    report_path = tmp_path / "report.json"
+    assert run("evaluate", "--model", grey_model, "--data", grey_data, "--samples", 2, "--json", report_path) == 0
+    assert "Foreground" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    row = report["per_class"]["Foreground"]
+    for key in ("dice", "iou", "dice_std", "iou_std", "precision", "recall"):
+        assert 0.0 <= row[key] <= 1.0
+    assert report["images"] == 6 and len(report["per_image"]) == 6
+    assert {"Foreground_dice", "Foreground_iou"} <= set(report["per_image"][0])
+    assert set(report["uncertainty"]) == {"auroc", "ece", "spearman_image"}
+
+
+def test_evaluate_scores_a_perfect_prediction_as_one(grey_model, grey_data, monkeypatch):
+    """The metric plumbing: masks read as 0/255 compare against labels 0/1 at the input's pixels."""
+    import cdal_core.predict2d as p2d
+    from cdal_core.data import read_png_pairs
+    from cdal_core.model_io import load_model
+    real = p2d.segment_image_2d
+    cases = read_png_pairs(grey_data)
+
+    def oracle(array, model, **kw):
+        out = real(array, model, **kw)
+        truth = p2d.read_mask_2d(cases[oracle.i].label, array.shape[-2:], 2)
+        oracle.i += 1
+        out.labels = truth.astype(np.uint8)
+        return out
+
+    oracle.i = 0
+    monkeypatch.setattr(p2d, "segment_image_2d", oracle)
+    report = p2d.evaluate_pairs(load_model(grey_model), cases, samples=1)
+    assert report["per_class"]["Foreground"]["dice"] == pytest.approx(1.0)
+    assert report["per_class"]["Foreground"]["iou"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("values, words", [([0, 128, 255], ["0/255 or 0/1", "128"]), ([0, 2], ["0/255"])])
+def test_masks_with_other_values_are_refused(grey_model, grey_data, tmp_path, capsys, values, words):
+    data = tmp_path / "d"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    image = _read(grey_data / "images" / "img0.png")
+    _write(data / "images" / "a.png", image)
+    mask = np.full(image.shape, values[0], np.uint8)
+    for i, v in enumerate(values[1:]):
+        mask[i * 5:(i + 1) * 5] = v
+    _write(data / "masks" / "a.png", mask)
+    assert_error(run("evaluate", "--model", grey_model, "--data", data, "--samples", 1), capsys, *words)
+
+
+def test_cli_end_to_end_on_a_folder_with_images(grey_model, grey_data, tmp_path):
+    """As a user runs it: a folder holding images/ goes to the 2D path."""
+    proc = subprocess.run([sys.executable, "-m", "cdal_core.cli", "predict", "--model", str(grey_model),
+                           "--input", str(grey_data), "--output", str(tmp_path / "o"), "--samples", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "o").glob("*_seg.png"))) == 6
+
+
+def test_training_batches_are_patches_and_repeat_exactly(grey_data, tmp_path):
+    """Patch training draws train_size windows of the image_size image, the same ones for the same step (so a
+    resumed run continues exactly)."""
+    from cdal_core.config import TrainConfig
+    from cdal_core.trainer import Trainer
+    cfg = TrainConfig.from_dict(dict(TINY_CONFIG, train_size=[32, 32], image_size=[64, 64]))
+    trainer = Trainer(str(grey_data), str(tmp_path / "run"), cfg, device="cpu")
+    assert trainer.banks[0].images.shape[-2:] == (64, 64)
+    (a, x0_a, t_a, _), (b, x0_b, _, _) = trainer._batch(7), trainer._batch(7)
+    assert a.shape == (4, 1, 32, 32) and x0_a.shape == (4, 2, 32, 32)
+    assert torch.equal(a, b) and torch.equal(x0_a, x0_b)
+    assert not torch.equal(a, trainer._batch(8)[0])
