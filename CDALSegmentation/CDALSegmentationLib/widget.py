@@ -53,7 +53,7 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CDALSegmentationLogic()
-        self._parameterNode = self._guiTag = None
+        self._parameterNode = self._guiTag = self._overlayState = None
         self._extraModelFolders = []
         self.installer = slicerInstaller(onBusyChanged=lambda busy: self.updateButtons())
         self.segmentPanel = JobPanel(self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel, "Segment",
@@ -260,6 +260,10 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
         p = self._parameterNode
         background, foreground = self.logic.overlayLayers(p.uncertainty, p.attention, p.showUncertainty,
                                                           p.showAttention)
+        state = (background, foreground, round(p.overlayOpacity, 3))
+        if state == self._overlayState and not fit:
+            return  # another parameter changed: leave the user's view alone
+        self._overlayState = state
         if background is not None:
             slicer.util.setSliceViewerLayers(background=background, foreground=foreground,
                                              foregroundOpacity=p.overlayOpacity, fit=fit)
