@@ -121,10 +121,11 @@ def _verify_gzip(path: Path) -> None:
 def _nifti_raw(path: Path):
     """The NIfTI header and its whole data array (nibabel), or a clear error for a cut or damaged file."""
     import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
     try:
         img = nib.load(str(path))
         return img.header, np.asanyarray(img.dataobj)
-    except (EOFError, OSError, zlib.error, ValueError) as exc:
+    except (EOFError, OSError, zlib.error, ValueError, ImageFileError) as exc:
         raise CDALError(f"{path}: the file is truncated or corrupt ({str(exc)[:120]}): copy or download it again")
 
 

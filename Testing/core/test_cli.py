@@ -16,7 +16,7 @@ from cdal_core.synthetic import make_volume, to_image
 def cdal(*args, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run([sys.executable, "-m", "cdal_core.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, encoding="utf-8", errors="replace", env=env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"cdal {args} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return proc

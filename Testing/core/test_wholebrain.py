@@ -1,0 +1,231 @@
+"""The whole-brain path (issue 13): localisation in any orientation, per-side volumetry, DICOM series and
+every bad input a clinic's files can bring. The localisation tests use the ICBM152 template inside nilearn."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from cdal_core.errors import CDALError
+from cdal_core.synthetic import make_volume, to_image
+from test_cli import assert_clean_error, cdal
+
+LEFT_RAS, RIGHT_RAS = (-26.0, -23.0, -13.0), (26.0, -23.0, -13.0)
+
+
+def _lps(ras):
+    return (-ras[0], -ras[1], ras[2])
+
+
+@pytest.fixture(scope="module")
+def template():
+    nilearn = pytest.importorskip("nilearn")
+    path = Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    if not path.exists():
+        pytest.skip("nilearn without the ICBM152 template")
+    return sitk.ReadImage(str(path), sitk.sitkFloat32)
+
+
+def _moved_copy(template, degrees, spacing, orientation):
+    """The template rotated about the brain's centre, resampled to ``spacing`` mm and stored with permuted and
+    flipped axes (``orientation``), plus the map that says where a template point lies in the copy."""
+    rotation = sitk.Euler3DTransform()
+    rotation.SetCenter((0.0, 20.0, 10.0))
+    rotation.SetRotation(*np.deg2rad(degrees))
+    size = [int(n * s / spacing) for n, s in zip(template.GetSize(), template.GetSpacing())]
+    moved = sitk.Resample(template, size, rotation, sitk.sitkLinear, template.GetOrigin(), [spacing] * 3,
+                          template.GetDirection(), 0.0, sitk.sitkFloat32)
+    return sitk.DICOMOrient(moved, orientation), rotation.GetInverse()
+
+
+@pytest.mark.parametrize("degrees, spacing, orientation", [
+    ((0.0, 0.0, 0.0), 1.0, "LAS"),          # plain, stored left-to-right flipped (like FSL/ds002748 files)
+    ((12.0, -8.0, 10.0), 1.3, "PIR"),       # oblique head, thicker voxels, permuted + flipped axes
+    ((-15.0, 5.0, 0.0), 0.8, "LPS"),
+])
+def test_locate_finds_both_hippocampi_in_a_moved_copy(template, degrees, spacing, orientation):
+    from cdal_core.localise import locate
+    image, template_to_copy = _moved_copy(template, degrees, spacing, orientation)
+    loc = locate(image)
+    assert loc.status == "ok", loc.reasons
+    found = loc.to_dict()["centres_ras"]
+    for side, ras in (("left", LEFT_RAS), ("right", RIGHT_RAS)):
+        expected = np.asarray(_lps(template_to_copy.TransformPoint(_lps(ras))))
+        assert np.linalg.norm(np.asarray(found[side]) - expected) < 4.0, (side, found[side], expected)
+    # the subject's left is where the copy's own left lies, whatever the axes' order
+    assert np.dot(np.asarray(found["right"]) - found["left"], [1, 0, 0]) > 30
+
+
+def test_locate_refuses_what_is_not_a_brain():
+    from cdal_core.localise import locate
+    z, y, x = np.mgrid[:150, :190, :160]
+    ball = (((z - 75) ** 2 + (y - 95) ** 2 + (x - 80) ** 2) < 60 ** 2).astype(np.float32) * 100
+    loc = locate(sitk.GetImageFromArray(ball))
+    assert loc.status == "doubtful" and loc.reasons
+    noise = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(
+        np.random.default_rng(0).random((150, 190, 160)).astype(np.float32)), 4.0)
+    assert locate(noise).status == "doubtful"
+
+
+@pytest.fixture(scope="module")
+def hippocampus_model():
+    from cdal_core.model_io import list_models, load_model
+    if "hippocampus" not in list_models():
+        pytest.skip("the shipped hippocampus model is not installed")
+    return load_model("hippocampus")
+
+
+def test_whole_brain_gives_both_sides_with_volumes_from_the_label_map(template, hippocampus_model):
+    from cdal_core.scan import segment_scan
+    image = sitk.DICOMOrient(template, "LPI")
+    messages = []
+    result = segment_scan(image, hippocampus_model, seed=0, progress=lambda f, m: messages.append(m))
+    assert any("locating" in m for m in messages)
+    labels = sitk.GetArrayFromImage(result.labels)
+    sides = sitk.GetArrayFromImage(result.sides)
+    assert result.labels.GetSize() == image.GetSize() and result.labels.GetDirection() == image.GetDirection()
+    assert set(np.unique(labels)) == {0, 1, 2}                    # the model's own label values
+    assert np.array_equal(labels > 0, sides > 0) and set(np.unique(sides)) == {0, 1, 2}
+    voxel = float(np.prod(image.GetSpacing()))
+    rows = result.report["structures"]
+    assert {(r["side"], r["name"]) for r in rows} == {(s, n) for s in ("left", "right")
+                                                      for n in ("Anterior", "Posterior")}
+    for row in rows:
+        code = {"left": 1, "right": 2}[row["side"]]
+        assert row["volume_mm3"] == pytest.approx(((sides == code) & (labels == row["label"])).sum() * voxel, abs=0.1)
+    per_side = {s: sum(r["volume_mm3"] for r in rows if r["side"] == s) for s in ("left", "right")}
+    assert all(2000 <= v <= 6500 for v in per_side.values()), per_side
+    # left voxels lie on the subject's left (RAS x < 0 in template space)
+    index = np.argwhere(sides == 1).mean(axis=0)[::-1]
+    assert image.TransformContinuousIndexToPhysicalPoint(index.tolist())[0] > 0  # LPS x > 0 is the left
+    assert result.report["localisation"]["status"] == "ok"
+
+
+def test_a_crop_is_segmented_whole_with_side_unknown(tiny_model):
+    from cdal_core.model_io import load_model
+    from cdal_core.scan import segment_scan
+    img, _ = make_volume(np.random.default_rng(1))
+    result = segment_scan(to_image(img.astype(np.float32)), load_model(tiny_model), samples=2, seed=0)
+    assert result.report["localisation"]["status"] == "not needed"
+    assert {r["side"] for r in result.report["structures"]} <= {"unknown"}
+
+
+def test_roi_wins_and_only_its_box_is_labelled(template, hippocampus_model):
+    from cdal_core.scan import segment_scan
+    roi = ((-44.0, -50.0, -32.0), (-8.0, 4.0, 6.0))             # around the left hippocampus, RAS mm
+    result = segment_scan(template, hippocampus_model, roi=roi, seed=0)
+    assert result.report["localisation"]["status"] == "roi"
+    labelled = np.argwhere(sitk.GetArrayFromImage(result.labels) > 0)
+    points = np.array([template.TransformIndexToPhysicalPoint([int(i) for i in p[::-1]]) for p in labelled[::50]])
+    ras = points * [-1, -1, 1]
+    assert len(labelled) and np.all(ras >= np.array(roi[0]) - 1) and np.all(ras <= np.array(roi[1]) + 1)
+
+
+def test_parse_roi_rejects_garbage():
+    from cdal_core.scan import parse_roi
+    assert parse_roi("1,2,3,4,5,6") == ((1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
+    for bad in ("1,2,3", "a,b,c,d,e,f", "1,2,3,4,5,nan"):
+        with pytest.raises(CDALError, match="six numbers"):
+            parse_roi(bad)
+
+
+# -- files as clinics keep them -------------------------------------------------------------------------------
+def _write_dicom_series(image: sitk.Image, folder: Path, series_uid: str) -> None:
+    """One file per slice with the tags a scanner writes (position, orientation, spacing, one series UID)."""
+    folder.mkdir(parents=True)
+    image = sitk.Cast(image, sitk.sitkInt16)
+    direction = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        piece = image[:, :, k]
+        tags = {"0008|0060": "MR", "0020|000e": series_uid, "0020|000d": series_uid + ".1",
+                "0020|0013": str(k + 1), "0018|0050": str(image.GetSpacing()[2]),
+                "0020|0037": "\\".join(str(v) for v in (direction[0], direction[3], direction[6],
+                                                         direction[1], direction[4], direction[7])),
+                "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+                "0008|0018": f"{series_uid}.{k + 1}"}
+        for key, value in tags.items():
+            piece.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(piece)
+
+
+@pytest.fixture
+def scan_image():
+    img, _ = make_volume(np.random.default_rng(5))
+    image = to_image((img * 800).astype(np.float32))
+    image.SetOrigin((12.0, -30.0, 4.5))
+    return image
+
+
+def test_dicom_series_folder_and_folder_of_series(tiny_model, scan_image, tmp_path):
+    _write_dicom_series(scan_image, tmp_path / "patients" / "T1_MPRAGE", "1.2.826.0.1.3680043.2.1125.1")
+    _write_dicom_series(scan_image, tmp_path / "patients" / "T1_repeat", "1.2.826.0.1.3680043.2.1125.2")
+    out = tmp_path / "out"
+    proc = cdal("predict", "--model", tiny_model, "--input", tmp_path / "patients" / "T1_MPRAGE", "--output", out,
+                "--samples", 2, "--device", "cpu")
+    assert "T1_MPRAGE_seg.nii.gz" in proc.stdout
+    seg = sitk.ReadImage(str(out / "T1_MPRAGE_seg.nii.gz"))
+    assert seg.GetSize() == scan_image.GetSize()
+    assert np.allclose(seg.GetOrigin(), scan_image.GetOrigin(), atol=1e-3)
+    assert np.allclose(seg.GetSpacing(), scan_image.GetSpacing(), atol=1e-4)
+    report = json.loads((out / "T1_MPRAGE_report.json").read_text())
+    assert report["structures"] and report["localisation"]["status"] == "not needed"
+    cdal("predict", "--model", tiny_model, "--input", tmp_path / "patients", "--output", tmp_path / "all",
+         "--samples", 2, "--device", "cpu")
+    assert {p.name for p in (tmp_path / "all").glob("*_seg.nii.gz")} == {"T1_MPRAGE_seg.nii.gz", "T1_repeat_seg.nii.gz"}
+
+
+def test_thick_slices_are_refused_or_segmented_with_a_warning(tiny_model, scan_image, tmp_path):
+    scan_image.SetSpacing((1.0, 1.0, 6.5))
+    path = tmp_path / "clinical.nii.gz"
+    sitk.WriteImage(scan_image, str(path))
+    assert_clean_error(cdal("predict", "--model", tiny_model, "--input", path, "--output", tmp_path / "o",
+                            check=False), "6.5 mm", "--allow-thick-slices")
+    proc = cdal("predict", "--model", tiny_model, "--input", path, "--output", tmp_path / "o", "--samples", 2,
+                "--allow-thick-slices")
+    assert "6.5 mm" in proc.stderr and (tmp_path / "o" / "clinical_seg.nii.gz").exists()
+
+
+def test_truncated_nifti_is_an_error_not_zeros(tiny_model, scan_image, tmp_path):
+    path = tmp_path / "cut.nii.gz"
+    sitk.WriteImage(scan_image, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert_clean_error(cdal("predict", "--model", tiny_model, "--input", path, "--output", tmp_path / "o",
+                            check=False), "truncated or corrupt")
+
+
+def test_nan_voxels_become_background_with_a_count(tiny_model, scan_image, tmp_path):
+    array = sitk.GetArrayFromImage(scan_image).transpose(2, 1, 0).copy()   # nibabel order (i, j, k)
+    array[0, 0, :3] = np.nan
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.diag([-1.0, -1.0, 1.0, 1.0])), str(path))
+    proc = cdal("predict", "--model", tiny_model, "--input", path, "--output", tmp_path / "o", "--samples", 2)
+    assert "3 NaN/inf voxels replaced by background" in proc.stderr
+    report = json.loads((tmp_path / "o" / "nan_report.json").read_text())
+    assert any("3 NaN/inf" in w for w in report["warnings"])
+
+
+def test_singular_orientation_is_refused_and_missing_orientation_warned(tiny_model, scan_image, tmp_path):
+    array = sitk.GetArrayFromImage(scan_image).transpose(2, 1, 0).copy()
+    header = nib.Nifti1Header()
+    header.set_data_shape(array.shape)
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=2)
+    header["qform_code"] = 0
+    path = tmp_path / "singular.nii.gz"
+    nib.save(nib.Nifti1Image(array, None, header), str(path))
+    assert_clean_error(cdal("predict", "--model", tiny_model, "--input", path, "--output", tmp_path / "o",
+                            check=False), "orientation", "singular")
+    path = tmp_path / "nocode.nii"
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+    raw = bytearray(path.read_bytes())
+    raw[252:256] = b"\x00\x00\x00\x00"      # qform_code and sform_code (int16 at 252, 254): "unknown"
+    path.write_bytes(bytes(raw))
+    proc = cdal("predict", "--model", tiny_model, "--input", path, "--output", tmp_path / "o2", "--samples", 2)
+    assert "no orientation" in proc.stderr
