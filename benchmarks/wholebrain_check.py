@@ -69,7 +69,7 @@ def check(scan: Path, out: Path) -> dict:
         "left_is_left": bool(centres and centres["left"][0] < centres["right"][0]),
     })
     row["ok"] = bool(row["top2_fraction"] >= 0.97 and all(2000 <= v <= 6500 for v in side.values())
-                     and all(classes.values()) and row["left_right_ratio"] >= 0.65 / 1.0
+                     and all(classes.values()) and row["left_right_ratio"] >= 0.65
                      and row["report_matches_labels"] and row["left_is_left"])
     return row
 

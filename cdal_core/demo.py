@@ -1,14 +1,14 @@
-"""``cdal demo``: segment both hippocampi of a real whole-brain T1 MRI, offline.
+"""``cdal demo``: segment both hippocampi of a real whole-brain T1 MRI, offline, the way a user's scan is.
 
-The MRI is the ICBM152 2009a template shipped inside the ``nilearn`` wheel. A box around each hippocampus
-(MNI coordinates) is cropped, segmented with the shipped ``hippocampus`` model, and pasted back so that every
-output lies in the template's own geometry. Writes NIfTI outputs, a PNG figure and prints a summary.
+The MRI is the whole ICBM152 2009a template shipped inside the ``nilearn`` wheel, handed over uncropped: the
+whole-brain path (``scan.segment_scan``) locates both hippocampi, segments each and puts the results back, so
+every output lies in the template's own geometry. Writes what ``cdal predict`` writes (NIfTI outputs and the
+per-side report), plus a PNG figure, and prints the volume table.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Tuple
@@ -17,11 +17,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import CDALError
+from .localise import hippocampus_regions
 
 TEMPLATE = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-# Box centres (MNI / RAS mm) and size (mm, x y z) like the MSD Task04 crops around one hippocampus.
-HIPPOCAMPUS_CENTRES = {"left": (-26.0, -23.0, -13.0), "right": (26.0, -23.0, -13.0)}
-BOX_MM = (36, 52, 36)
+# Where the localisation looks in template (MNI, RAS mm) space; kept for the screenshot script's ROIs.
+HIPPOCAMPUS_CENTRES = {r.side: r.centre_mni for r in hippocampus_regions()}
+BOX_MM = tuple(int(v) for v in hippocampus_regions()[0].size_mm)
 
 
 def template_path() -> Path:
@@ -36,18 +37,12 @@ def template_path() -> Path:
     return path
 
 
-def crop_box(image: sitk.Image, centre_ras, size_mm) -> Tuple[sitk.Image, Tuple[int, int, int]]:
-    """Axis-aligned crop of ``size_mm`` around an RAS point; returns the crop and its start index."""
-    centre_lps = (-centre_ras[0], -centre_ras[1], centre_ras[2])
-    centre = np.asarray(image.TransformPhysicalPointToIndex(centre_lps))
-    size = np.round(np.asarray(size_mm) / np.asarray(image.GetSpacing())).astype(int)
-    start = np.clip(centre - size // 2, 0, np.asarray(image.GetSize()) - size)
-    return sitk.RegionOfInterest(image, size.tolist(), start.tolist()), tuple(int(s) for s in start)
-
-
 def run_demo(out_dir: Path, device: str = "auto") -> int:
-    from .inference import resolve_device, segment_image
-    from .model_io import list_models, load_model
+    from tqdm import tqdm
+    from .cli import write_image_atomic
+    from .inference import resolve_device
+    from .model_io import atomic_write_bytes, list_models, load_model
+    from .scan import format_report, segment_scan
 
     out_dir = Path(out_dir)
     if "hippocampus" not in list_models():
@@ -56,51 +51,44 @@ def run_demo(out_dir: Path, device: str = "auto") -> int:
     dev = str(resolve_device(device))
     image = sitk.ReadImage(str(template_path()))
     model = load_model("hippocampus", device=dev)
-    full = sitk.GetArrayFromImage(image)
-    labels, unc, att = (np.zeros(full.shape, np.uint8), np.zeros(full.shape, np.float32),
-                        np.zeros(full.shape, np.float32))
-    names = model.class_names
-    summary: Dict[str, Dict] = {}
-    crops = {}
-    from tqdm import tqdm
-    for side, centre in tqdm(HIPPOCAMPUS_CENTRES.items(), desc="segmenting", unit="side", leave=False):
-        crop, (i0, j0, k0) = crop_box(image, centre, BOX_MM)
-        res = segment_image(crop, model, samples=5, seed=0, device=dev)
-        lab, u, a = (sitk.GetArrayFromImage(x) for x in (res.labels, res.uncertainty, res.attention))
-        region = (slice(k0, k0 + lab.shape[0]), slice(j0, j0 + lab.shape[1]), slice(i0, i0 + lab.shape[2]))
-        side_labels = np.where(lab > 0, lab + (len(names) - 1 if side == "right" else 0), 0)
-        labels[region] = np.where(side_labels > 0, side_labels, labels[region])
-        unc[region], att[region] = np.maximum(unc[region], u), np.maximum(att[region], a)
-        voxel_mm3 = float(np.prod(image.GetSpacing()))
-        summary[side] = {names[c]: round(float((lab == c).sum()) * voxel_mm3, 1) for c in range(1, len(names))}
-        inside = lab > 0
-        summary[side]["mean_uncertainty_in_mask"] = round(float(u[inside].mean()), 5) if inside.any() else None
-        summary[side]["seconds"] = round(res.seconds, 2)
-        crops[side] = (sitk.GetArrayFromImage(crop), lab, u, a)
+    with tqdm(total=100, desc="whole brain", unit="%", leave=False) as bar:
+        def progress(fraction, message):
+            bar.n = int(100 * fraction)
+            bar.set_postfix_str(message[:40], refresh=True)
+        result = segment_scan(image, model, samples=5, seed=0, device=dev, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from .cli import write_image_atomic
-    for name, array in (("seg", labels), ("uncertainty", unc), ("attention", att)):
-        img = sitk.GetImageFromArray(array)
-        img.CopyInformation(image)
-        write_image_atomic(img, out_dir / f"icbm152_{name}.nii.gz")
-    label_names = {0: "background"}
-    for s, side in enumerate(("left", "right")):
-        for c in range(1, len(names)):
-            label_names[c + s * (len(names) - 1)] = f"{names[c]} ({side})"
-    (out_dir / "icbm152_seg_labels.json").write_text(json.dumps(label_names, indent=1))
+    outputs = {"seg": result.labels, "uncertainty": result.uncertainty, "attention": result.attention}
+    for name, output in outputs.items():
+        write_image_atomic(output, out_dir / f"icbm152_{name}.nii.gz")
+    report = {"input": str(template_path()), "model": str(model.path), **result.report}
+    atomic_write_bytes(out_dir / "icbm152_report.json", (json.dumps(report, indent=1) + "\n").encode())
     figure = out_dir / "icbm152_hippocampus.png"
-    _figure(crops, names, figure)
+    _figure(_side_crops(image, result), model.class_names, figure)
     total = time.perf_counter() - start
-    print(f"ICBM152 2009a T1 template ({template_path().name}), model 'hippocampus', T={model.default_steps}, "
-          f"5 samples, {dev}")
-    for side, row in summary.items():
-        vols = ", ".join(f"{k} {v:.0f} mm³" for k, v in row.items() if k in names)
-        print(f"  {side:5s} hippocampus: {vols}; mean uncertainty inside the mask "
-              f"{row['mean_uncertainty_in_mask']}; {row['seconds']:.2f} s")
-    print(f"outputs in {out_dir}/: icbm152_seg.nii.gz (labels: {label_names}), icbm152_uncertainty.nii.gz, "
-          f"icbm152_attention.nii.gz, {figure.name}; total {total:.1f} s")
-    (out_dir / "summary.json").write_text(json.dumps({"volumes_mm3": summary, "seconds": round(total, 2)}, indent=1))
+    print(f"ICBM152 2009a T1 template, whole brain ({template_path().name}), model 'hippocampus', "
+          f"T={model.default_steps}, 5 samples, {dev}; hippocampi located automatically "
+          f"(registration {result.report['localisation']['seconds']:.1f} s)")
+    print(format_report(result.report))
+    print(f"outputs in {out_dir}/: icbm152_seg.nii.gz (labels: {dict(enumerate(model.class_names))}), "
+          f"icbm152_uncertainty.nii.gz, icbm152_attention.nii.gz, icbm152_report.json, {figure.name}; "
+          f"total {total:.1f} s")
     return 0
+
+
+def _side_crops(image: sitk.Image, result) -> Dict[str, Tuple[np.ndarray, ...]]:
+    """Per side, RAS-ordered arrays (image, labels, uncertainty, attention) of the box around its labels."""
+    arrays = [sitk.GetArrayFromImage(sitk.DICOMOrient(x, "RAS")) for x in
+              (image, result.labels, result.uncertainty, result.attention, result.sides)]
+    crops = {}
+    for side, code in (("left", 1), ("right", 2)):
+        where = np.argwhere(arrays[4] == code)
+        if not len(where):
+            continue
+        lo = np.maximum(where.min(axis=0) - 6, 0)
+        hi = where.max(axis=0) + 7
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        crops[side] = tuple(a[box] for a in arrays[:4])
+    return crops
 
 
 def _figure(crops, names, path: Path) -> None:
