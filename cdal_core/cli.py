@@ -129,11 +129,10 @@ def cmd_predict(args) -> int:
         from .predict2d import predict_images
         return predict_images(args)
     from tqdm import tqdm
-    from .data import check_volume
     from .inference import resolve_device
-    from .inputs import list_inputs, read_scan
-    from .model_io import atomic_write_bytes, load_model
-    from .scan import format_report, parse_roi, segment_scan
+    from .inputs import list_inputs
+    from .model_io import load_model
+    from .scan import parse_roi
 
     device = resolve_device(args.device)
     roi = parse_roi(args.roi) if args.roi else None
@@ -153,30 +152,50 @@ def cmd_predict(args) -> int:
                         "pass --overwrite or choose another --output")
     model = load_model(args.model, device=str(device))
     out_dir.mkdir(parents=True, exist_ok=True)
+    failed = []
     for item in tqdm(inputs, desc="volumes", unit="vol", disable=len(inputs) < 2):
-        scan = read_scan(item, allow_thick_slices=args.allow_thick_slices)
-        for warning in scan.warnings:
-            print(f"cdal: warning: {warning}", file=sys.stderr)
-        check_volume(scan.image, model.config.image_channels, name=str(item.path))
-        with tqdm(total=100, desc=item.stem, unit="%", leave=False) as bar:
-            def progress(fraction, message, bar=bar):
-                bar.n = int(100 * fraction)
-                bar.set_postfix_str(message[:40], refresh=True)
-            result = segment_scan(scan.image, model, roi=roi, localise=args.localise, steps=args.steps,
-                                  samples=args.samples, seed=args.seed, device=str(device), progress=progress,
-                                  precision=args.precision, early_exit=not args.full_sampling)
-        files = planned[item.stem]
-        write_image_atomic(result.labels, files["seg"])
-        write_image_atomic(result.uncertainty, files["uncertainty"])
-        if result.attention is not None:
-            write_image_atomic(result.attention, files["attention"])
-        report = {"input": str(item.path), "model": str(model.path), "warnings": scan.warnings, **result.report}
-        atomic_write_bytes(files["report"], (json.dumps(report, indent=1) + "\n").encode())
-        notes = f" ({'; '.join(result.notes)})" if result.notes else ""
-        print(f"{item.path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name}, "
-              f"{files['report'].name} in {result.seconds:.2f} s{notes}")
-        print(format_report(result.report))
+        try:
+            _predict_one(item, model, planned[item.stem], roi, str(device), args)
+        except CDALError as exc:
+            if len(inputs) == 1:
+                raise
+            failed.append(item.stem)  # one bad scan in a folder must not cost the others their results
+            print(f"cdal: error: {exc}", file=sys.stderr)
+    if failed:
+        raise CDALError(f"{len(failed)} of {len(inputs)} inputs were not segmented ({', '.join(failed)}; reasons "
+                        "above): fix or remove them and run again")
     return 0
+
+
+def _predict_one(item, model, files, roi, device: str, args) -> None:
+    """Read, check, segment and write one input (see cmd_predict)."""
+    from tqdm import tqdm
+    from .data import check_volume
+    from .inputs import read_scan
+    from .model_io import atomic_write_bytes
+    from .scan import format_report, segment_scan
+
+    scan = read_scan(item, allow_thick_slices=args.allow_thick_slices)
+    for warning in scan.warnings:
+        print(f"cdal: warning: {warning}", file=sys.stderr)
+    check_volume(scan.image, model.config.image_channels, name=str(item.path))
+    with tqdm(total=100, desc=item.stem, unit="%", leave=False) as bar:
+        def progress(fraction, message):
+            bar.n = int(100 * fraction)
+            bar.set_postfix_str(message[:40], refresh=True)
+        result = segment_scan(scan.image, model, roi=roi, localise=args.localise, steps=args.steps,
+                              samples=args.samples, seed=args.seed, device=device, progress=progress,
+                              precision=args.precision, early_exit=not args.full_sampling)
+    write_image_atomic(result.labels, files["seg"])
+    write_image_atomic(result.uncertainty, files["uncertainty"])
+    if result.attention is not None:
+        write_image_atomic(result.attention, files["attention"])
+    report = {"input": str(item.path), "model": str(model.path), "warnings": scan.warnings, **result.report}
+    atomic_write_bytes(files["report"], (json.dumps(report, indent=1) + "\n").encode())
+    notes = f" ({'; '.join(result.notes)})" if result.notes else ""
+    print(f"{item.path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name}, "
+          f"{files['report'].name} in {result.seconds:.2f} s{notes}")
+    print(format_report(result.report))
 
 
 def write_image_atomic(image, path: Path) -> None:
