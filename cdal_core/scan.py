@@ -113,6 +113,7 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
         res = segment_image(crop, model, progress=sub, **run)
         probs, removed[region.side] = _largest_component(res.probabilities, float(np.prod(crop.GetSpacing())))
         box, lab, unc, att = _to_scan(image, region, crop, probs, res)
+        lab = _largest_component_labels(lab)  # resampling back can split off a few boundary voxels
         mine = lab > 0
         labels[box][mine] = lab[mine]
         sides[box][mine] = SIDE_CODES[region.side]
@@ -174,6 +175,13 @@ def _largest_component(probs: np.ndarray, voxel_mm3: float) -> Tuple[np.ndarray,
     probs[1:, drop] = 0.0
     probs[0, drop] = 1.0
     return probs, float(drop.sum()) * voxel_mm3
+
+
+def _largest_component_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels (Z, Y, X) with everything outside the largest connected foreground component set to 0."""
+    components = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(
+        sitk.GetImageFromArray((labels > 0).astype(np.uint8)), True)))
+    return np.where(components == 1, labels, 0).astype(labels.dtype)
 
 
 def _to_scan(image: sitk.Image, region: Region, crop: sitk.Image, probs: np.ndarray, res):

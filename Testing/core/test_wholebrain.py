@@ -229,3 +229,16 @@ def test_singular_orientation_is_refused_and_missing_orientation_warned(tiny_mod
     path.write_bytes(bytes(raw))
     proc = cdal("predict", "--model", tiny_model, "--input", path, "--output", tmp_path / "o2", "--samples", 2)
     assert "no orientation" in proc.stderr
+
+
+def test_a_bad_scan_in_a_folder_does_not_cost_the_others(tiny_model, scan_image, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    sitk.WriteImage(scan_image, str(folder / "good.nii.gz"))
+    sitk.WriteImage(scan_image, str(folder / "cut.nii.gz"))
+    data = (folder / "cut.nii.gz").read_bytes()
+    (folder / "cut.nii.gz").write_bytes(data[: len(data) // 3])
+    proc = cdal("predict", "--model", tiny_model, "--input", folder, "--output", tmp_path / "o", "--samples", 2,
+                check=False)
+    assert proc.returncode == 2 and "truncated" in proc.stderr and "1 of 2 inputs" in proc.stderr
+    assert (tmp_path / "o" / "good_seg.nii.gz").exists() and not (tmp_path / "o" / "cut_seg.nii.gz").exists()
