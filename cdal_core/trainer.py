@@ -41,6 +41,9 @@ from .networks import Discriminator, Generator, NetworkConfig, attention_map, no
 from .schedule import DiffusionSchedule
 
 CHECKPOINT = "checkpoint.pt"
+# what data.load_png_case and predict2d.prepare_image do to a 2D image (the percentile settings do not apply)
+NORMALISATION_2D = {"method": "min-max", "lower": 0.0, "upper": 100.0,
+                    "note": "2D: min-max over the whole image after resizing to input.image_size"}
 
 
 class Trainer:
@@ -201,6 +204,7 @@ class Trainer:
             validation=scores or {})
         if self.is_2d:  # predict2d resizes inputs to this and slides train_size windows over it
             card["input"]["image_size"] = list(cfg.image_size or cfg.train_size)
+            card["normalisation"] = dict(NORMALISATION_2D)
         return card
 
     # -- one step ------------------------------------------------------------------------------------------

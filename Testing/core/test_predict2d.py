@@ -107,6 +107,7 @@ def test_predict_outputs_have_the_input_size(request, tmp_path, rgb, shape):
 def test_card_records_patch_training(grey_model):
     card = json.loads((grey_model / "model.json").read_text())
     assert card["input"]["image_size"] == [64, 64] and card["input"]["train_size"] == [32, 32]
+    assert card["normalisation"]["method"] == "min-max"  # what predict2d does, not the 3D percentiles
 
 
 def test_random_patches_cut_the_same_window_from_image_and_label():
