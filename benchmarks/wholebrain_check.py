@@ -75,40 +75,39 @@ def check(scan: Path, out: Path) -> dict:
 
 
 def montage(rows, out_dir: Path, path: Path) -> None:
+    """One row per scan: a whole coronal and axial cut through the hippocampi, then zooms (coronal, left and
+    right sagittal) with the anterior (yellow) and posterior (blue) outlines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ok = [r for r in rows if "error" not in r]
-    fig, axes = plt.subplots(len(ok), 4, figsize=(10, 2.6 * len(ok)), dpi=80)
+    fig, axes = plt.subplots(len(ok), 5, figsize=(13, 2.7 * len(ok)), dpi=80)
     axes = np.atleast_2d(axes)
     for i, row in enumerate(ok):
         stem = row["scan"].split(".")[0]
         image = sitk.DICOMOrient(sitk.ReadImage(row["path"], sitk.sitkFloat32), "RAS")
         seg = sitk.DICOMOrient(sitk.ReadImage(str(out_dir / f"{stem}_seg.nii.gz")), "RAS")
         img, lab = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(seg)  # (S, A, R) order
+        top = np.percentile(img, 99.5)
         fg = np.argwhere(lab > 0)
-        centre = fg.mean(axis=0).round().astype(int) if len(fg) else np.array(lab.shape) // 2
-        left = fg[fg[:, 2] < centre[2]].mean(axis=0).round().astype(int) if len(fg) else centre
-        cuts = [("coronal", np.s_[:, centre[1], :]), ("axial", np.s_[centre[0], :, :]),
-                ("sagittal L", np.s_[:, :, left[2]])]
+        c = fg.mean(axis=0).round().astype(int)
+        lo, hi = fg.min(axis=0), fg.max(axis=0)
+        sides = [fg[fg[:, 2] < c[2]], fg[fg[:, 2] >= c[2]]]  # array R index: low = the subject's left
+        cuts = [("coronal", np.s_[:, c[1], :]), ("axial", np.s_[c[0], :, :]),
+                ("coronal zoom", np.s_[max(lo[0] - 12, 0):hi[0] + 12, c[1], max(lo[2] - 10, 0):hi[2] + 10])]
+        for name, part in zip(("left sagittal", "right sagittal"), sides):
+            m = part.mean(axis=0).round().astype(int)
+            cuts.append((name, np.s_[max(lo[0] - 12, 0):hi[0] + 12, max(lo[1] - 10, 0):hi[1] + 10, m[2]]))
         for j, (name, cut) in enumerate(cuts):
             ax = axes[i, j]
-            a = img[cut]
-            ax.imshow(a, cmap="gray", origin="lower", vmax=np.percentile(img, 99.5))
+            ax.imshow(img[cut], cmap="gray", origin="lower", vmax=top)
             for k, colour in ((1, "#f1d691"), (2, "#6fb8d2")):
                 if (lab[cut] == k).any():
-                    ax.contour(lab[cut] == k, levels=[0.5], colors=[colour], linewidths=0.8)
-            ax.set_title(f"{stem} {name}", fontsize=7)
+                    ax.contour(lab[cut] == k, levels=[0.5], colors=[colour], linewidths=0.9)
+            ax.set_title(f"{stem[:14]} {name}", fontsize=7)
             ax.axis("off")
-        ax = axes[i, 3]
-        zoom = np.s_[centre[0], max(centre[1] - 35, 0):centre[1] + 35, :]
-        ax.imshow(img[zoom], cmap="gray", origin="lower", vmax=np.percentile(img, 99.5))
-        for k, colour in ((1, "#f1d691"), (2, "#6fb8d2")):
-            if (lab[zoom] == k).any():
-                ax.contour(lab[zoom] == k, levels=[0.5], colors=[colour], linewidths=0.8)
         vols = row["side_mm3"]
-        ax.set_title(f"axial zoom: L {vols['left']:.0f} / R {vols['right']:.0f} mm³", fontsize=7)
-        ax.axis("off")
+        axes[i, 2].set_title(f"{stem[:14]}: L {vols['left']:.0f} / R {vols['right']:.0f} mm³", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -119,18 +118,28 @@ def main() -> int:
     parser.add_argument("--scans", default=str(REPO.parent / "shared" / "data" / "T1w_heads"))
     parser.add_argument("--out", default=str(REPO / "docs"))
     parser.add_argument("--no-template", action="store_true")
+    parser.add_argument("--keep", default=None, help="keep the outputs in this folder")
+    parser.add_argument("--montage-only", action="store_true", help="redraw the montage from --keep's outputs")
     args = parser.parse_args()
     scans = sorted(Path(args.scans).glob("*.nii*")) if Path(args.scans).is_dir() else []
     if not args.no_template:
         scans.append(template_scan())
     rows = []
+    if args.montage_only:
+        previous = json.loads((Path(args.out) / "results" / "wholebrain.json").read_text())["rows"]
+        paths = {s.name: s for s in scans}
+        rows = [{**r, "path": str(paths[r["scan"]])} for r in previous if r["scan"] in paths]
+        montage(rows, Path(args.keep), Path(args.out) / "wholebrain_montage.png")
+        return 0
+    keep = Path(args.keep) if args.keep else None
     with tempfile.TemporaryDirectory() as tmp:
+        work = keep or Path(tmp)
         for scan in scans:
-            row = check(scan, Path(tmp))
+            row = check(scan, work)
             row["path"] = str(scan)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "path"}), flush=True)
-        montage(rows, Path(tmp), Path(args.out) / "wholebrain_montage.png")
+        montage(rows, work, Path(args.out) / "wholebrain_montage.png")
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?") \
         if os.path.exists("/proc/cpuinfo") else platform.processor()
     summary = {"cpu": cpu, "threads": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),

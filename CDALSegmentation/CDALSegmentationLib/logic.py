@@ -321,7 +321,8 @@ class CDALSegmentationLogic(object):
         loaded = self.loadModel(prepared.modelPath, dev)
         report(0.05, "Segmenting")
         out = segmentImage(prepared.image, loaded, steps=steps, samples=samples, seed=seed, device=dev,
-                           progress=lambda f, m: report(0.05 + 0.9 * float(f), m))
+                           progress=lambda f, m: report(0.05 + 0.9 * float(f), m),
+                           localise="off" if roiNode is not None else "auto")
         import SimpleITK as sitk
 
         report(0.96, "Creating nodes")
@@ -350,7 +351,8 @@ class CDALSegmentationLogic(object):
         inputPath = os.path.join(workDir, "input.nrrd")
         sitk.WriteImage(prepared.image, inputPath, True)
         args = ["--input", inputPath, "--model", prepared.modelPath, "--output-dir", os.path.join(workDir, "out"),
-                "--samples", int(samples), "--device", device or "auto"]
+                "--samples", int(samples), "--device", device or "auto",
+                "--localise", "off" if roiNode is not None else "auto"]  # a user's ROI wins
         if steps:
             args += ["--steps", int(steps)]
         if seed is not None:

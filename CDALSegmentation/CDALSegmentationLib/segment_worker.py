@@ -7,7 +7,8 @@ on a user-facing problem ``{"event": "error", "message": m}`` and exit status 2.
 Writes into the output folder, all on the input grid: ``labels.nrrd`` (UInt8), ``uncertainty.nrrd`` and
 ``attention.nrrd`` (Float32), ``sides.nrrd`` (UInt8: 1 left, 2 right, 3 unknown, 0 background) and
 ``report.json`` (per-structure volumes, localisation). A volume larger than the model's crop (a whole brain)
-is localised by ``cdal_core.scan.segment_scan``; an ROI crop from the GUI arrives already cropped.
+is localised by ``cdal_core.scan.segment_scan``; an ROI crop from the GUI arrives already cropped, with
+``--localise off`` (the user's box wins).
 """
 import argparse
 import json
@@ -28,24 +29,14 @@ class Outputs(object):
         self.report, self.notes, self.seconds = report, list(notes or []), float(seconds or 0.0)
 
 
-def segmentImage(image, model, samples=5, steps=None, seed=None, device="cpu", progress=None):
-    """Segment a SimpleITK image with a loaded model: ``cdal_core.scan.segment_scan`` (localises the
-    hippocampi in a whole brain) when present, else ``cdal_core.inference.segment_image`` (side unknown)."""
-    try:
-        from cdal_core.scan import segment_scan
-    except ImportError:
-        segment_scan = None
-    if segment_scan is not None:
-        r = segment_scan(image, model, steps=steps, samples=samples, seed=seed, device=device, progress=progress)
-        return Outputs(r.labels, r.uncertainty, r.attention, r.sides, r.report, r.notes, r.seconds)
-    import SimpleITK as sitk
-    from cdal_core.inference import segment_image
+def segmentImage(image, model, samples=5, steps=None, seed=None, device="cpu", progress=None, localise="auto"):
+    """Segment a SimpleITK image with a loaded model (``cdal_core.scan.segment_scan``: a whole brain is localised
+    unless ``localise`` is "off", which the GUI passes for a user's ROI crop: the user's box wins)."""
+    from cdal_core.scan import segment_scan
 
-    r = segment_image(image, model, steps=steps, samples=samples, seed=seed, device=device, progress=progress)
-    sides = sitk.Cast(r.labels > 0, sitk.sitkUInt8) * 3
-    sides.CopyInformation(r.labels)
-    report = {"structures": [], "seconds": float(r.seconds), "localisation": {"status": "not needed"}}
-    return Outputs(r.labels, r.uncertainty, r.attention, sides, report, getattr(r, "notes", []), r.seconds)
+    r = segment_scan(image, model, steps=steps, samples=samples, seed=seed, device=device, progress=progress,
+                     localise=localise)
+    return Outputs(r.labels, r.uncertainty, r.attention, r.sides, r.report, r.notes, r.seconds)
 
 
 def writeOutputs(outputs, folder):
@@ -100,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--localise", default="auto", choices=("auto", "on", "off"))
     args = parser.parse_args(argv)
 
     from cdal_core.errors import CDALError
@@ -122,7 +114,7 @@ def main(argv=None):
                 _emit({"event": "progress", "fraction": 0.05 + 0.9 * float(fraction), "message": str(message)})
 
         outputs = segmentImage(image, model, samples=args.samples, steps=args.steps, seed=args.seed,
-                               device=device, progress=progress)
+                               device=device, progress=progress, localise=args.localise)
         _emit({"event": "progress", "fraction": 0.97, "message": "Writing results"})
         writeOutputs(outputs, args.output_dir)
         _emit({"event": "done", "seconds": outputs.seconds, "device": device, "notes": outputs.notes})

@@ -122,3 +122,17 @@ def test_cancel_background_job_kills_process(app, logic, tiny_model):
         logic.finishSegmentation(job)
     job.cleanup()
     assert scene_snapshot(app.scene) == before
+
+
+def test_a_user_roi_is_never_second_guessed_by_the_localiser(app, logic, tiny_model):
+    """A brain-sized ROI is segmented as the user drew it: the worker gets --localise off. Without the ROI the
+    same (brainless, synthetic) volume goes to the localiser, which refuses it."""
+    node = _volume(app, shape=(12, 150, 140))        # 150 x 140 mm: big enough for the localiser to step in
+    _expect_error(app, lambda: logic.segment(node, model=tiny_model, samples=1, steps=1), ["locate"])
+    roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "everything")
+    bounds = [0.0] * 6
+    node.GetRASBounds(bounds)
+    roi.SetCenter([(bounds[2 * i] + bounds[2 * i + 1]) / 2 for i in range(3)])
+    roi.SetSize([bounds[2 * i + 1] - bounds[2 * i] + 2 for i in range(3)])
+    result = logic.segment(node, model=tiny_model, roiNode=roi, samples=1, steps=1)
+    assert result.report["localisation"]["status"] != "ok"
