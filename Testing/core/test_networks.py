@@ -139,14 +139,40 @@ def test_adaptive_group_norm_small_bf16_maps_match_the_plain_path():
         gamma, beta = norm.style(w).chunk(2, dim=1)
         want = F.group_norm(x, 8) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
         x_cl = x.bfloat16().contiguous(memory_format=torch.channels_last)
-        assert networks._small_bf16_map_on_cpu(x_cl)
+        assert networks._fused_norm_on_cpu(x_cl)
         with torch.no_grad():
             got = norm(x_cl, w)
         assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(got.float(), want, atol=0.06, rtol=0.02), (got.float() - want).abs().max()
     big = torch.randn(1, 32, 32, 32).bfloat16().contiguous(memory_format=torch.channels_last)
-    assert not networks._small_bf16_map_on_cpu(big)
-    assert not networks._small_bf16_map_on_cpu(torch.randn(4, 32, 6, 5).contiguous(memory_format=torch.channels_last))
+    assert not networks._fused_norm_on_cpu(big)
+    assert not networks._fused_norm_on_cpu(torch.randn(4, 32, 6, 5))           # contiguous: the plain path
+
+
+def test_adaptive_group_norm_fused_float32_path_matches_the_plain_path_and_keeps_its_input():
+    """Every float32 channels-last CPU map takes the fused path (moments + one affine); it must equal GroupNorm
+    then modulation to float32 rounding, and must not touch its input (in float32 ``.float()`` is the input
+    itself: an in-place square there once corrupted the caller's tensor)."""
+    import torch.nn.functional as F
+    from cdal_core import networks
+    torch.manual_seed(0)
+    for channels in (16, 64):  # below 32 channels the bf16 path uses a diagonal matmul, float32 never does
+        norm = networks.AdaptiveGroupNorm(channels, 8)
+        torch.nn.init.normal_(norm.style.weight, std=0.3)
+        torch.nn.init.normal_(norm.style.bias, std=0.3)
+        w = torch.randn(3, 8)
+        for hw in ((6, 5), (56, 40)):
+            x = (3 + 2 * torch.randn(3, channels, *hw)).contiguous(memory_format=torch.channels_last)
+            before = x.clone()
+            assert networks._fused_norm_on_cpu(x)
+            with torch.no_grad():
+                gamma, beta = norm.style(w).chunk(2, dim=1)
+                want = F.group_norm(x.contiguous(), norm.norm.num_groups) * (1 + gamma[:, :, None, None]) \
+                    + beta[:, :, None, None]
+                got = norm(x, w)
+            assert torch.equal(x, before)
+            assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+            assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), (got - want).abs().max()
 
 
 def test_one_time_step_for_the_batch_equals_per_sample_time():
@@ -198,3 +224,27 @@ def test_early_exit_stops_surely_empty_slices_after_the_first_step():
     d = Discriminator(SMALL).eval()
     with_d = sample(g, img, DiffusionSchedule(2), 4, torch.Generator().manual_seed(0), d, early_exit=0.05)
     assert with_d.attention.shape == (5, 16, 16) and torch.isfinite(with_d.attention).all()
+
+
+def test_encoder_block_equals_monais_unet_res_block():
+    """The encoder's own block replaces MONAI's UnetResBlock (start-up time): same state-dict keys, so shipped
+    weights load unchanged, and the same outputs on random weights, stride 1 and 2, with and without the
+    1x1 residual branch, contiguous and channels-last."""
+    from monai.networks.blocks import UnetResBlock
+    from cdal_core.networks import EncoderResBlock
+    torch.manual_seed(0)
+    for in_ch, out_ch, stride in ((3, 16, 1), (16, 16, 1), (16, 32, 2), (64, 128, 2)):
+        groups = 8
+        ref = UnetResBlock(2, in_ch, out_ch, kernel_size=3, stride=stride,
+                           norm_name=("group", {"num_groups": groups})).eval()
+        for p in ref.parameters():  # random affine norms too (they start at 1 and 0)
+            torch.nn.init.normal_(p, std=0.5)
+        mine = EncoderResBlock(in_ch, out_ch, stride, groups).eval()
+        assert list(mine.state_dict()) == list(ref.state_dict())
+        mine.load_state_dict(ref.state_dict())
+        x = torch.randn(2, in_ch, 24, 16)
+        with torch.no_grad():
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                got = mine(x.contiguous(memory_format=fmt))
+                want = ref(x.contiguous(memory_format=fmt))
+                assert torch.equal(got, want), (in_ch, out_ch, stride, fmt)

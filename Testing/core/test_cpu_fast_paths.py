@@ -1,0 +1,34 @@
+"""The CPU fast paths of inference (issue 17) must not change results: each is pinned to the plain path."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cdal_core import networks
+from cdal_core.inference import segment_image
+from cdal_core.model_io import load_model
+
+from core_settings import SHARED_DATA
+
+HIPPO = SHARED_DATA / "Task04_Hippocampus" / "imagesTr"
+
+
+@pytest.mark.skipif(not HIPPO.is_dir(), reason="../shared/data is absent")
+def test_fp32_fused_group_norm_keeps_the_shipped_models_outputs(monkeypatch):
+    """float32 channels-last AdaGN runs as moments + one affine instead of torch's GroupNorm and a broadcast
+    multiply-add. On a real volume with the shipped 3-generator ensemble, fixed seed, T=2 x 5 samples: the same
+    probabilities (to float32 rounding carried through two steps), labels, uncertainty and early exits."""
+    model = load_model("hippocampus")
+    image = sitk.ReadImage(str(sorted(HIPPO.glob("hippo*.nii.gz"))[0]))
+    fast = segment_image(image, model, samples=5, seed=0, precision="fp32")
+    monkeypatch.setattr(networks, "_fused_norm_on_cpu", lambda x: False)
+    plain = segment_image(image, model, samples=5, seed=0, precision="fp32")
+    assert np.abs(fast.probabilities - plain.probabilities).max() < 1e-4  # measured 2e-6
+    agree = np.mean(sitk.GetArrayFromImage(fast.labels) == sitk.GetArrayFromImage(plain.labels))
+    assert agree > 0.9995, agree
+    u_fast, u_plain = (sitk.GetArrayFromImage(r.uncertainty) for r in (fast, plain))
+    assert np.abs(u_fast - u_plain).max() < 1e-4
+    assert abs(float(u_fast.mean()) - float(u_plain.mean())) < 1e-5
+    a_fast, a_plain = (sitk.GetArrayFromImage(r.attention) for r in (fast, plain))
+    assert np.abs(a_fast - a_plain).max() < 1e-2
