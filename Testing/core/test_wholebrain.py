@@ -45,6 +45,7 @@ def _moved_copy(template, degrees, spacing, orientation):
     ((0.0, 0.0, 0.0), 1.0, "LAS"),          # plain, stored left-to-right flipped (like FSL/ds002748 files)
     ((12.0, -8.0, 10.0), 1.3, "PIR"),       # oblique head, thicker voxels, permuted + flipped axes
     ((-15.0, 5.0, 0.0), 0.8, "LPS"),
+    ((32.0, 0.0, -6.0), 1.0, "RAS"),        # a head tilted forward by 32 degrees: needs the pose search
 ])
 def test_locate_finds_both_hippocampi_in_a_moved_copy(template, degrees, spacing, orientation):
     from cdal_core.localise import locate
