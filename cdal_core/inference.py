@@ -8,6 +8,7 @@ variance across samples) and attention (Float32 in [0, 1], the discriminator's |
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -75,6 +76,55 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def _running_elsewhere() -> int:
+    """Threads of other processes running or runnable right now: the kernel's count of runnable tasks
+    (/proc/loadavg) less this process's own running threads. 0 where /proc is absent."""
+    try:
+        with open("/proc/loadavg") as f:
+            runnable = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat") as f:
+                    own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except OSError:
+                continue
+        return max(0, runnable - max(own, 1))
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_CORES = []
+
+
+def _cpu_cores() -> int:
+    """The cores torch was allowed at start-up (before any adaptation lowered its thread count)."""
+    if not _CORES:
+        _CORES.append(torch.get_num_threads())
+    return _CORES[0]
+
+
+def cpu_threads(cores: Optional[int] = None) -> int:
+    """Threads for the next CPU run: the cores left free by other processes (at least 1). torch's OpenMP
+    threads spin at every barrier, so a thread that shares its core with another busy process stalls all the
+    others: on a 2-core AMD EPYC with one other busy process, 2 threads took 12-15 s per hippocampus volume
+    where 1 thread took 4.6 s (docs/RESULTS.md, "Performance on CPUs without bf16"). ``CDAL_THREADS`` (or
+    ``OMP_NUM_THREADS``) in the environment fixes the count instead."""
+    fixed = os.environ.get("CDAL_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    if fixed:
+        try:
+            return max(1, int(fixed))
+        except ValueError:
+            pass
+    if not cores:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = sorted(_running_elsewhere() for _ in range(3))[1]  # the median of three looks
+    return max(1, min(cores, cores - busy))
+
+
+# False: leave torch's thread count as the caller set it (the benchmark's fixed-thread rows)
+ADAPT_THREADS = True
+
 MAX_STEPS = 16  # cDAL is a few-step sampler; benchmarks raise this to emulate 100-step diffusion
 # A slice whose K first-step predictions put every pixel's foreground probability below this stops there
 # (sampler.sample's early_exit): about 30 % of hippocampus slices, at unchanged Dice (docs/RESULTS.md).
@@ -98,6 +148,8 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     check_volume(image, model.config.image_channels)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
+    if dev.type == "cpu" and ADAPT_THREADS:
+        torch.set_num_threads(cpu_threads(_cpu_cores()))
     model.to(dev)
     norm = model.normalisation
     params = norm.fit(sitk.GetArrayViewFromImage(image))

@@ -32,3 +32,20 @@ def test_fp32_fused_group_norm_keeps_the_shipped_models_outputs(monkeypatch):
     assert abs(float(u_fast.mean()) - float(u_plain.mean())) < 1e-5
     a_fast, a_plain = (sitk.GetArrayFromImage(r.attention) for r in (fast, plain))
     assert np.abs(a_fast - a_plain).max() < 1e-2
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    """Inference uses the cores other processes leave free (OpenMP threads that share a busy core stall the
+    whole run); an explicit CDAL_THREADS wins."""
+    from cdal_core import inference
+    monkeypatch.delenv("CDAL_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(inference, "_running_elsewhere", lambda: 0)
+    assert inference.cpu_threads(4) == 4
+    monkeypatch.setattr(inference, "_running_elsewhere", lambda: 1)
+    assert inference.cpu_threads(4) == 3 and inference.cpu_threads(2) == 1
+    monkeypatch.setattr(inference, "_running_elsewhere", lambda: 9)
+    assert inference.cpu_threads(2) == 1
+    monkeypatch.setenv("CDAL_THREADS", "2")
+    assert inference.cpu_threads(8) == 2
+    assert inference._running_elsewhere() >= 0  # the real probe works here (0 where /proc is absent)
