@@ -46,6 +46,7 @@ class DependencyInstaller(object):
                 self.pipInstall(" ".join(others))
         finally:
             self._setBusy(False)
+        importlib.invalidate_caches()  # finders cache directory listings: see the packages just installed
         return not self.missing()
 
     def _setBusy(self, busy):

@@ -4,9 +4,36 @@ Slicer's main loop does not release the GIL while Qt idles, so Python reader thr
 reads the child's pipes inside Qt's event loop and tells us through ``readyReadStandardOutput`` /
 ``readyReadStandardError`` / ``finished`` (as SlicerNNUnet runs nnU-Net). Only the widget imports this file.
 """
+import os
+import subprocess
+
 import qt
 
 from .jobs import killProcessTree
+
+
+def childProcessIDs(pid):
+    """Direct children of ``pid`` on POSIX (Linux: /proc, macOS: pgrep); [] on Windows or when unknown."""
+    if not pid or os.name == "nt":
+        return []
+    if os.path.isdir("/proc/self"):
+        children = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:  # field 4: parent pid
+                        children.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+        return children
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             timeout=2).stdout
+        return [int(p) for p in out.split()]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return []
 
 
 class QtProcessRunner(object):
@@ -62,4 +89,9 @@ class QtProcessRunner(object):
 
     def kill(self):
         if self.process.state() != qt.QProcess.NotRunning:
+            # PythonSlicer is a launcher running python-real as its child (CTKAppLauncher: Base/ctkAppLauncher.cpp,
+            # runProcess), and that child leads its own process group (os.setsid): kill the children's trees first,
+            # or killing the launcher alone leaves the worker running
+            for child in childProcessIDs(self.pid):
+                killProcessTree(child)
             killProcessTree(self.pid)

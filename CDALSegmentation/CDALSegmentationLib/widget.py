@@ -205,13 +205,18 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
     # ---- segmentation ------------------------------------------------------------------------------------
     def _startJob(self, panel, start):
         """Install what is missing, then start a job (wait cursor only while starting; errors after it)."""
-        if self.installer.busy or not self.installer.ensure():
+        if self.installer.busy:
             return
         try:
+            if not self.installer.ensure():  # pip / PyTorchUtils raise on a failed install
+                return
             with waitCursor():
                 job = start()
-        except CDALError as exc:
-            slicer.util.errorDisplay(str(exc), windowTitle=TITLE)
+        except Exception as exc:  # CDALError: the user's to fix; anything else is shown too, not only logged
+            import traceback
+
+            slicer.util.errorDisplay(str(exc) if isinstance(exc, CDALError) else "%s: %s" % (type(exc).__name__, exc),
+                                     windowTitle=TITLE, detailedText=traceback.format_exc())
             return
         panel.start(job)
 
@@ -243,7 +248,7 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
             "".join("\n" + note for note in result.notes))
 
     def showResult(self, result):
-        p = self._parameterNode
+        p = self._parameterNode or self.logic.getParameterNode()  # the module may have been left while it ran
         with slicer.util.NodeModify(p):
             p.segmentation, p.uncertainty, p.attention = (result.segmentationNode, result.uncertaintyNode,
                                                           result.attentionNode)
@@ -257,7 +262,7 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
             setattr(self._parameterNode, other, False)  # one foreground layer: the two maps are exclusive
 
     def updateOverlays(self, fit=False):
-        p = self._parameterNode
+        p = self._parameterNode or self.logic.getParameterNode()
         background, foreground = self.logic.overlayLayers(p.uncertainty, p.attention, p.showUncertainty,
                                                           p.showAttention)
         state = (background, foreground, round(p.overlayOpacity, 3))
