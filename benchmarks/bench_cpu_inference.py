@@ -13,6 +13,7 @@ Usage: python benchmarks/bench_cpu_inference.py [--model hippocampus] [--volumes
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,6 +33,42 @@ from cdal_core.inference import segment_image  # noqa: E402
 from cdal_core.metrics import segmentation_metrics  # noqa: E402
 from cdal_core.model_io import load_model  # noqa: E402
 from cdal_core.sampler import sample  # noqa: E402
+
+
+def cpu_info() -> dict:
+    """CPU model, the flags that decide the kernels (AVX2/FMA, AVX-512, bf16, AMX) and the load at the time."""
+    info = {"model": "unknown", "flags": [], "cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["model"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")).split())
+        info["flags"] = sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def load_average() -> list:
+    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]] if Path("/proc/loadavg").exists() else []
+
+
+def core_peak(dtype: torch.dtype = torch.float32, seconds: float = 3.0) -> float:
+    """Best GFLOP/s of one core (1 thread, 1024^2 matmul) per second of this process's CPU time: what the core
+    computes while it runs us, whatever else shares the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    a @ b
+    best, end = 0.0, time.time() + seconds
+    while time.time() < end:
+        t0 = time.process_time()
+        for _ in range(4):
+            a @ b
+        dt = time.process_time() - t0
+        if dt > 0:
+            best = max(best, 4 * 2 * 1024**3 / dt / 1e9)
+    torch.set_num_threads(threads)
+    return best
 
 
 def matmul_peak(seconds: float = 3.0, dtype: torch.dtype = torch.float32) -> float:
@@ -133,17 +170,82 @@ print(json.dumps({{"seconds": dt, "precision": "auto", "peak_rss_mb": peak_rss_m
 '''
 
 
+WHOLE_BRAIN_CODE = r'''
+import time
+t0 = time.perf_counter()
+import json, sys
+from pathlib import Path
+sys.path.insert(0, ".")
+import torch
+from cdal_core import scan as scanmod
+from cdal_core.cli import write_image_atomic
+from cdal_core.inputs import list_inputs, read_scan
+from cdal_core.model_io import load_model
+t1 = time.perf_counter()
+model = load_model("{model}", device="cpu")
+t2 = time.perf_counter()
+item = list_inputs(Path("{scan}"))[0]
+image = read_scan(item).image
+t3 = time.perf_counter()
+parts = {{"segment_per_side_s": [], "threads_per_side": []}}
+locate, segment = scanmod.locate, scanmod.segment_image
+def timed_locate(*a, **k):
+    t = time.perf_counter(); out = locate(*a, **k); parts["locate_s"] = time.perf_counter() - t; return out
+def timed_segment(*a, **k):
+    t = time.perf_counter(); out = segment(*a, **k)
+    parts["segment_per_side_s"].append(time.perf_counter() - t); parts["threads_per_side"].append(torch.get_num_threads())
+    return out
+scanmod.locate, scanmod.segment_image = timed_locate, timed_segment
+result = scanmod.segment_scan(image, model, samples=5, seed=0, device="cpu")
+t4 = time.perf_counter()
+out = Path("{out}"); out.mkdir(parents=True, exist_ok=True)
+for kind, im in (("seg", result.labels), ("uncertainty", result.uncertainty), ("attention", result.attention)):
+    write_image_atomic(im, out / f"wb_{{kind}}.nii.gz")
+t5 = time.perf_counter()
+print(json.dumps({{"imports_s": t1 - t0, "model_load_s": t2 - t1, "read_s": t3 - t2, "segment_scan_s": t4 - t3,
+                  "write_s": t5 - t4, "in_process_total_s": t5 - t0, "size": list(image.GetSize()),
+                  "structures_mm3": {{r["side"] + " " + r["name"]: r["volume_mm3"] for r in result.report["structures"]}},
+                  **parts}}))
+'''
+
+
+def whole_brain_row(model: str, scan: str, env_threads: str = "") -> dict:
+    """A whole-brain T1 end to end in a fresh process (start-up included): wall time and peak RSS from
+    /usr/bin/time, the breakdown from the child itself."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        code = WHOLE_BRAIN_CODE.format(model=model, scan=scan, out=out)
+        env = dict(os.environ)
+        if env_threads:
+            env["CDAL_THREADS"] = env_threads
+        load = load_average()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M %e", sys.executable, "-c", code], capture_output=True,
+                              text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-1500:])
+    rss_kb, wall = proc.stderr.strip().splitlines()[-1].split()
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row.update({"wall_s": float(wall), "peak_rss_mb": int(rss_kb) / 1024, "scan": scan, "load_before": load,
+                "threads": env_threads or "adaptive (cores left free by other processes)"})
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="hippocampus")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "Task04_Hippocampus"))
     p.add_argument("--cases", default=str(ROOT / "configs" / "hippocampus_val.txt"))
     p.add_argument("--volumes", type=int, default=8)
-    p.add_argument("--skip", default="", help="comma list of rows to skip: reference,steps100,big")
+    p.add_argument("--skip", default="", help="comma list of rows to skip: reference,steps100,big,wholebrain")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds of the fast rows (median per volume)")
     p.add_argument("--json", default=None)
+    p.add_argument("--scan", default=str(ROOT.parent / "shared" / "data" / "T1w_heads" / "sub-01_T1w.nii.gz"),
+                   help="the whole-brain T1 of the whole-brain row")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    load_start = load_average()
+    # the rows below compare ways at a fixed thread count; the adaptive count is measured in the whole-brain rows
+    inference.ADAPT_THREADS = False
     torch.set_num_threads(torch.get_num_threads())
     model = load_model(args.model, device="cpu")
     cases, _ = read_msd_cases(args.data)
@@ -153,8 +255,10 @@ def main() -> None:
     segment_image(images[0], model, samples=5, seed=0)  # warm-up (start-up excluded)
     bf16 = inference.cpu_has_native_bf16()
     peaks = {"fp32": matmul_peak()}
-    if bf16:
+    core_peaks = {"fp32": core_peak()}
+    if bf16:  # only where the CPU computes bf16 natively: elsewhere torch emulates it, no meaningful peak
         peaks["bf16"] = matmul_peak(dtype=torch.bfloat16)
+        core_peaks["bf16"] = core_peak(torch.bfloat16)
 
     def run(steps, samples, precision="fp32", early_exit=True):
         return lambda im: sitk.GetArrayFromImage(segment_image(
@@ -208,20 +312,54 @@ def main() -> None:
         r["time_ratio_vs_ours"] = r["seconds_per_volume"] / rows[ours]["seconds_per_volume"]
         r["flop_ratio_vs_ours"] = r["gflop_per_volume"] / max(rows[ours]["gflop_per_volume"], 1e-9)
         r["efficiency_vs_peak"] = r["gflops_achieved"] / peaks[r["precision"]]
+    # The network part on one thread, in this process's CPU seconds (robust to other processes on the machine),
+    # against one core's matmul peak: ours at fp32, median over rounds, interleaved with the one-pass floor.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    one_thread = {}
+    for name, steps, samples, ee in ((f"cdal T=2 x 5 samples (fp32)", 2, 5, True), ("one forward pass (fp32)", 1, 1, False)):
+        one_thread[name] = {"cpu_s": [], "steps": steps, "samples": samples, "early_exit": ee}
+    for r in range(args.rounds):
+        for name, spec in one_thread.items():
+            for im in images:
+                t0 = time.process_time()
+                segment_image(im, model, steps=spec["steps"], samples=spec["samples"], seed=0, with_attention=False,
+                              precision="fp32", early_exit=spec["early_exit"])
+                spec["cpu_s"].append(time.process_time() - t0)
+    network = {}
+    for name, spec in one_thread.items():
+        _, _, flops = timed(lambda: [segment_image(im, model, steps=spec["steps"], samples=spec["samples"], seed=0,
+                                                   with_attention=False, precision="fp32",
+                                                   early_exit=spec["early_exit"]) for im in images])
+        cpu = float(np.median(spec["cpu_s"])) * len(images)
+        network[name] = {"cpu_s_per_volume": cpu / len(images), "gflop_per_volume": flops / 1e9 / len(images),
+                         "gflops_per_core": flops / cpu / 1e9, "fraction_of_core_peak": flops / cpu / 1e9 / core_peaks["fp32"]}
+    torch.set_num_threads(threads)
     redundancy = [window_redundancy(im, model) for im in images]
     reference_bound = {"window_voxels_per_sliced_voxel": float(np.mean(redundancy)),
                        "note": "voxels the 32^3 windows (overlap 0.75) cover, per voxel our whole-slice pass covers "
                                "(padded slices): the FLOP ratio the same network can reach on these volumes at equal "
                                "steps and samples"}
-    result = {"machine": {"threads": torch.get_num_threads(), "matmul_peak_gflops": peaks["fp32"],
+    result = {"machine": {"cpu": cpu_info(), "threads": torch.get_num_threads(), "matmul_peak_gflops": peaks["fp32"],
                           "matmul_peak_gflops_bf16": peaks.get("bf16"), "cpu_native_bf16": bf16,
+                          "core_peak_gflops_cpu_time": core_peaks, "load_average_start": load_start,
                           "torch": torch.__version__}, "volumes": len(images), "rows": rows,
-              "reference_redundancy": reference_bound}
+              "network_one_thread_cpu_time": network, "reference_redundancy": reference_bound}
     if "big" not in skip:
         result["large_volume"] = {
             "256x256x180 whole volume": peak_rss_child(BIG_VOLUME_CODE.format(model=args.model, roi=False)),
             "256x256x180 with ROI around one hippocampus": peak_rss_child(BIG_VOLUME_CODE.format(model=args.model, roi=True)),
         }
+    if "wholebrain" not in skip and Path(args.scan).exists():
+        result["whole_brain"] = {"adaptive threads": whole_brain_row(args.model, args.scan),
+                                 "2 threads fixed": whole_brain_row(args.model, args.scan, "2")}
+    result["machine"]["load_average_end"] = load_average()
+    cpu = result["machine"]["cpu"]
+    print(f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}); load {load_start} -> {result['machine']['load_average_end']}")
+    print("one core, CPU time: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in core_peaks.items()))
+    for name, r in network.items():
+        print(f"  network part, 1 thread: {name}: {r['cpu_s_per_volume']:.2f} CPU-s/volume, {r['gflops_per_core']:.1f} "
+              f"GFLOP/s = {100 * r['fraction_of_core_peak']:.0f} % of the core's fp32 peak")
     print("matmul peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()) +
           f" on {torch.get_num_threads()} threads; {len(images)} volumes; efficiency vs the row's precision")
     print(f"{'way':<50}{'s/vol':>8}{'GFLOP':>9}{'eff.':>7}{'x time':>8}{'x FLOP':>8}{'Dice ant':>10}{'Dice post':>10}")
@@ -233,6 +371,10 @@ def main() -> None:
           f"whole-slice pass on these volumes (the bound on the FLOP ratio at equal steps and samples)")
     for name, r in result.get("large_volume", {}).items():
         print(f"{name}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    for name, r in result.get("whole_brain", {}).items():
+        print(f"whole brain ({name}): {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB; imports {r['imports_s']:.1f}, "
+              f"model {r['model_load_s']:.1f}, read {r['read_s']:.1f}, locate {r.get('locate_s', 0):.1f}, sides "
+              f"{', '.join(f'{v:.1f}' for v in r['segment_per_side_s'])} (threads {r['threads_per_side']}), write {r['write_s']:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
