@@ -49,6 +49,10 @@ class ImageResult:
 def model_sizes(model: LoadedModel) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """(image_size, window size) from the card: images are resized to the first, windows are the second."""
     inp = model.card["input"]
+    if "image_size" not in inp:
+        raise CDALError(f"model '{model.card.get('name', model.path)}' was trained on 3D volumes, not on 2D images "
+                        "(its card has no input.image_size): use a 2D model such as cxr, or train one with "
+                        "cdal train --data <folder with images/ and masks/>")
     window = tuple(int(v) for v in inp["train_size"])
     image = tuple(int(v) for v in inp.get("image_size") or window)
     return image, window
@@ -256,6 +260,7 @@ def predict_images(args) -> int:
                         "pass --overwrite or choose another --output")
     device = resolve_device(args.device)
     model = load_model(args.model, device=str(device))
+    model_sizes(model)  # a 3D model is refused before any output folder appears
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in inputs:
         array = read_image_2d(path, model.config.image_channels)
@@ -282,6 +287,7 @@ def evaluate_images(args) -> int:
         cases = select_cases(cases, read_case_list(args.cases), args.cases, args.data)
     device = resolve_device(args.device)
     model = load_model(args.model, device=str(device))
+    model_sizes(model)
     report = evaluate_pairs(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
                             device=str(device), precision=args.precision, early_exit=not args.full_sampling)
     report["model"] = str(model.path)

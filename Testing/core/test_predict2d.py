@@ -277,3 +277,9 @@ def test_shipped_cxr_model_segments_a_validation_image():
     truth = read_mask_2d(data / "masks" / "CHNCXR_0603_1.png", array.shape[-2:], 2)
     result = segment_image_2d(array, model, seed=0, precision="fp32", with_attention=False)
     assert segmentation_metrics(result.labels.astype(np.int64), truth, 2, (1.0, 1.0))[1]["dice"] > 0.88
+
+
+def test_a_3d_model_is_refused_on_images(tiny_model, grey_data, tmp_path, capsys):
+    assert_error(run("predict", "--model", tiny_model, "--input", grey_data / "images" / "img0.png", "--output",
+                     tmp_path / "out"), capsys, "3D volumes", "2D model")
+    assert not (tmp_path / "out").exists()
