@@ -77,7 +77,7 @@ def read_image_2d(path: Path, image_channels: int) -> np.ndarray:
     if image_channels == 1:
         if colour:
             raise CDALError(f"{path}: is an RGB colour image but the model expects greyscale (1 channel): "
-                            "convert it to greyscale first, or use a model trained on RGB images (e.g. monuseg)")
+                            "convert it to greyscale first, or use a model trained on RGB images (configs/monuseg.json trains one)")
         array = array[..., :1]
     elif image_channels == 3:
         if channels < 3:
