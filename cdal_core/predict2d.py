@@ -216,11 +216,18 @@ def _resize_maps(maps: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
 
 # -- outputs -----------------------------------------------------------------------------------------------
 
+# Five evenly spaced colours of matplotlib's perceptually uniform maps (matplotlib is not a dependency)
+COLORMAPS = {"inferno": [(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)],
+             "viridis": [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]}
+
+
 def heat_map(values: np.ndarray, vmax: float, colormap: str) -> np.ndarray:
     """(H, W) float -> (H, W, 3) uint8 colours of ``sqrt(values / vmax)`` (the square root shows small values)."""
-    import matplotlib
     scaled = np.sqrt(np.clip(values / max(vmax, 1e-12), 0.0, 1.0))
-    return (matplotlib.colormaps[colormap](scaled)[..., :3] * 255).round().astype(np.uint8)
+    anchors = np.asarray(COLORMAPS[colormap], np.float64)
+    stops = np.linspace(0.0, 1.0, len(anchors))
+    rgb = [np.interp(scaled, stops, anchors[:, c]) for c in range(3)]
+    return np.stack(rgb, axis=-1).round().astype(np.uint8)
 
 
 def output_paths(out_dir: Path, stem: str) -> Dict[str, Path]:
