@@ -126,7 +126,8 @@ def _nifti_raw(path: Path):
         img = nib.load(str(path))
         return img.header, np.asanyarray(img.dataobj)
     except (EOFError, OSError, zlib.error, ValueError, ImageFileError) as exc:
-        raise CDALError(f"{path}: the file is truncated or corrupt ({str(exc)[:120]}): copy or download it again")
+        raise CDALError(f"{path}: cannot be read, the file is truncated or corrupt ({str(exc)[:120]}): copy or "
+                       "download it again")
 
 
 def _check_nifti(path: Path, scan: Scan, header, raw: np.ndarray) -> None:

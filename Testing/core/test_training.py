@@ -46,7 +46,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(synthetic_dir, tiny_config_
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "cdal_core.cli", "train", "--data", str(synthetic_dir), "--out", str(run),
            "--config", str(tiny_config_file), "--max-steps", "100000", "--device", "cpu", "--json-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace")
     steps = 0
     for line in proc.stdout:  # wait until it has really trained a few steps
         rec = json.loads(line)
@@ -59,7 +60,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(synthetic_dir, tiny_config_
     saved = _checkpoint(run)["step"]
     assert saved >= 4
     out = subprocess.run(cmd[:-3] + ["--max-steps", str(saved + 2), "--json-progress"], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, encoding="utf-8", errors="replace", timeout=300)
     events = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
     assert events[0] == {**events[0], "event": "resumed", "step": saved}
     assert events[-1]["event"] == "done" and events[-1]["step"] == saved + 2

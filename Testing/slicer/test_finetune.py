@@ -114,6 +114,6 @@ def test_gui_side_modules_do_not_import_torch():
             "logic.listModels(); logic.modelEntries()\n"
             "print('torch' in sys.modules)" % (os.path.join(repo, "CDALSegmentation"), repo))
     out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         universal_newlines=True, timeout=120)
+                         universal_newlines=True, encoding="utf-8", errors="replace", timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
