@@ -222,7 +222,7 @@ def cmd_evaluate(args) -> int:
     from .data import read_case_list, read_msd_cases, select_cases
     from .evaluation import evaluate_cases, format_table
     from .inference import resolve_device
-    from .model_io import atomic_write_bytes, load_model
+    from .model_io import load_model
 
     device = resolve_device(args.device)
     model = load_model(args.model, device=str(device), with_discriminator=False)
@@ -235,9 +235,15 @@ def cmd_evaluate(args) -> int:
                             precision=args.precision, early_exit=not args.full_sampling)
     bar.update(1)
     bar.close()
+    return finish_evaluation(report, model, args, format_table)
+
+
+def finish_evaluation(report, model, args, table) -> int:
+    """Shared end of ``cdal evaluate`` (3D and 2D): settings into the report, the table, ``--json``."""
+    from .model_io import atomic_write_bytes
     report["model"] = str(model.path)
     report["steps"], report["samples"] = args.steps or model.default_steps, args.samples
-    print(format_table(report))
+    print(table(report))
     if args.json:
         atomic_write_bytes(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
         print(f"report: {args.json}")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from .data import Case, read_image
 from .errors import CDALError
-from .geometry import GridMapping
 from .inference import resolve_device, resolve_precision, segment_image
 from .metrics import nanmean, segmentation_metrics, summarise, uncertainty_metrics
 from .model_io import LoadedModel

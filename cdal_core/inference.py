@@ -7,7 +7,6 @@ variance across samples) and attention (Float32 in [0, 1], the discriminator's |
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from .data import check_volume, pad_to, round_up, slice_stack
-from .errors import CancelledError, CDALError
+from .errors import CDALError
 from .geometry import GridMapping
 from .model_io import LoadedModel
 from .sampler import sample

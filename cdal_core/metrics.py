@@ -8,7 +8,7 @@ and per-slice error rate, and expected calibration error (ECE) of the mean class
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch

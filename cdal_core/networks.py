@@ -9,7 +9,7 @@ label maps ``x`` are ``(B, num_classes, H, W)`` in [-1, 1] (one-hot * 2 - 1); ``
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch

@@ -13,7 +13,6 @@ maps) and ``_uncertainty.tif`` / ``_attention.tif`` (float32 values).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,9 +282,8 @@ def evaluate_images(args) -> int:
     """``cdal evaluate`` for an images/ + masks/ folder: per-class Dice, IoU, precision, recall, HD95 (pixels)
     per image, then mean and std over images, plus uncertainty quality; ``--json`` writes the report."""
     from .data import read_case_list, select_cases
-    from .evaluation import format_table
     from .inference import resolve_device
-    from .model_io import atomic_write_bytes, load_model
+    from .model_io import load_model
     root = Path(args.data)
     if not (root / "images").is_dir() or not (root / "masks").is_dir():
         raise CDALError(f"{root}: a 2D evaluation folder needs images/ and masks/ with matching file names")
@@ -297,13 +295,8 @@ def evaluate_images(args) -> int:
     model_sizes(model)
     report = evaluate_pairs(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
                             device=str(device), precision=args.precision, early_exit=not args.full_sampling)
-    report["model"] = str(model.path)
-    report["steps"], report["samples"] = args.steps or model.default_steps, args.samples
-    print(format_table_2d(report))
-    if args.json:
-        atomic_write_bytes(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
-        print(f"report: {args.json}")
-    return 0
+    from .cli import finish_evaluation
+    return finish_evaluation(report, model, args, format_table_2d)
 
 
 def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = None, samples: int = 5,

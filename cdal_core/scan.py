@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from .data import check_volume
 from .errors import CDALError
 from .inference import segment_image
-from .localise import Localisation, Region, RegionSpec, hippocampus_regions, locate, needs_localisation
+from .localise import Region, RegionSpec, hippocampus_regions, locate, needs_localisation
 from .model_io import LoadedModel
 
 ProgressFn = Callable[[float, str], None]

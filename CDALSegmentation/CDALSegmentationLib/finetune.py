@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import time
-from typing import List, Optional, Tuple
 
 import numpy as np
 

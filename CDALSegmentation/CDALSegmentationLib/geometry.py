@@ -4,7 +4,6 @@ Conventions: MRML IJK-to-RAS = [direction columns * spacing | origin] in RAS. Si
 and direction rows flip the first two axes. ``slicer.util.arrayFromVolume`` returns (K, J, I) arrays, the same
 order as ``SimpleITK.GetArrayFromImage``.
 """
-from typing import Optional, Sequence, Tuple
 
 import numpy as np
 

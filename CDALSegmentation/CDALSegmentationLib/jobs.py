@@ -21,7 +21,6 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable, Dict, List, Optional
 
 IDLE, RUNNING, DONE, FAILED, CANCELLED = "idle", "running", "done", "failed", "cancelled"
 MAX_LOG_LINES = 400

@@ -16,12 +16,11 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Dict, List, Optional
 
 import numpy as np
 
 from . import geometry
-from .jobs import RUNNING, ProcessJob, pythonModuleCommand
+from .jobs import ProcessJob, pythonModuleCommand
 from .paths import ensureCoreOnPath, subprocessEnvironment
 
 ensureCoreOnPath()
@@ -557,7 +556,6 @@ class CDALSegmentationLogic(object):
         existing = scene.GetSingletonNode(CDAL_INFERNO_TAG, "vtkMRMLColorTableNode")
         if existing is not None:
             return existing.GetID()
-        import vtk
         import slicer
 
         node = slicer.vtkMRMLColorTableNode()

@@ -10,7 +10,6 @@ The module is used from three layouts:
 """
 import os
 import sys
-from typing import List, Optional
 
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../CDALSegmentation
 
