@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -130,6 +131,22 @@ MAX_STEPS = 16  # cDAL is a few-step sampler; benchmarks raise this to emulate 1
 EARLY_EXIT = 0.05
 
 
+@contextmanager
+def _adapted_threads(device: torch.device):
+    """torch's thread count set to ``cpu_threads`` for one CPU run and restored after it: the count is a
+    process-wide setting, and a training run that validates through here must keep its own (resuming is
+    bit-exact only when every step runs with the same number of threads)."""
+    if device.type != "cpu" or not ADAPT_THREADS:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(_cpu_cores()))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = None, samples: int = 5,
                   seed: Optional[int] = None, device: str = "cpu", batch_slices: Optional[int] = None,
                   with_attention: bool = True, progress: Optional[ProgressFn] = None,
@@ -147,14 +164,12 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     check_volume(image, model.config.image_channels)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
-    if dev.type == "cpu" and ADAPT_THREADS:
-        torch.set_num_threads(cpu_threads(_cpu_cores()))
     model.to(dev)
     norm = model.normalisation
     params = norm.fit(sitk.GetArrayViewFromImage(image))
     mapping = GridMapping(image, model.grid, fill=params.lo)  # outside the scan: its dark level, not 0
     array = norm.apply(mapping.model_array(), params)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    with _adapted_threads(dev), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         probs, variance, attention = _segment_array(array, model, steps, samples, seed, dev, batch_slices,
                                                     with_attention, progress,
                                                     EARLY_EXIT if early_exit else None)

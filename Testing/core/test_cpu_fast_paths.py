@@ -6,6 +6,7 @@ import SimpleITK as sitk
 import torch
 
 from cdal_core import networks
+from cdal_core.inference import _segment_array as _real_segment_array
 from cdal_core.inference import segment_image
 from cdal_core.model_io import load_model
 
@@ -49,3 +50,26 @@ def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.setenv("CDAL_THREADS", "2")
     assert inference.cpu_threads(8) == 2
     assert inference._running_elsewhere() >= 0  # the real probe works here (0 where /proc is absent)
+
+
+def test_a_run_adapts_threads_for_itself_and_gives_them_back(monkeypatch, tiny_model):
+    """The thread count is process-wide: a training run validating through segment_image must find its own
+    count again afterwards, or its later steps (and so an exact resume) depend on the machine's load."""
+    from cdal_core import inference
+    from cdal_core.synthetic import make_volume, to_image
+    seen = []
+    monkeypatch.delenv("CDAL_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(inference, "cpu_threads", lambda cores=None: 1)
+    monkeypatch.setattr(inference, "_segment_array",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or _real_segment_array(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        img, _ = make_volume(np.random.default_rng(2))
+        segment_image(to_image(img.astype(np.float32)), load_model(tiny_model), samples=1, steps=1, seed=0)
+        assert seen == [1]                      # the run itself used what was free
+        assert torch.get_num_threads() == 2     # and the caller's setting is back
+    finally:
+        torch.set_num_threads(before)
+
