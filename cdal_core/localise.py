@@ -2,7 +2,7 @@
 
 How: an affine registration (SimpleITK: moments initialiser, Mattes mutual information, three resolution
 levels) of a 3 mm copy of the scan to the skull-stripped ICBM152 2009a template shipped in
-``cdal_core/templates``. The template-space box around each hippocampus (``RegionSpec``) is then carried into
+``Resources/Templates``. The template-space box around each hippocampus (``RegionSpec``) is then carried into
 the scan by the rigid part of that affine, so the crop the model sees is 1 mm, axis-aligned with the template's
 head (the way MSD crops are) and at the scan's own scale: volumes measured in it are the subject's.
 
@@ -21,7 +21,8 @@ import SimpleITK as sitk
 
 from .errors import CDALError
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "icbm152_brain_3mm.nii.gz"
+# Shipped next to the models (Resources/), where the extension build and the source tree both put it.
+TEMPLATE = Path(__file__).resolve().parent.parent / "Resources" / "Templates" / "icbm152_brain_3mm.nii.gz"
 REGISTRATION_MM = 3.0
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
 
@@ -135,7 +136,7 @@ def locate(image: sitk.Image, specs: Optional[List[RegionSpec]] = None) -> Local
 
 def _template() -> sitk.Image:
     if not TEMPLATE.exists():
-        raise CDALError(f"{TEMPLATE}: the localisation template is missing from this install: reinstall cdal_core")
+        raise CDALError(f"{TEMPLATE}: the localisation template is missing from this install: reinstall (it ships in Resources/Templates)")
     return sitk.ReadImage(str(TEMPLATE), sitk.sitkFloat32)
 
 

@@ -1,4 +1,4 @@
-"""Make ``cdal_core/templates/icbm152_brain_3mm.nii.gz``: the localisation template shipped with cdal_core.
+"""Make ``Resources/Templates/icbm152_brain_3mm.nii.gz``: the localisation template (cdal_core/localise.py).
 
 The ICBM152 2009a symmetric T1 template (inside the ``nilearn`` wheel), skull removed with its own grey + white
 matter maps (> 0.3, dilated by 3 mm), averaged down to 3 mm and scaled to [0, 1]. Registration runs at this
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-OUT = Path(__file__).resolve().parent.parent / "cdal_core" / "templates" / "icbm152_brain_3mm.nii.gz"
+OUT = Path(__file__).resolve().parent.parent / "Resources" / "Templates" / "icbm152_brain_3mm.nii.gz"
 
 
 def main() -> int:
