@@ -94,16 +94,6 @@ def _running_elsewhere() -> int:
         return 0
 
 
-_CORES = []
-
-
-def _cpu_cores() -> int:
-    """The cores torch was allowed at start-up (before any adaptation lowered its thread count)."""
-    if not _CORES:
-        _CORES.append(torch.get_num_threads())
-    return _CORES[0]
-
-
 def cpu_threads(cores: Optional[int] = None) -> int:
     """Threads for the next CPU run: the cores left free by other processes (at least 1). torch's OpenMP
     threads spin at every barrier, so a thread that shares its core with another busy process stalls all the
@@ -139,8 +129,8 @@ def _adapted_threads(device: torch.device):
     if device.type != "cpu" or not ADAPT_THREADS:
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads(_cpu_cores()))
+    previous = torch.get_num_threads()  # the caller's budget (restored below, so never an adapted count)
+    torch.set_num_threads(cpu_threads(previous))
     try:
         yield
     finally:

@@ -49,14 +49,19 @@ def segmentation_metrics(pred: np.ndarray, truth: np.ndarray, num_classes: int,
     return out
 
 
+def error_auroc(variance: np.ndarray, error: np.ndarray) -> float:
+    """AUROC of the uncertainty as a detector of wrong voxels/pixels (NaN when all or none are wrong)."""
+    if not error.any() or error.all():
+        return float("nan")
+    return float(compute_roc_auc(torch.as_tensor(variance.ravel(), dtype=torch.float32),
+                                 torch.as_tensor(error.ravel(), dtype=torch.float32)))
+
+
 def uncertainty_metrics(variance: np.ndarray, probabilities: np.ndarray, pred: np.ndarray, truth: np.ndarray,
                         slice_axis: int = 0, bins: int = 15) -> Dict[str, float]:
     """Uncertainty quality for one volume. ``probabilities``: (C, ...) mean class probabilities."""
     error = (pred != truth)
-    auroc = float("nan")
-    if error.any() and not error.all():
-        auroc = float(compute_roc_auc(torch.as_tensor(variance.ravel(), dtype=torch.float32),
-                                      torch.as_tensor(error.ravel(), dtype=torch.float32)))
+    auroc = error_auroc(variance, error)
     axes = tuple(a for a in range(variance.ndim) if a != slice_axis)
     spearman = spearman_correlation(variance.mean(axis=axes), error.mean(axis=axes))
     confidence = probabilities.max(axis=0)

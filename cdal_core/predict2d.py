@@ -309,7 +309,8 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
     ``volumes`` / ``seconds_per_volume`` aliases, the keys the 3D tools read); metrics are fractions.
     ``spearman_image``: rank correlation over images of mean uncertainty with error rate."""
     from .inference import resolve_device, resolve_precision
-    from .metrics import expected_calibration_error, nanmean, segmentation_metrics, spearman_correlation, summarise
+    from .metrics import (error_auroc, expected_calibration_error, nanmean, segmentation_metrics,
+                          spearman_correlation, summarise)
     names = model.class_names
     dtype = resolve_precision(precision, resolve_device(device))
     per_image, rows, aurocs, eces, mean_unc, error_rate = [], [], [], [], [], []
@@ -323,7 +324,7 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
         m = segmentation_metrics(pred, truth, len(names), (1.0, 1.0))
         per_image.append(m)
         error = pred != truth
-        aurocs.append(_auroc(result.uncertainty, error))
+        aurocs.append(error_auroc(result.uncertainty, error))
         eces.append(expected_calibration_error(result.probabilities.max(axis=0), ~error))
         mean_unc.append(float(result.uncertainty.mean()))
         error_rate.append(float(error.mean()))
@@ -339,15 +340,6 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
             "volumes": len(cases), "seconds_per_volume": per_second,
             "image_size": list(image_size), "window": list(window), "hd95_unit": "pixels",
             "precision": str(dtype).replace("torch.", ""), "early_exit": bool(early_exit)}
-
-
-def _auroc(variance: np.ndarray, error: np.ndarray) -> float:
-    """Pixel AUROC of the uncertainty as a detector of wrong pixels (NaN when all or none are wrong)."""
-    from monai.metrics import compute_roc_auc
-    if not error.any() or error.all():
-        return float("nan")
-    return float(compute_roc_auc(torch.as_tensor(variance.ravel(), dtype=torch.float32),
-                                 torch.as_tensor(error.ravel(), dtype=torch.float32)))
 
 
 def format_table_2d(report: Dict) -> str:

@@ -105,7 +105,7 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
     labels, sides = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
     uncertainty, attention = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     fill = float(np.percentile(sitk.GetArrayViewFromImage(image)[::3, ::3, ::3], 0.5))  # dark level; a sample will do
-    notes, removed = [], {}
+    removed = {}
     for i, region in enumerate(loc.regions):
         crop = region.crop(image, fill=fill)
         sub = _sub_progress(progress, 0.1 + 0.85 * i / len(loc.regions), 0.85 / len(loc.regions),
@@ -121,7 +121,7 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
         if att is not None:
             attention[box] = np.maximum(attention[box], att)
     info = {**loc.to_dict(), "removed_islands_mm3": {k: round(v, 1) for k, v in removed.items()}}
-    result = _assemble(image, model, labels, uncertainty, attention, sides, info, notes)
+    result = _assemble(image, model, labels, uncertainty, attention, sides, info, [])
     _check_sides(result.report, [r.side for r in loc.regions])
     return result
 
@@ -161,14 +161,18 @@ def _roi_index_box(image: sitk.Image, roi) -> Tuple[List[int], List[int]]:
     return [int(v) for v in first], [int(v) for v in size]
 
 
+def _outside_largest_component(labels: np.ndarray) -> np.ndarray:
+    """Foreground voxels of ``labels`` (Z, Y, X) outside its largest face-connected foreground component."""
+    components = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(
+        sitk.GetImageFromArray((labels > 0).astype(np.uint8)))))
+    return components > 1
+
+
 def _largest_component(probs: np.ndarray, voxel_mm3: float) -> Tuple[np.ndarray, float]:
     """Keep the largest connected foreground component of a located box: the hippocampus is one structure, and
     anything detached from it in the box (amygdala, choroid plexus) is not it. Returns the edited probabilities
     (C, Z, Y, X) and the removed volume (mm³)."""
-    labels = probs.argmax(axis=0)
-    foreground = sitk.GetImageFromArray((labels > 0).astype(np.uint8))
-    components = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(foreground)))
-    drop = components > 1
+    drop = _outside_largest_component(probs.argmax(axis=0))
     if not drop.any():
         return probs, 0.0
     probs = probs.copy()
@@ -179,9 +183,7 @@ def _largest_component(probs: np.ndarray, voxel_mm3: float) -> Tuple[np.ndarray,
 
 def _largest_component_labels(labels: np.ndarray) -> np.ndarray:
     """Labels (Z, Y, X) with everything outside the largest face-connected foreground component set to 0."""
-    components = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(
-        sitk.GetImageFromArray((labels > 0).astype(np.uint8)))))
-    return np.where(components == 1, labels, 0).astype(labels.dtype)
+    return np.where(_outside_largest_component(labels), 0, labels).astype(labels.dtype)
 
 
 def _to_scan(image: sitk.Image, region: Region, crop: sitk.Image, probs: np.ndarray, res):
