@@ -178,6 +178,7 @@ def _predict_one(item, model, files, roi, device: str, args) -> None:
     scan = read_scan(item, allow_thick_slices=args.allow_thick_slices)
     for warning in scan.warnings:
         print(f"cdal: warning: {warning}", file=sys.stderr)
+    # segment_scan checks again; this one runs before the progress bar opens, so a bad scan gets one clean line
     check_volume(scan.image, model.config.image_channels, name=str(item.path))
     with tqdm(total=100, desc=item.stem, unit="%", leave=False) as bar:
         def progress(fraction, message):
