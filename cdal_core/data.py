@@ -110,12 +110,15 @@ class Normalisation:
         return np.clip((np.asarray(array, np.float32) - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)
 
     def apply(self, array: np.ndarray, params: NormalisationParams) -> np.ndarray:
-        out = self.scale(array, params)
-        if self.landmarks is not None and params.landmarks is not None:
-            src = np.maximum.accumulate(np.r_[0.0, params.landmarks, 1.0])
-            src = src + np.arange(len(src)) * 1e-6  # strictly increasing for interpolation
-            out = np.interp(out, src, np.r_[0.0, self.landmarks, 1.0]).astype(np.float32)
-        return out
+        return self.standardise(self.scale(array, params), params.landmarks)
+
+    def standardise(self, scaled: np.ndarray, scan_landmarks: Optional[np.ndarray]) -> np.ndarray:
+        """Map an array already scaled to [0, 1] onto the model's landmarks (identity without landmarks)."""
+        if self.landmarks is None or scan_landmarks is None:
+            return scaled
+        src = np.maximum.accumulate(np.r_[0.0, scan_landmarks, 1.0])
+        src = src + np.arange(len(src)) * 1e-6  # strictly increasing for interpolation
+        return np.interp(scaled, src, np.r_[0.0, self.landmarks, 1.0]).astype(np.float32)
 
     def __call__(self, array: np.ndarray) -> np.ndarray:
         return self.apply(array, self.fit(array))

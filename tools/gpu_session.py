@@ -1,0 +1,530 @@
+"""One lent GPU session, prepared here and run there in a single command (issues 15, 16, 17).
+
+A lent GPU machine has torch but neither SimpleITK nor our data, and what travels is capped at 64 MiB, so:
+
+1. ``prepare`` (here): read each dataset once with the project's own loaders and store what training needs
+   in compact bundles (.npz): hippocampus volumes on the model grid, scaled to [0, 1] (uint16) with each
+   scan's histogram landmarks, so every fold re-derives its own standardisation exactly as ``load_volume``
+   would; 2D images resized to the config's image size (uint8) with their masks.
+2. ``session`` (there): a short benchmark alone on the GPU (training slices/s in bf16 and fp32, the batch
+   pipeline alone, sampling volumes/s), then all trainings at once, each for the same wall-clock budget with a
+   cosine learning rate over that budget, then the generators and discriminators (fp16, to fit the transfer
+   cap) packed into a few tar files.
+3. ``unpack`` (here): rebuild fp32 model folders under ``runs/gpu/<run>/model``.
+
+Runs (hippocampus recipe: ``configs/hippocampus_gpu.json``):
+- ``cv0``..``cv3``: fold k of ``configs/hippocampus_folds.json`` held out (fold 0 is the old validation list),
+  for a 4-fold cross-validated estimate over all 195 volumes;
+- ``f0s1``, ``f0s2``: two more seeds with fold 0 held out, so that a 3-generator ensemble of this recipe can
+  be compared, paired, with the shipped 3-generator ensemble on the same 49 volumes;
+- ``all0``..``all3``: all 195 volumes, the members that ship;
+- ``cxr``, ``monuseg``: the 2D models, their validation lists held out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import types
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _without_simpleitk() -> None:
+    """The GPU machine has no SimpleITK (its wheel alone is over the transfer cap). Training from bundles never
+    calls it, but cdal_core imports it at module level: give those imports an empty module that fails loudly
+    if anything does call it. Used only by this device script, never by the package."""
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("SimpleITK")
+
+        def missing(name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return type(f"SimpleITK_{name}_unavailable", (), {})
+        stub.__getattr__ = missing
+        sys.modules["SimpleITK"] = stub
+
+
+HIPPO_RUNS = {**{f"cv{k}": dict(seed=100 + k, exclude_fold=k) for k in range(4)},
+              "f0s1": dict(seed=110, exclude_fold=0), "f0s2": dict(seed=111, exclude_fold=0),
+              **{f"all{k}": dict(seed=200 + k, exclude_fold=None) for k in range(4)}}
+TWO_D_RUNS = {"cxr": dict(seed=0, config="configs/cxr_gpu.json", val="configs/cxr_val.txt"),
+              "monuseg": dict(seed=0, config="configs/monuseg_gpu.json", val="configs/monuseg_val.txt")}
+# each tar stays under the 16 MiB per-file transfer cap: a hippocampus generator is 4 MiB in fp16
+GROUPS = {"hippo_a.tar": ["cv0", "cv1", "cv2"], "hippo_b.tar": ["cv3", "f0s1", "f0s2"],
+          "hippo_c.tar": ["all0", "all1", "all2"], "other.tar": ["all3", "cxr", "monuseg"]}
+WITH_DISCRIMINATOR = {"all0", "cxr", "monuseg"}  # a shipped model's primary keeps D for its attention maps
+
+
+# --- prepare (here) -------------------------------------------------------------------------------------------
+
+def make_folds(names: List[str], val_names: List[str], seed: int = 0) -> List[List[str]]:
+    """Fold 0 is the old validation list; the rest is split into three by a seeded permutation."""
+    rest = [n for n in names if n not in set(val_names)]
+    order = np.random.default_rng(seed).permutation(len(rest))
+    return [sorted(val_names)] + [sorted(rest[i] for i in order[k::3]) for k in range(3)]
+
+
+def prepare(data: Path, out: Path) -> None:
+    import SimpleITK as sitk
+    from cdal_core.config import TrainConfig
+    from cdal_core.data import (LANDMARK_PERCENTILES, Normalisation, load_png_case, load_volume, read_case_list,
+                                read_image, read_msd_cases, read_png_pairs)
+    from cdal_core.geometry import ModelGrid
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig.load(str(ROOT / "configs/hippocampus_gpu.json"))
+    cases, labels = read_msd_cases(data / "Task04_Hippocampus")
+    base = Normalisation(cfg.normalisation["lower"], cfg.normalisation["upper"])  # no landmarks: scale only
+    grid = ModelGrid(cfg.orientation, cfg.spacing)
+    arrays, pcts, spacings = {}, [], []
+    for i, case in enumerate(cases):
+        vol = load_volume(case, grid, base, 3, 1)
+        raw = sitk.GetArrayFromImage(read_image(case.image))
+        pcts.append(np.percentile(base.scale(raw, base.fit(raw)), LANDMARK_PERCENTILES))
+        arrays[f"image{i}"] = np.round(vol.image * 65535).astype(np.uint16)
+        arrays[f"label{i}"] = vol.label.astype(np.uint8)
+        spacings.append(vol.spacing)
+    names = [c.name for c in cases]
+    np.savez_compressed(out / "hippocampus.npz", names=np.array(names), landmark_pcts=np.array(pcts),
+                        spacings=np.array(spacings), class_names=np.array([labels[k] for k in sorted(labels)]),
+                        **arrays)
+    folds = make_folds(names, read_case_list(ROOT / "configs/hippocampus_val.txt"))
+    (ROOT / "configs/hippocampus_folds.json").write_text(json.dumps(
+        {"comment": "4 folds over the 195 shared volumes: fold 0 is configs/hippocampus_val.txt, the other 146 "
+                    "split in three by numpy.random.default_rng(0).permutation (tools/gpu_session.py make_folds)",
+         "folds": folds}, indent=1) + "\n")
+    for run, spec in TWO_D_RUNS.items():
+        c2 = TrainConfig.load(str(ROOT / spec["config"]))
+        size = c2.image_size or c2.train_size
+        pairs = read_png_pairs(data / ("CXR" if run == "cxr" else "MoNuSeg/train"))
+        vols = [load_png_case(p, size, c2.network["image_channels"]) for p in pairs]
+        np.savez_compressed(out / f"{run}.npz", names=np.array([p.name for p in pairs]),
+                            images=np.stack([np.round(v.image * 255).astype(np.uint8) for v in vols]),
+                            labels=np.stack([v.label.astype(np.uint8) for v in vols]))
+    for f in sorted(out.glob("*.npz")):
+        print(f"{f.name}: {f.stat().st_size / 2**20:.1f} MiB")
+
+
+# --- training from a bundle (there) ---------------------------------------------------------------------------
+
+def bundle_trainer_class():
+    from cdal_core.data import Normalisation, SliceBank, Volume
+    from cdal_core.trainer import Trainer
+
+    class BundleTrainer(Trainer):
+        """Trainer whose data come from a bundle made by ``prepare``; ``exclude`` names the held-out cases.
+        The learning rate follows a cosine over a wall-clock budget (set by ``start_clock``)."""
+
+        def __init__(self, bundle: Path, out: Path, cfg, exclude: List[str], **kw):
+            self.bundle, self.exclude, self.t_start, self.budget = Path(bundle), set(exclude), None, None
+            super().__init__(str(bundle), str(out), cfg, **kw)
+
+        def _load_data(self, data_dir: str) -> None:
+            cfg, net = self.cfg, self.net_cfg
+            b = np.load(self.bundle)
+            names = [str(n) for n in b["names"]]
+            keep = [i for i, n in enumerate(names) if n not in self.exclude]
+            self.is_2d = "images" in b.files
+            if self.is_2d:
+                self.class_names = ["Background", "Foreground"]
+                size = cfg.image_size or cfg.train_size
+                volumes = [Volume(names[i], b["images"][i].astype(np.float32) / 255, b["labels"][i].astype(np.int64),
+                                  (1.0, 1.0, 1.0)) for i in keep]
+                self.views = [(0, size)]
+            else:
+                self.class_names = [str(c).capitalize() if str(c).islower() else str(c) for c in b["class_names"]]
+                pcts = b["landmark_pcts"]
+                landmarks = [round(float(v), 5) for v in np.mean(pcts[keep], 0)]
+                self.norm = Normalisation(self.norm.lower, self.norm.upper, landmarks)
+                volumes = [Volume(names[i], self.norm.standardise(b[f"image{i}"].astype(np.float32) / 65535, pcts[i]),
+                                  b[f"label{i}"].astype(np.int64), tuple(b["spacings"][i])) for i in keep]
+                self.views = cfg.views
+            self.banks = [SliceBank(volumes, axis, net.context_slices, size) for axis, size in self.views]
+            self.val_cases, self.val_volumes = [], None
+            self.data_summary = {"folder": self.bundle.name, "train_cases": len(keep),
+                                 "held_out_cases": sorted(self.exclude),
+                                 "train_slices": sum(len(bk) for bk in self.banks),
+                                 "slices_with_foreground": round(self.banks[0].foreground_fraction(), 3)}
+
+        def start_clock(self, budget_s: float) -> None:
+            self.t_start, self.budget = time.time(), budget_s
+
+        def learning_rate_factor(self, step: int) -> float:
+            if self.t_start is None:
+                return 1.0
+            progress = min((time.time() - self.t_start) / self.budget, 1.0)
+            floor = self.cfg.lr_min_fraction
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return BundleTrainer
+
+
+def run_config(run: str):
+    from cdal_core.config import TrainConfig
+    if run in TWO_D_RUNS:
+        cfg = TrainConfig.load(str(ROOT / TWO_D_RUNS[run]["config"]))
+        cfg.seed = TWO_D_RUNS[run]["seed"]
+        exclude = [ln.strip() for ln in (ROOT / TWO_D_RUNS[run]["val"]).read_text().splitlines()
+                   if ln.strip() and not ln.startswith("#")]
+    else:
+        cfg = TrainConfig.load(str(ROOT / "configs/hippocampus_gpu.json"))
+        spec = HIPPO_RUNS[run]
+        cfg.seed = spec["seed"]
+        folds = json.loads((ROOT / "configs/hippocampus_folds.json").read_text())["folds"]
+        exclude = folds[spec["exclude_fold"]] if spec["exclude_fold"] is not None else []
+    cfg.lr_schedule, cfg.val_cases, cfg.val_fraction = "cosine", None, 0.0
+    cfg.val_every = cfg.checkpoint_every = 10**9
+    return cfg, exclude
+
+
+def bundle_of(run: str, bundles: Path) -> Path:
+    return bundles / (f"{run}.npz" if run in TWO_D_RUNS else "hippocampus.npz")
+
+
+def train_one(run: str, bundles: Path, out: Path, until: float, device: str, batch: Optional[int] = None) -> None:
+    import torch
+    from safetensors.torch import save_file
+    torch.set_num_threads(1)
+    cfg, exclude = run_config(run)
+    if batch:
+        cfg.batch_size = batch
+    trainer = bundle_trainer_class()(bundle_of(run, bundles), out / run, cfg, exclude, device=device,
+                                     json_progress=True)
+    budget = until - time.time()
+    trainer.start_clock(budget)
+    trainer.G.train(), trainer.D.train()
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # the session's last call: save what there is
+    t0 = time.time()
+    while time.time() < until and not stop:
+        stats = trainer.train_step()
+        if trainer.step % 100 == 0:
+            rate = trainer.step / (time.time() - t0)
+            trainer._log({"event": "progress", "step": trainer.step, "steps_per_second": round(rate, 2),
+                          "lr_factor": round(trainer.learning_rate_factor(trainer.step), 4),
+                          **{k: round(v, 5) for k, v in stats.items()}})
+    trainer.seconds = time.time() - t0
+    card = trainer.card({"note": "trained from a bundle for a fixed wall-clock budget; see training"})
+    card["training"]["schedule"] = f"cosine learning rate over {budget:.0f} s of wall clock (tools/gpu_session.py)"
+    card["training"]["batch_size"] = cfg.batch_size
+    half = {f"generator.{k}": v.detach().half().cpu().contiguous() for k, v in trainer.G_ema.state_dict().items()}
+    if run in WITH_DISCRIMINATOR:
+        half.update({f"discriminator.{k}": v.detach().half().cpu().contiguous()
+                     for k, v in trainer.D.state_dict().items()})
+    save_file(half, str(out / run / "weights16.safetensors"))
+    (out / run / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+    print(json.dumps({"run": run, "steps": trainer.step, "seconds": round(trainer.seconds, 1)}), flush=True)
+
+
+# --- benchmark (there, alone on the GPU) ----------------------------------------------------------------------
+
+def benchmark(bundles: Path, device: str, steps: int = 30, batch: Optional[int] = None) -> Dict:
+    import torch
+    cfg, _ = run_config("all0")
+    cfg.batch_size = batch or cfg.batch_size
+    out: Dict = {"torch": torch.__version__}
+    if device == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(0)
+    import tempfile
+    for amp in (True, False):
+        cfg.amp = amp
+        with tempfile.TemporaryDirectory() as tmp:
+            tr = bundle_trainer_class()(bundle_of("all0", bundles), Path(tmp) / "b", cfg, [], device=device,
+                                        json_progress=True)
+            for _ in range(5):
+                tr.train_step()
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tr.train_step()
+            _sync(device)
+            sec = (time.perf_counter() - t0) / steps
+            t0 = time.perf_counter()
+            for s in range(steps):
+                tr._batch(s)
+            _sync(device)
+            data_sec = (time.perf_counter() - t0) / steps
+            key = "bf16" if amp else "fp32"
+            out[f"train_{key}"] = {"batch": cfg.batch_size, "seconds_per_step": round(sec, 4),
+                                   "slices_per_s": round(cfg.batch_size / sec, 1),
+                                   "data_pipeline_slices_per_s": round(cfg.batch_size / data_sec, 1)}
+            out[f"sample_{key}"] = _sampling_rate(tr, device, amp)
+    return out
+
+
+def step_study(bundles: Path, device: str, batches: List[int], steps: int = 20) -> Dict:
+    """Where a training step's time goes on this device: slices/s with the diffusion noise drawn on the CPU
+    (as before) or on the device, at several batch sizes, plus the torch profiler's top operators."""
+    import tempfile
+    import torch
+    cfg, _ = run_config("all0")
+    out: Dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
+    for batch in batches:
+        cfg.batch_size = batch
+        with tempfile.TemporaryDirectory() as tmp:
+            tr = bundle_trainer_class()(bundle_of("all0", bundles), Path(tmp) / "b", cfg, [], device=device,
+                                        json_progress=True)
+            for device_noise in (False, True):
+                tr.device_noise = device_noise and device == "cuda"
+                for _ in range(3):
+                    tr.train_step()
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    tr.train_step()
+                _sync(device)
+                sec = (time.perf_counter() - t0) / steps
+                out[f"batch{batch}_{'device' if device_noise else 'cpu'}_noise"] = {
+                    "seconds_per_step": round(sec, 4), "slices_per_s": round(batch / sec, 1)}
+            if batch == batches[0]:
+                from torch.profiler import ProfilerActivity, profile
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+                with profile(activities=acts) as prof:
+                    for _ in range(5):
+                        tr.train_step()
+                    _sync(device)
+                av = prof.key_averages()
+                out["profile_by_cpu"] = av.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)
+                if device == "cuda":
+                    out["profile_by_cuda"] = av.table(sort_by="self_cuda_time_total", row_limit=12,
+                                                      max_name_column_width=40)
+                out["kernel_launches_per_step"] = sum(e.count for e in av if e.key.startswith("cudaLaunchKernel")) / 5
+    return out
+
+
+def precision_ab(bundles: Path, device: str, steps: int, out_path: Path) -> Dict:
+    """bf16 against fp32 training, same seed and data (fold 0 held out), ``steps`` steps each; then a cheap proxy
+    of accuracy on fold 0: per-class voxel Dice of one T = 2 sample per slice of the EMA generator."""
+    import tempfile
+    import torch
+    from cdal_core.data import slice_stack
+    from cdal_core.sampler import sample
+    from cdal_core.schedule import DiffusionSchedule
+    out: Dict = {}
+    b = np.load(bundle_of("cv0", bundles))
+    folds = json.loads((ROOT / "configs/hippocampus_folds.json").read_text())["folds"]
+    names = [str(n) for n in b["names"]]
+    held = [names.index(n) for n in folds[0]]
+    for amp in (True, False):
+        cfg, exclude = run_config("cv0")
+        cfg.amp = amp
+        with tempfile.TemporaryDirectory() as tmp:
+            tr = bundle_trainer_class()(bundle_of("cv0", bundles), Path(tmp) / "b", cfg, exclude, device=device,
+                                        json_progress=True)
+            t0 = time.time()
+            while tr.step < steps:
+                stats = tr.train_step()
+            _sync(device)
+            G = tr.G_ema.eval()
+            inter, total = np.zeros(3), np.zeros(3)
+            for i in held:
+                vol = tr.norm.standardise(b[f"image{i}"].astype(np.float32) / 65535, b["landmark_pcts"][i])
+                lab = torch.from_numpy(b[f"label{i}"].astype(np.int64))
+                stack = torch.from_numpy(np.ascontiguousarray(slice_stack(vol, 0, 1))).to(device) * 2 - 1
+                h, w = stack.shape[-2:]
+                ph, pw = (-h) % 8, (-w) % 8
+                stack = torch.nn.functional.pad(stack, (0, pw, 0, ph), value=-1.0)
+                with torch.no_grad():
+                    res = sample(G, stack, DiffusionSchedule(cfg.num_steps), num_samples=1,
+                                 rng=torch.Generator().manual_seed(0))
+                pred = res.labels[..., :h, :w].cpu()
+                for c in (1, 2):
+                    inter[c] += float(((pred == c) & (lab == c)).sum())
+                    total[c] += float((pred == c).sum() + (lab == c).sum())
+            key = "bf16" if amp else "fp32"
+            out[key] = {"steps": tr.step, "seconds": round(time.time() - t0, 1), "last_mse": round(stats["mse"], 4),
+                        "proxy_dice_anterior": round(200 * inter[1] / max(total[1], 1), 2),
+                        "proxy_dice_posterior": round(200 * inter[2] / max(total[2], 1), 2)}
+            out_path.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def _sampling_rate(tr, device: str, amp: bool) -> Dict:
+    """Volumes/s of the network part of inference (cdal_core.sampler.sample): a 36-slice hippocampus stack,
+    T = 2 x 5 samples in one batch, one generator."""
+    import torch
+    from contextlib import nullcontext
+    from cdal_core.sampler import sample
+    from cdal_core.schedule import DiffusionSchedule
+    G = tr.G_ema.eval()
+    sched = DiffusionSchedule(2)
+    images = torch.rand(36, 2 * tr.net_cfg.context_slices + 1, *tr.cfg.train_size, device=device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device == "cuda") else nullcontext()
+
+    def one_volume():
+        with torch.no_grad(), ctx:
+            return sample(G, images, sched, num_samples=5, rng=torch.Generator().manual_seed(0))
+    one_volume()
+    _sync(device)
+    reps = 20
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        one_volume()
+    _sync(device)
+    sec = (time.perf_counter() - t0) / reps
+    return {"volumes_per_s": round(1 / sec, 1), "seconds_per_volume": round(sec, 5), "slices": 36, "samples": 5}
+
+
+def _sync(device: str) -> None:
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- the session (there) ----------------------------------------------------------------------------------------
+
+def session(bundles: Path, out: Path, budget_s: float, device: str, runs: List[str], bench_steps: int) -> None:
+    start = time.time()
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "cdal_gpu_runs"
+    work.mkdir(parents=True, exist_ok=True)
+    log = open(out / "session.log", "a")
+
+    def say(msg):
+        line = f"[{time.time() - start:6.1f}s] {msg}"
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+    say(subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"],
+                       capture_output=True, text=True).stdout.strip() if device == "cuda" else "cpu")
+    if bench_steps:
+        try:
+            bench = subprocess.run([sys.executable, __file__, "bench", "--bundles", str(bundles), "--device", device,
+                                    "--steps", str(bench_steps)], capture_output=True, text=True,
+                                   timeout=max(60.0, 0.2 * budget_s))
+            (out / "bench.json").write_text(bench.stdout[-4000:] or "{}")
+            say(f"bench rc={bench.returncode}: {bench.stdout.strip()[-600:]} {bench.stderr.strip()[-800:]}")
+        except subprocess.TimeoutExpired:
+            say("bench timed out")
+    until = start + budget_s - 40  # leave time to pack
+    procs = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for run in runs:
+        procs[run] = subprocess.Popen([sys.executable, __file__, "train", run, "--bundles", str(bundles),
+                                       "--work", str(work), "--until", str(until), "--device", device],
+                                      stdout=open(work / f"{run}.out", "w"), stderr=subprocess.STDOUT, env=env)
+    say(f"started {len(procs)} trainings until +{until - start:.0f}s")
+    for run, p in procs.items():
+        try:
+            p.wait(timeout=max(1.0, until + 25 - time.time()))
+        except subprocess.TimeoutExpired:
+            p.terminate()  # train_one saves on SIGTERM after its current step
+            try:
+                p.wait(timeout=12)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        say(f"{run}: rc={p.returncode} {(work / f'{run}.out').read_text()[-300:].strip()}")
+    for tar_name, members in GROUPS.items():
+        with tarfile.open(out / tar_name, "w") as tar:
+            for run in members:
+                for name in ("weights16.safetensors", "card.json", "log.jsonl"):
+                    if (work / run / name).exists():
+                        tar.add(work / run / name, arcname=f"{run}/{name}")
+                if (work / f"{run}.out").exists():
+                    tar.add(work / f"{run}.out", arcname=f"{run}/stdout.txt")
+    say("packed: " + ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(out.glob("*.tar"))))
+
+
+# --- unpack (here) ------------------------------------------------------------------------------------------------
+
+def unpack(tars: List[Path], dest: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from cdal_core.model_io import save_model
+    from cdal_core.networks import Discriminator, Generator, NetworkConfig
+    for tar_path in tars:
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(dest)
+    for card_path in sorted(dest.glob("*/card.json")):
+        run_dir = card_path.parent
+        card = json.loads(card_path.read_text())
+        cfg = NetworkConfig.from_dict(card["network"])
+        weights = load_file(str(run_dir / "weights16.safetensors"))
+        g = Generator(cfg)
+        g.load_state_dict({k[len("generator."):]: v.float() for k, v in weights.items() if k.startswith("generator.")})
+        d = None
+        if any(k.startswith("discriminator.") for k in weights):
+            d = Discriminator(cfg)
+            d.load_state_dict({k[len("discriminator."):]: v.float() for k, v in weights.items()
+                               if k.startswith("discriminator.")})
+        card["training"]["weights_transport"] = "fp16 (transfer cap), stored back as fp32"
+        save_model(run_dir / "model", card, g, d)
+        print(f"{run_dir.name}: steps {card['training']['steps']}, {card['training']['wall_seconds']} s")
+    del torch
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
+    p.add_argument("--out", type=Path, default=ROOT / ".gpu")
+    p = sub.add_parser("train")
+    p.add_argument("run")
+    p.add_argument("--bundles", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--until", type=float, required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int)
+    p = sub.add_parser("bench")
+    p.add_argument("--bundles", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int)
+    p = sub.add_parser("study")
+    p.add_argument("--bundles", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batches", default="128,512")
+    p.add_argument("--ab-steps", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("session")
+    p.add_argument("--bundles", type=Path, default=ROOT / ".gpu")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--budget-s", type=float, required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--runs", default=",".join(list(HIPPO_RUNS) + list(TWO_D_RUNS)))
+    p.add_argument("--bench-steps", type=int, default=30)
+    p = sub.add_parser("unpack")
+    p.add_argument("tars", type=Path, nargs="+")
+    p.add_argument("--dest", type=Path, default=ROOT / "runs/gpu")
+    a = ap.parse_args(argv)
+    if a.cmd == "prepare":
+        prepare(a.data, a.out)
+        return
+    if a.cmd == "unpack":
+        unpack(a.tars, a.dest)
+        return
+    _without_simpleitk()
+    if a.cmd == "train":
+        train_one(a.run, a.bundles, a.work, a.until, a.device, a.batch)
+    elif a.cmd == "study":
+        if a.ab_steps:
+            print(json.dumps(precision_ab(a.bundles, a.device, a.ab_steps, a.out.with_name("precision_ab.json"))),
+                  flush=True)
+        result = step_study(a.bundles, a.device, [int(b) for b in a.batches.split(",")])
+        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        for key in ("profile_by_cpu", "profile_by_cuda"):
+            print(result.pop(key, ""))
+        print(json.dumps(result, indent=1))
+    elif a.cmd == "bench":
+        print(json.dumps(benchmark(a.bundles, a.device, a.steps, a.batch)), flush=True)
+    else:
+        a.out.mkdir(parents=True, exist_ok=True)
+        session(a.bundles, a.out, a.budget_s, a.device, [r for r in a.runs.split(",") if r], a.bench_steps)
+
+
+if __name__ == "__main__":
+    main()
