@@ -61,12 +61,17 @@ def read_image_2d(path: Path, image_channels: int) -> np.ndarray:
     """A 2D image file -> ``(image_channels, H, W)`` float32 raw intensities; refuses what the model cannot read.
 
     A grey image stored as RGB (three equal channels) counts as grey; an alpha channel is dropped."""
-    image = read_image(path)
+    return image_array_2d(read_image(path), image_channels, str(path))
+
+
+def image_array_2d(image: sitk.Image, image_channels: int, name: str) -> np.ndarray:
+    """A 2D SimpleITK image, or a 3D one of a single slice (how 3D Slicer holds a PNG/TIFF) -> ``(image_channels,
+    H, W)`` float32, with ``read_image_2d``'s rules; ``name`` starts its messages."""
     size = image.GetSize()
     if image.GetDimension() == 3 and size[2] == 1:
         image = image[:, :, 0]
     if image.GetDimension() != 2:
-        raise CDALError(f"{path}: has {image.GetDimension()} dimensions (size {size}), expected one 2D image: "
+        raise CDALError(f"{name}: has {image.GetDimension()} dimensions (size {size}), expected one 2D image: "
                         "save a single page/frame, or give 3D volumes as .nii.gz/.nrrd/.mha")
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     array = array[..., None] if array.ndim == 2 else array               # (H, W, ch)
@@ -75,17 +80,17 @@ def read_image_2d(path: Path, image_channels: int) -> np.ndarray:
                                     and np.array_equal(array[..., 0], array[..., 2]))
     if image_channels == 1:
         if colour:
-            raise CDALError(f"{path}: is an RGB colour image but the model expects greyscale (1 channel): "
+            raise CDALError(f"{name}: is an RGB colour image but the model expects greyscale (1 channel): "
                             "convert it to greyscale first, or use a model trained on RGB images (configs/monuseg.json trains one)")
         array = array[..., :1]
     elif image_channels == 3:
         if channels < 3:
-            raise CDALError(f"{path}: is a greyscale image but the model expects RGB (3 channels): "
+            raise CDALError(f"{name}: is a greyscale image but the model expects RGB (3 channels): "
                             "give the colour image, or use a model trained on grey images (e.g. cxr)")
         array = array[..., :3]
     else:
         raise CDALError(f"the model expects {image_channels} channels per pixel: 2D images have 1 (grey) or 3 (RGB)")
-    check_intensities(array, str(path))
+    check_intensities(array, name)
     return np.ascontiguousarray(np.moveaxis(array, -1, 0))
 
 

@@ -10,6 +10,8 @@ Usage::
 polled with ``job.poll()``) and ``finishSegmentation(job)``, which creates the nodes on the GUI thread.
 Every problem the user can fix raises ``cdal_core.errors.CDALError`` with a one-line message, before any node
 is created: a failed or cancelled run leaves the scene as it was.
+A 2D image model (card ``input.image_size``, e.g. cxr) takes a single-slice volume (a PNG/TIFF as Slicer loads
+it; RGB as a vector volume) and gives the same outputs on that slice's grid.
 """
 import json
 import os
@@ -22,6 +24,7 @@ import numpy as np
 from . import geometry
 from .jobs import ProcessJob, pythonModuleCommand
 from .paths import ensureCoreOnPath, subprocessEnvironment
+from .segment_worker import isImageModel
 
 ensureCoreOnPath()
 from cdal_core.errors import CancelledError, CDALError  # noqa: E402  (pure Python, no torch)
@@ -194,6 +197,27 @@ def readModelCard(modelPath):
     return card
 
 
+def modelNames(imageModels, channels=None):
+    """Installed models that are (or are not) 2D image models, optionally of one channel count: for hints."""
+    names = []
+    for name, path in listModels().items():
+        try:
+            card = readModelCard(path)
+        except CDALError:
+            continue
+        if isImageModel(card) == imageModels and channels in (None, int(card["input"].get("image_channels", 1))):
+            names.append(name)
+    return names
+
+
+def _namesHint(names):
+    return " (%s)" % ", ".join(names) if names else ""
+
+
+def _size(dims):
+    return "x".join(str(d) for d in dims)
+
+
 def foregroundClasses(card):
     """[(index, name, (r, g, b) in 0..1)] for every class except background (index 0)."""
     out = []
@@ -240,20 +264,25 @@ class CDALSegmentationLogic(object):
         if imageData is None or imageData.GetNumberOfPoints() == 0:
             raise CDALError("%s has no image data: load the image again" % volumeNode.GetName())
         dims = imageData.GetDimensions()
-        if min(dims) < 2:
-            raise CDALError("%s is a 2D image (%s voxels), cDAL needs a 3D volume: load the whole series as one 3D "
-                            "volume" % (volumeNode.GetName(), "x".join(str(d) for d in dims)))
         modelPath = resolveModelPath(model)
         card = readModelCard(modelPath)
+        modelName = os.path.basename(modelPath.rstrip("/\\"))
+        imageModel = isImageModel(card)
+        if imageModel:
+            self._checkImageShape(volumeNode, dims, modelName)
+        elif min(dims) < 2:
+            raise CDALError("%s is a 2D image (%s voxels) but model '%s' segments 3D volumes: load the whole series "
+                            "as one 3D volume, or choose a 2D image model%s"
+                            % (volumeNode.GetName(), _size(dims), modelName, _namesHint(modelNames(imageModels=True))))
         channels = int(card["input"].get("image_channels", 1))
         components = imageData.GetNumberOfScalarComponents()
-        if components != channels:
+        if components != channels and not imageModel:  # image models: _checkImageChannels below
             if components in (3, 4) and channels == 1:
                 raise CDALError("%s is an RGB/colour volume but model '%s' expects a greyscale image: convert it to "
                                 "a scalar volume (Vector to Scalar Volume module) first"
-                                % (volumeNode.GetName(), os.path.basename(modelPath)))
+                                % (volumeNode.GetName(), modelName))
             raise CDALError("%s has %d components per voxel but model '%s' expects %d"
-                            % (volumeNode.GetName(), components, os.path.basename(modelPath), channels))
+                            % (volumeNode.GetName(), components, modelName, channels))
         ijkBox = None
         if roiNode is not None:
             try:
@@ -264,15 +293,52 @@ class CDALSegmentationLogic(object):
                 raise CDALError("ROI '%s' does not overlap volume %s: move the ROI onto the image"
                                 % (roiNode.GetName(), volumeNode.GetName()))
             boxDims = [h - l for l, h in zip(ijkBox[0], ijkBox[1])]
-            if min(boxDims) < 2:
+            # an image's single slice is its whole depth: only its two in-plane axes can be too thin
+            croppedDims = [b for b, d in zip(boxDims, dims) if d > 1] if imageModel else boxDims
+            if min(croppedDims) < 2:
                 raise CDALError("ROI '%s' covers only a %s-voxel slab of %s: make the ROI larger"
-                                % (roiNode.GetName(), "x".join(str(d) for d in boxDims), volumeNode.GetName()))
+                                % (roiNode.GetName(), _size(boxDims), volumeNode.GetName()))
         image = geometry.sitkImageFromVolumeNode(volumeNode, ijkBox)
         self._checkIntensities(image, volumeNode.GetName())
         coreData = sys.modules.get("cdal_core.data")  # full check when cdal_core is loaded (in-process runs)
-        if coreData is not None:
+        if imageModel:
+            self._checkImageChannels(image, channels, volumeNode.GetName(), modelName)
+        elif coreData is not None:
             coreData.check_volume(image, channels, name=volumeNode.GetName())
         return _PreparedInput(volumeNode, image, ijkBox, modelPath, card)
+
+    @staticmethod
+    def _checkImageShape(volumeNode, dims, modelName):
+        """A 2D image model takes one slice (I x J x 1: how Slicer loads a PNG/TIFF), never a 3D volume."""
+        if min(dims) > 1:
+            raise CDALError("%s is a 3D volume (%s voxels) but model '%s' segments 2D images: select a 2D image (a "
+                            "PNG/TIFF loaded as one slice), or choose a 3D model%s"
+                            % (volumeNode.GetName(), _size(dims), modelName, _namesHint(modelNames(imageModels=False))))
+        if dims[2] != 1 or min(dims[:2]) < 2:
+            raise CDALError("%s (%s voxels) is not one 2D image in its I-J plane: model '%s' segments 2D images: load "
+                            "the image file (PNG/TIFF) itself" % (volumeNode.GetName(), _size(dims), modelName))
+
+    @staticmethod
+    def _checkImageChannels(image, channels, name, modelName):
+        """The channel rules of ``cdal_core.predict2d.image_array_2d`` (which the worker applies; it imports torch,
+        kept out of the GUI process): grey stored as RGB (equal channels) is grey, alpha is ignored."""
+        import SimpleITK as sitk
+
+        components = image.GetNumberOfComponentsPerPixel()
+        array = sitk.GetArrayViewFromImage(image)
+        colour = components >= 3 and not (np.array_equal(array[..., 0], array[..., 1])
+                                          and np.array_equal(array[..., 0], array[..., 2]))
+        if channels == 1 and colour:
+            raise CDALError("%s is an RGB colour image but model '%s' expects a greyscale image: convert it to a "
+                            "scalar volume (Vector to Scalar Volume module), or choose an RGB model%s"
+                            % (name, modelName, _namesHint(modelNames(imageModels=True, channels=3))))
+        if channels == 3 and components < 3:
+            raise CDALError("%s is a greyscale image but model '%s' expects an RGB colour image: load the colour "
+                            "image, or choose a greyscale model%s"
+                            % (name, modelName, _namesHint(modelNames(imageModels=True, channels=1))))
+        if channels not in (1, 3):
+            raise CDALError("model '%s' expects %d channels per pixel but 2D images have 1 (grey) or 3 (RGB): "
+                            "choose another model" % (modelName, channels))
 
     @staticmethod
     def _checkIntensities(image, name):

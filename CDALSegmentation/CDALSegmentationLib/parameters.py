@@ -4,9 +4,10 @@ The two device combo boxes are filled from ``Device`` (labels from ``Device.labe
 QComboBoxToEnumConnector.
 """
 import enum
-from typing import Annotated
+from typing import Annotated, Union
 
-from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer import (vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode,
+                    vtkMRMLVectorVolumeNode)
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 
 from .logic import DEFAULT_MODEL
@@ -23,7 +24,8 @@ class Device(enum.Enum):
 
 @parameterNodeWrapper
 class CDALSegmentationParameterNode:
-    inputVolume: vtkMRMLScalarVolumeNode
+    # the input selector lists exactly these types (RGB images load as vector volumes); None: Slicer's Union rule
+    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]
     roi: vtkMRMLMarkupsROINode
     model: str = DEFAULT_MODEL
     steps: Annotated[int, WithinRange(0, 16)] = 0

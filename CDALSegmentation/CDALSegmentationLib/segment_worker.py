@@ -8,7 +8,8 @@ Writes into the output folder, all on the input grid: ``labels.nrrd`` (UInt8), `
 ``attention.nrrd`` (Float32), ``sides.nrrd`` (UInt8: 1 left, 2 right, 3 unknown, 0 background) and
 ``report.json`` (per-structure volumes, localisation). A volume larger than the model's crop (a whole brain)
 is localised by ``cdal_core.scan.segment_scan``; an ROI crop from the GUI arrives already cropped, with
-``--localise off`` (the user's box wins).
+``--localise off`` (the user's box wins). A 2D image model (card ``input.image_size``) segments a single-slice
+image (a PNG/TIFF as Slicer loads it) through ``cdal_core.predict2d``, as ``cdal predict`` does.
 """
 import argparse
 import json
@@ -29,14 +30,47 @@ class Outputs(object):
         self.report, self.notes, self.seconds = report, list(notes or []), float(seconds or 0.0)
 
 
+def isImageModel(card):
+    """A 2D image model: its card has ``input.image_size`` (what ``cdal_core.predict2d.model_sizes`` requires)."""
+    return "image_size" in card["input"]
+
+
 def segmentImage(image, model, samples=5, steps=None, seed=None, device="cpu", progress=None, localise="auto"):
     """Segment a SimpleITK image with a loaded model (``cdal_core.scan.segment_scan``: a whole brain is localised
-    unless ``localise`` is "off", which the GUI passes for a user's ROI crop: the user's box wins)."""
+    unless ``localise`` is "off", which the GUI passes for a user's ROI crop: the user's box wins). A 2D image
+    model segments a single-slice image instead (``segmentSlice``)."""
+    if isImageModel(model.card):
+        return segmentSlice(image, model, samples=samples, steps=steps, seed=seed, device=device, progress=progress)
     from cdal_core.scan import segment_scan
 
     r = segment_scan(image, model, steps=steps, samples=samples, seed=seed, device=device, progress=progress,
                      localise=localise)
     return Outputs(r.labels, r.uncertainty, r.attention, r.sides, r.report, r.notes, r.seconds)
+
+
+def segmentSlice(image, model, samples=5, steps=None, seed=None, device="cpu", progress=None):
+    """A single-slice image (how Slicer holds a PNG/TIFF: size (W, H, 1), grey or RGB) with a 2D model
+    (``cdal_core.predict2d``, as ``cdal predict`` runs it); outputs on the image's grid, no sides."""
+    import SimpleITK as sitk
+    from cdal_core.predict2d import image_array_2d, model_sizes, segment_image_2d
+
+    if progress is not None:
+        progress(0.0, "Segmenting the image")
+    array = image_array_2d(image, model.config.image_channels, "input")
+    r = segment_image_2d(array, model, steps=steps, samples=samples, seed=seed, device=device)
+
+    def onImageGrid(values):
+        out = sitk.GetImageFromArray(values.reshape(tuple(reversed(image.GetSize()))))
+        out.CopyInformation(image)
+        return out
+
+    imageSize, window = model_sizes(model)
+    report = {"method": "2D image model", "image_size": list(imageSize), "window": list(window),
+              "seconds": round(r.seconds, 2)}
+    if progress is not None:
+        progress(1.0, "Segmented")
+    return Outputs(onImageGrid(r.labels), onImageGrid(r.uncertainty),
+                   None if r.attention is None else onImageGrid(r.attention), None, report, [], r.seconds)
 
 
 def writeOutputs(outputs, folder):

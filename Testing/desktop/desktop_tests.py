@@ -39,11 +39,11 @@ class CDALSegmentationDesktopTest(unittest.TestCase):
         slicer.util.selectModule("CDALSegmentation")
         self.widget = slicer.modules.cdalsegmentation.widgetRepresentation().self()
 
-    def _configure(self, volume):
+    def _configure(self, volume, model=None):
         p = self.widget._parameterNode
         p.inputVolume, p.samples, p.steps, p.seed = volume, 2, 1, 0
         self.widget.refreshModels()
-        self.widget.selectModel(self.model)
+        self.widget.selectModel(model or self.model)
 
     def test_segment_over_qprocess_results_follow_the_segmented_volume(self):
         volume, other = _volume("A"), _volume("B")
@@ -86,3 +86,37 @@ class CDALSegmentationDesktopTest(unittest.TestCase):
         self.assertFalse(self.widget.ui.progressBar.visible)
         self.assertFalse(os.path.exists(job.workDir))
         self.assertEqual(job.state, "cancelled")
+
+    def _loadPng(self, pixels, name):
+        """A PNG read by Slicer's own reader (one slice; RGB becomes a vector volume)."""
+        import os
+        import tempfile
+
+        import SimpleITK as sitk
+
+        path = os.path.join(tempfile.mkdtemp(prefix="cdal-png-"), name + ".png")
+        sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=pixels.ndim == 3), path)
+        return slicer.util.loadVolume(path, {"singleFile": True, "name": name})
+
+    def test_png_segments_with_a_2d_model_and_rgb_is_offered_then_refused(self):
+        if "cxr" not in libLogic.listModels():
+            self.skipTest("the cxr model is not installed")
+        yy, xx = np.mgrid[:96, :120]
+        lungs = sum(((yy - 48) / 33.0) ** 2 + ((xx - cx) / 21.0) ** 2 <= 1 for cx in (36, 84))
+        grey = self._loadPng((200 - 120 * lungs).astype(np.uint8), "chest")
+        self.assertEqual(grey.GetImageData().GetDimensions(), (120, 96, 1))
+        self._configure(grey, "cxr")
+        self.widget.ui.applyButton.click()
+        self.assertTrue(_waitFor(lambda: not self.widget.segmentPanel.running), "segmentation did not finish")
+        p = self.widget._parameterNode
+        self.assertIsNotNone(p.segmentation)
+        self.assertEqual(p.uncertainty.GetImageData().GetDimensions(), (120, 96, 1))
+        composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+        self.assertEqual(composite.GetBackgroundVolumeID(), grey.GetID())
+        rgb = self._loadPng(np.stack([lungs * 200, lungs * 50, 90 + 0 * lungs], -1).astype(np.uint8), "tile")
+        self.assertTrue(rgb.IsA("vtkMRMLVectorVolumeNode"))
+        self.widget.ui.inputSelector.setCurrentNode(rgb)
+        self.assertEqual(self.widget.ui.inputSelector.currentNode(), rgb, "RGB images must be offered as inputs")
+        self.assertEqual(p.inputVolume, rgb)
+        with self.assertRaises(libLogic.CDALError):
+            self.widget.logic.prepareInput(rgb, model="cxr")
