@@ -4,8 +4,10 @@
         --recipe "cdal train --config configs/hippocampus.json --data ../shared/data/Task04_Hippocampus --out runs/hippocampus" \
         [--validation docs/results/hippocampus_T2_K5.json --cases configs/hippocampus_val.txt] [--overwrite]
 
-Adds histogram-standardisation landmarks learned from the run's training split when the card has none (runs
+Adds histogram-standardisation landmarks learned from the run's training split when a 3D card has none (runs
 started before landmarks existed), the exact recipe, and the validation report (means and stds per class).
+2D models (card ``input.image_size``: cxr, monuseg) ship the same way with ``--data`` their images/ + masks/
+folder; their report's per-image fields are kept.
 """
 
 import argparse
@@ -26,6 +28,7 @@ def validation_block(report_path: str, cases: str = None) -> dict:
     """The card's validation entry from an evaluation report (JSON)."""
     report = json.loads(Path(report_path).read_text())
     block = {k: report[k] for k in ("per_class", "uncertainty", "volumes", "seconds_per_volume",
+                                    "images", "seconds_per_image", "image_size", "window", "hd95_unit",
                                     "steps", "samples", "precision", "early_exit") if k in report}
     block["cases"] = cases or "see training.data.validation_cases"
     return block
@@ -52,7 +55,8 @@ def main() -> None:
     card = json.loads((tmp / CARD_NAME).read_text())
     card["name"] = args.name
     norm = Normalisation.from_dict(card["normalisation"])
-    if norm.landmarks is None:
+    is_2d = bool(card.get("input", {}).get("image_size"))  # 2D models normalise min-max: no landmarks
+    if norm.landmarks is None and not is_2d:
         cfg = card["training"]["config"]
         cases, _ = read_msd_cases(args.data)
         train_cases, _ = split_cases(cases, cfg["val_fraction"], cfg["seed"], cfg.get("val_cases"))

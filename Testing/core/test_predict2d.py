@@ -6,6 +6,7 @@ Two tiny models (grey and RGB) are trained for two steps on synthetic discs: use
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -284,3 +285,23 @@ def test_a_3d_model_is_refused_on_images(tiny_model, grey_data, tmp_path, capsys
     assert_error(run("predict", "--model", tiny_model, "--input", grey_data / "images" / "img0.png", "--output",
                      tmp_path / "out"), capsys, "3D volumes", "2D model")
     assert not (tmp_path / "out").exists()
+
+
+def test_ship_model_ships_a_2d_model_with_its_validation(grey_model, grey_data, tmp_path, monkeypatch):
+    """tools/ship_model.py on a 2D run: no landmarks are sought in an MSD folder, the per-image report fields
+    reach the card, and the shipped model loads by name."""
+    from pathlib import Path
+    from cdal_core.model_io import load_model
+    report = tmp_path / "val.json"
+    assert run("evaluate", "--model", grey_model, "--data", grey_data, "--samples", 1, "--json", report) == 0
+    shipped = tmp_path / "models"
+    env = {**os.environ, "CDAL_SHIPPED_MODELS": str(shipped)}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "tools/ship_model.py"), str(grey_model), "discs",
+                           "--data", str(grey_data), "--recipe", "test", "--validation", str(report)],
+                          capture_output=True, env=env)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    monkeypatch.setenv("CDAL_SHIPPED_MODELS", str(shipped))
+    card = load_model("discs").card
+    assert card["validation"]["images"] == 6 and "seconds_per_image" in card["validation"]
+    assert card["normalisation"]["method"] == "min-max" and card["training"]["recipe"] == "test"
