@@ -12,6 +12,10 @@ A lent GPU machine has torch but neither SimpleITK nor our data, and what travel
    cap) packed into a few tar files.
 3. ``unpack`` (here): rebuild fp32 model folders under ``runs/gpu/<run>/model``.
 
+Lesson of the first session (docs/RESULTS.md): a training step is launch-bound (3,000 kernel launches, 0.12 s
+at batch 128 alone on an H100), and 12 processes time-slicing one GPU got 830 steps each in 7 minutes, far too
+few. Run 2-4 at ``--batch 512`` instead, e.g. ``--runs cv0,all0,all1 --batch 512``.
+
 Runs (hippocampus recipe: ``configs/hippocampus_gpu.json``):
 - ``cv0``..``cv3``: fold k of ``configs/hippocampus_folds.json`` held out (fold 0 is the old validation list),
   for a 4-fold cross-validated estimate over all 195 volumes;
@@ -79,29 +83,37 @@ def make_folds(names: List[str], val_names: List[str], seed: int = 0) -> List[Li
     return [sorted(val_names)] + [sorted(rest[i] for i in order[k::3]) for k in range(3)]
 
 
-def prepare(data: Path, out: Path) -> None:
+def bundle_msd(data_dir: Path, cfg, out_file: Path) -> List[str]:
+    """An MSD folder as ``load_volume`` reads it for ``cfg``'s grid, scaled to [0, 1] without landmarks (uint16),
+    with each scan's landmark percentiles, so that any split can re-derive its standardisation. Returns the names."""
     import SimpleITK as sitk
-    from cdal_core.config import TrainConfig
-    from cdal_core.data import (LANDMARK_PERCENTILES, Normalisation, load_png_case, load_volume, read_case_list,
-                                read_image, read_msd_cases, read_png_pairs)
+    from cdal_core.data import LANDMARK_PERCENTILES, Normalisation, load_volume, read_image, read_msd_cases
     from cdal_core.geometry import ModelGrid
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig.load(str(ROOT / "configs/hippocampus_gpu.json"))
-    cases, labels = read_msd_cases(data / "Task04_Hippocampus")
+    cases, labels = read_msd_cases(data_dir)
     base = Normalisation(cfg.normalisation["lower"], cfg.normalisation["upper"])  # no landmarks: scale only
     grid = ModelGrid(cfg.orientation, cfg.spacing)
+    num_classes = max(len(labels), 2)
     arrays, pcts, spacings = {}, [], []
     for i, case in enumerate(cases):
-        vol = load_volume(case, grid, base, 3, 1)
+        vol = load_volume(case, grid, base, num_classes, 1)
         raw = sitk.GetArrayFromImage(read_image(case.image))
         pcts.append(np.percentile(base.scale(raw, base.fit(raw)), LANDMARK_PERCENTILES))
         arrays[f"image{i}"] = np.round(vol.image * 65535).astype(np.uint16)
         arrays[f"label{i}"] = vol.label.astype(np.uint8)
         spacings.append(vol.spacing)
     names = [c.name for c in cases]
-    np.savez_compressed(out / "hippocampus.npz", names=np.array(names), landmark_pcts=np.array(pcts),
+    np.savez_compressed(out_file, names=np.array(names), landmark_pcts=np.array(pcts),
                         spacings=np.array(spacings), class_names=np.array([labels[k] for k in sorted(labels)]),
                         **arrays)
+    return names
+
+
+def prepare(data: Path, out: Path) -> None:
+    from cdal_core.config import TrainConfig
+    from cdal_core.data import load_png_case, read_case_list, read_png_pairs
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig.load(str(ROOT / "configs/hippocampus_gpu.json"))
+    names = bundle_msd(data / "Task04_Hippocampus", cfg, out / "hippocampus.npz")
     folds = make_folds(names, read_case_list(ROOT / "configs/hippocampus_val.txt"))
     (ROOT / "configs/hippocampus_folds.json").write_text(json.dumps(
         {"comment": "4 folds over the 195 shared volumes: fold 0 is configs/hippocampus_val.txt, the other 146 "
@@ -387,7 +399,8 @@ def _sync(device: str) -> None:
 
 # --- the session (there) ----------------------------------------------------------------------------------------
 
-def session(bundles: Path, out: Path, budget_s: float, device: str, runs: List[str], bench_steps: int) -> None:
+def session(bundles: Path, out: Path, budget_s: float, device: str, runs: List[str], bench_steps: int,
+            batch: Optional[int] = None) -> None:
     start = time.time()
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "cdal_gpu_runs"
     work.mkdir(parents=True, exist_ok=True)
@@ -414,7 +427,8 @@ def session(bundles: Path, out: Path, budget_s: float, device: str, runs: List[s
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for run in runs:
         procs[run] = subprocess.Popen([sys.executable, __file__, "train", run, "--bundles", str(bundles),
-                                       "--work", str(work), "--until", str(until), "--device", device],
+                                       "--work", str(work), "--until", str(until), "--device", device]
+                                      + (["--batch", str(batch)] if batch else []),
                                       stdout=open(work / f"{run}.out", "w"), stderr=subprocess.STDOUT, env=env)
     say(f"started {len(procs)} trainings until +{until - start:.0f}s")
     for run, p in procs.items():
@@ -497,6 +511,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--runs", default=",".join(list(HIPPO_RUNS) + list(TWO_D_RUNS)))
     p.add_argument("--bench-steps", type=int, default=30)
+    p.add_argument("--batch", type=int, help="batch size of every run (default: each config's)")
     p = sub.add_parser("unpack")
     p.add_argument("tars", type=Path, nargs="+")
     p.add_argument("--dest", type=Path, default=ROOT / "runs/gpu")
@@ -523,7 +538,7 @@ def main(argv=None) -> None:
         print(json.dumps(benchmark(a.bundles, a.device, a.steps, a.batch)), flush=True)
     else:
         a.out.mkdir(parents=True, exist_ok=True)
-        session(a.bundles, a.out, a.budget_s, a.device, [r for r in a.runs.split(",") if r], a.bench_steps)
+        session(a.bundles, a.out, a.budget_s, a.device, [r for r in a.runs.split(",") if r], a.bench_steps, a.batch)
 
 
 if __name__ == "__main__":
