@@ -81,7 +81,7 @@ def image_array_2d(image: sitk.Image, image_channels: int, name: str) -> np.ndar
     if image_channels == 1:
         if colour:
             raise CDALError(f"{name}: is an RGB colour image but the model expects greyscale (1 channel): "
-                            "convert it to greyscale first, or use a model trained on RGB images (configs/monuseg.json trains one)")
+                            "convert it to greyscale first, or use a model trained on RGB images (e.g. monuseg)")
         array = array[..., :1]
     elif image_channels == 3:
         if channels < 3:
