@@ -265,7 +265,7 @@ def test_training_batches_are_patches_and_repeat_exactly(grey_data, tmp_path):
 
 
 def test_shipped_cxr_model_segments_a_validation_image():
-    """The shipped model loads by name and still finds the lungs of a held-out image (Dice 93.25 on average)."""
+    """The shipped model loads by name and still finds the lungs of a held-out image (Dice 93.5 on average)."""
     from core_settings import SHARED_DATA
     from cdal_core.model_io import list_models, load_model
     from cdal_core.metrics import segmentation_metrics
