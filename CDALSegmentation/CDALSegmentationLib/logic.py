@@ -589,6 +589,8 @@ class CDALSegmentationLogic(object):
     def _createVolumeTable(self, scene, name, structures, uncertainty, ijkToRas):
         import vtk
 
+        if uncertainty.shape[0] == 1:  # one slice: a 2D image, where a volume means nothing (PNGs have no spacing)
+            return self._createAreaTable(scene, name, structures, uncertainty)
         voxelMm3 = abs(float(np.linalg.det(np.asarray(ijkToRas)[:3, :3])))
         rows = [(s.side, s.className, int(s.mask.sum()), float(s.mask.sum()) * voxelMm3,
                  float(uncertainty[s.mask].mean()) if s.mask.any() else 0.0) for s in structures]
@@ -598,6 +600,18 @@ class CDALSegmentationLogic(object):
                    ("Volume mm3", vtk.vtkDoubleArray, [round(r[3], 1) for r in rows]),
                    ("Mean uncertainty", vtk.vtkDoubleArray, [r[4] for r in rows])]
         return self._createTable(scene, name, columns, {"Volume mm3": "Voxel count times voxel volume (mm^3)"})
+
+    def _createAreaTable(self, scene, name, structures, uncertainty):
+        import vtk
+
+        total = float(uncertainty.size)
+        rows = [(s.className, int(s.mask.sum()), 100.0 * float(s.mask.sum()) / total,
+                 float(uncertainty[s.mask].mean()) if s.mask.any() else 0.0) for s in structures]
+        columns = [("Structure", vtk.vtkStringArray, [r[0] for r in rows]),
+                   ("Pixels", vtk.vtkIntArray, [r[1] for r in rows]),
+                   ("Image %", vtk.vtkDoubleArray, [round(r[2], 2) for r in rows]),
+                   ("Mean uncertainty", vtk.vtkDoubleArray, [r[3] for r in rows])]
+        return self._createTable(scene, name, columns, {"Image %": "Share of the image's pixels in this structure"})
 
     @staticmethod
     def sliceStatistics(labels, uncertainty, classes):

@@ -138,6 +138,12 @@ def test_grey_png_with_cxr_gives_lungs_on_the_input_grid(app, logic, cxr_model, 
     assert np.allclose(segment.GetColor(), np.array(card["classes"][1]["color"]) / 255.0)
     assert slicer.util.arrayFromTableColumn(result.sliceTableNode, "Slice").tolist() == [0]
     labels = result.labelArray()[0]
+    # an image has pixels and a share of the image, not a volume in mm3 (a PNG carries no spacing)
+    table = result.volumeTableNode
+    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == \
+        ["Structure", "Pixels", "Image %", "Mean uncertainty"]
+    assert slicer.util.arrayFromTableColumn(table, "Pixels").tolist() == [int((labels == 1).sum())]
+    assert slicer.util.arrayFromTableColumn(table, "Image %")[0] == pytest.approx(100 * labels.mean(), abs=0.01)
     # the same labels as cdal predict on the same pixels: no flip or transpose on the way through Slicer
     direct = _direct_2d(pixels, cxr_model)
     assert np.array_equal(labels, direct.labels)
