@@ -67,11 +67,21 @@ HIPPO_RUNS = {**{f"cv{k}": dict(seed=100 + k, exclude_fold=k) for k in range(4)}
               "f0s1": dict(seed=110, exclude_fold=0), "f0s2": dict(seed=111, exclude_fold=0),
               **{f"all{k}": dict(seed=200 + k, exclude_fold=None) for k in range(4)}}
 TWO_D_RUNS = {"cxr": dict(seed=0, config="configs/cxr_gpu.json", val="configs/cxr_val.txt"),
+              "cxr128": dict(seed=0, config="configs/cxr.json", val="configs/cxr_val.txt"),
               "monuseg": dict(seed=0, config="configs/monuseg_gpu.json", val="configs/monuseg_val.txt")}
-# each tar stays under the 16 MiB per-file transfer cap: a hippocampus generator is 4 MiB in fp16
-GROUPS = {"hippo_a.tar": ["cv0", "cv1", "cv2"], "hippo_b.tar": ["cv3", "f0s1", "f0s2"],
-          "hippo_c.tar": ["all0", "all1", "all2"], "other.tar": ["all3", "cxr", "monuseg"]}
-WITH_DISCRIMINATOR = {"all0", "cxr", "monuseg"}  # a shipped model's primary keeps D for its attention maps
+# Warm restarts of shipped models (session 9): ``base`` names the run whose data, held-out cases and config they
+# use; ``init`` the model folder they start from (its network and normalisation are kept, as `cdal finetune`
+# does), ``member`` which of an ensemble's generators (0 = the primary, trained with the stored discriminator),
+# ``lr_scale`` the peak learning rate against the config's, ``batch`` the batch size.
+FINETUNE_RUNS = {
+    "monuseg_ft": dict(base="monuseg", init="Resources/Models/monuseg", seed=1),
+    "cxr128_ft": dict(base="cxr128", init="Resources/Models/cxr", seed=1, batch=32),
+    **{f"h{m + 1}_{split}": dict(base="cv0" if split == "cv0" else "all0", init="Resources/Models/hippocampus",
+                                 member=m, seed=300 + m, lr_scale=0.625)
+       for m in range(3) for split in ("cv0", "all")},
+}
+# a shipped model's primary keeps D for its attention maps; each run is packed in its own tar (< 16 MiB cap)
+WITH_DISCRIMINATOR = {"all0", "cxr", "cxr128", "monuseg", "monuseg_ft", "cxr128_ft"}
 
 
 # --- prepare (here) -------------------------------------------------------------------------------------------
@@ -108,10 +118,27 @@ def bundle_msd(data_dir: Path, cfg, out_file: Path) -> List[str]:
     return names
 
 
-def prepare(data: Path, out: Path) -> None:
+def bundle_2d(run: str, data: Path, out: Path) -> None:
+    """A 2D data set resized to the run's config, as ``load_png_case`` reads it (uint8 images and masks)."""
     from cdal_core.config import TrainConfig
-    from cdal_core.data import load_png_case, read_case_list, read_png_pairs
+    from cdal_core.data import load_png_case, read_png_pairs
+    c2 = TrainConfig.load(str(ROOT / TWO_D_RUNS[run]["config"]))
+    size = c2.image_size or c2.train_size
+    pairs = read_png_pairs(data / ("CXR" if run.startswith("cxr") else "MoNuSeg/train"))
+    vols = [load_png_case(p, size, c2.network["image_channels"]) for p in pairs]
+    np.savez_compressed(out / f"{run}.npz", names=np.array([p.name for p in pairs]),
+                        images=np.stack([np.round(v.image * 255).astype(np.uint8) for v in vols]),
+                        labels=np.stack([v.label.astype(np.uint8) for v in vols]))
+
+
+def prepare(data: Path, out: Path, only: Optional[List[str]] = None) -> None:
+    from cdal_core.config import TrainConfig
+    from cdal_core.data import read_case_list
     out.mkdir(parents=True, exist_ok=True)
+    if only:
+        for run in only:
+            bundle_2d(run, data, out)
+        return
     cfg = TrainConfig.load(str(ROOT / "configs/hippocampus_gpu.json"))
     names = bundle_msd(data / "Task04_Hippocampus", cfg, out / "hippocampus.npz")
     folds = make_folds(names, read_case_list(ROOT / "configs/hippocampus_val.txt"))
@@ -119,14 +146,8 @@ def prepare(data: Path, out: Path) -> None:
         {"comment": "4 folds over the 195 shared volumes: fold 0 is configs/hippocampus_val.txt, the other 146 "
                     "split in three by numpy.random.default_rng(0).permutation (tools/gpu_session.py make_folds)",
          "folds": folds}, indent=1) + "\n")
-    for run, spec in TWO_D_RUNS.items():
-        c2 = TrainConfig.load(str(ROOT / spec["config"]))
-        size = c2.image_size or c2.train_size
-        pairs = read_png_pairs(data / ("CXR" if run == "cxr" else "MoNuSeg/train"))
-        vols = [load_png_case(p, size, c2.network["image_channels"]) for p in pairs]
-        np.savez_compressed(out / f"{run}.npz", names=np.array([p.name for p in pairs]),
-                            images=np.stack([np.round(v.image * 255).astype(np.uint8) for v in vols]),
-                            labels=np.stack([v.label.astype(np.uint8) for v in vols]))
+    for run in TWO_D_RUNS:
+        bundle_2d(run, data, out)
     for f in sorted(out.glob("*.npz")):
         print(f"{f.name}: {f.stat().st_size / 2**20:.1f} MiB")
 
@@ -141,9 +162,13 @@ def bundle_trainer_class():
         """Trainer whose data come from a bundle made by ``prepare``; ``exclude`` names the held-out cases.
         The learning rate follows a cosine over a wall-clock budget (set by ``start_clock``)."""
 
-        def __init__(self, bundle: Path, out: Path, cfg, exclude: List[str], **kw):
+        def __init__(self, bundle: Path, out: Path, cfg, exclude: List[str], member: int = 0, **kw):
             self.bundle, self.exclude, self.t_start, self.budget = Path(bundle), set(exclude), None, None
             super().__init__(str(bundle), str(out), cfg, **kw)
+            if member:  # start from another generator of the ensemble (the discriminator is the primary's)
+                state = self.init.generators[member].state_dict()
+                self.G.load_state_dict(state)
+                self.G_ema.load_state_dict(state)
 
         def _load_data(self, data_dir: str) -> None:
             cfg, net = self.cfg, self.net_cfg
@@ -160,8 +185,9 @@ def bundle_trainer_class():
             else:
                 self.class_names = [str(c).capitalize() if str(c).islower() else str(c) for c in b["class_names"]]
                 pcts = b["landmark_pcts"]
-                landmarks = [round(float(v), 5) for v in np.mean(pcts[keep], 0)]
-                self.norm = Normalisation(self.norm.lower, self.norm.upper, landmarks)
+                if self.init is None:  # a warm start keeps its model's standardisation, as `cdal finetune` does
+                    landmarks = [round(float(v), 5) for v in np.mean(pcts[keep], 0)]
+                    self.norm = Normalisation(self.norm.lower, self.norm.upper, landmarks)
                 volumes = [Volume(names[i], self.norm.standardise(b[f"image{i}"].astype(np.float32) / 65535, pcts[i]),
                                   b[f"label{i}"].astype(np.int64), tuple(b["spacings"][i])) for i in keep]
                 self.views = cfg.views
@@ -186,6 +212,16 @@ def bundle_trainer_class():
 
 
 def run_config(run: str):
+    """(config, held-out case names) of a run; warm restarts scale the learning rates and batch as specified."""
+    if run in FINETUNE_RUNS:
+        spec = FINETUNE_RUNS[run]
+        cfg, exclude = run_config(spec["base"])
+        cfg.seed = spec["seed"]
+        cfg.lr_g, cfg.lr_d = cfg.lr_g * spec.get("lr_scale", 1.0), cfg.lr_d * spec.get("lr_scale", 1.0)
+        cfg.batch_size = spec.get("batch", cfg.batch_size)
+        if cfg.augmentation is not None:  # on the GPU; the per-slice MONAI loop would feed it too slowly
+            cfg.augmentation = dict(cfg.augmentation, backend="batched")
+        return cfg, exclude
     from cdal_core.config import TrainConfig
     if run in TWO_D_RUNS:
         cfg = TrainConfig.load(str(ROOT / TWO_D_RUNS[run]["config"]))
@@ -204,18 +240,27 @@ def run_config(run: str):
 
 
 def bundle_of(run: str, bundles: Path) -> Path:
+    if run in FINETUNE_RUNS:
+        return bundle_of(FINETUNE_RUNS[run]["base"], bundles)
     return bundles / (f"{run}.npz" if run in TWO_D_RUNS else "hippocampus.npz")
+
+
+def make_trainer(run: str, bundles: Path, out: Path, device: str, batch: Optional[int] = None):
+    cfg, exclude = run_config(run)
+    if batch:
+        cfg.batch_size = batch
+    spec = FINETUNE_RUNS.get(run, {})
+    init = str(ROOT / spec["init"]) if "init" in spec else None
+    return bundle_trainer_class()(bundle_of(run, bundles), out / run, cfg, exclude, member=spec.get("member", 0),
+                                  device=device, json_progress=True, init_model=init)
 
 
 def train_one(run: str, bundles: Path, out: Path, until: float, device: str, batch: Optional[int] = None) -> None:
     import torch
     from safetensors.torch import save_file
     torch.set_num_threads(1)
-    cfg, exclude = run_config(run)
-    if batch:
-        cfg.batch_size = batch
-    trainer = bundle_trainer_class()(bundle_of(run, bundles), out / run, cfg, exclude, device=device,
-                                     json_progress=True)
+    trainer = make_trainer(run, bundles, out, device, batch)
+    cfg = trainer.cfg
     budget = until - time.time()
     trainer.start_clock(budget)
     trainer.G.train(), trainer.D.train()
@@ -233,6 +278,10 @@ def train_one(run: str, bundles: Path, out: Path, until: float, device: str, bat
     card = trainer.card({"note": "trained from a bundle for a fixed wall-clock budget; see training"})
     card["training"]["schedule"] = f"cosine learning rate over {budget:.0f} s of wall clock (tools/gpu_session.py)"
     card["training"]["batch_size"] = cfg.batch_size
+    if run in FINETUNE_RUNS:
+        spec = FINETUNE_RUNS[run]
+        card["training"]["warm_start"] = {"model": spec["init"], "generator": spec.get("member", 0),
+                                          "lr_g": cfg.lr_g, "lr_d": cfg.lr_d}
     half = {f"generator.{k}": v.detach().half().cpu().contiguous() for k, v in trainer.G_ema.state_dict().items()}
     if run in WITH_DISCRIMINATOR:
         half.update({f"discriminator.{k}": v.detach().half().cpu().contiguous()
@@ -244,7 +293,8 @@ def train_one(run: str, bundles: Path, out: Path, until: float, device: str, bat
 
 # --- benchmark (there, alone on the GPU) ----------------------------------------------------------------------
 
-def benchmark(bundles: Path, device: str, steps: int = 30, batch: Optional[int] = None) -> Dict:
+def benchmark(bundles: Path, device: str, steps: int = 30, batch: Optional[int] = None,
+              precisions: str = "bf16,fp32") -> Dict:
     import torch
     cfg, _ = run_config("all0")
     cfg.batch_size = batch or cfg.batch_size
@@ -252,7 +302,7 @@ def benchmark(bundles: Path, device: str, steps: int = 30, batch: Optional[int] 
     if device == "cuda":
         out["gpu"] = torch.cuda.get_device_name(0)
     import tempfile
-    for amp in (True, False):
+    for amp in [p == "bf16" for p in precisions.split(",")]:
         cfg.amp = amp
         with tempfile.TemporaryDirectory() as tmp:
             tr = bundle_trainer_class()(bundle_of("all0", bundles), Path(tmp) / "b", cfg, [], device=device,
@@ -400,7 +450,8 @@ def _sync(device: str) -> None:
 # --- the session (there) ----------------------------------------------------------------------------------------
 
 def session(bundles: Path, out: Path, budget_s: float, device: str, runs: List[str], bench_steps: int,
-            batch: Optional[int] = None) -> None:
+            batch: Optional[int] = None, bench_batch: Optional[int] = None, bench_precisions: str = "bf16,fp32"
+            ) -> None:
     start = time.time()
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "cdal_gpu_runs"
     work.mkdir(parents=True, exist_ok=True)
@@ -416,7 +467,9 @@ def session(bundles: Path, out: Path, budget_s: float, device: str, runs: List[s
     if bench_steps:
         try:
             bench = subprocess.run([sys.executable, __file__, "bench", "--bundles", str(bundles), "--device", device,
-                                    "--steps", str(bench_steps)], capture_output=True, text=True,
+                                    "--steps", str(bench_steps), "--precisions", bench_precisions]
+                                   + (["--batch", str(bench_batch)] if bench_batch else []),
+                                   capture_output=True, text=True,
                                    timeout=max(60.0, 0.2 * budget_s))
             (out / "bench.json").write_text(bench.stdout[-4000:] or "{}")
             say(f"bench rc={bench.returncode}: {bench.stdout.strip()[-600:]} {bench.stderr.strip()[-800:]}")
@@ -441,14 +494,13 @@ def session(bundles: Path, out: Path, budget_s: float, device: str, runs: List[s
             except subprocess.TimeoutExpired:
                 p.kill()
         say(f"{run}: rc={p.returncode} {(work / f'{run}.out').read_text()[-300:].strip()}")
-    for tar_name, members in GROUPS.items():
-        with tarfile.open(out / tar_name, "w") as tar:
-            for run in members:
-                for name in ("weights16.safetensors", "card.json", "log.jsonl"):
-                    if (work / run / name).exists():
-                        tar.add(work / run / name, arcname=f"{run}/{name}")
-                if (work / f"{run}.out").exists():
-                    tar.add(work / f"{run}.out", arcname=f"{run}/stdout.txt")
+    for run in runs:
+        with tarfile.open(out / f"{run}.tar", "w") as tar:
+            for name in ("weights16.safetensors", "card.json", "log.jsonl"):
+                if (work / run / name).exists():
+                    tar.add(work / run / name, arcname=f"{run}/{name}")
+            if (work / f"{run}.out").exists():
+                tar.add(work / f"{run}.out", arcname=f"{run}/stdout.txt")
     say("packed: " + ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(out.glob("*.tar"))))
 
 
@@ -486,6 +538,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("prepare")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
     p.add_argument("--out", type=Path, default=ROOT / ".gpu")
+    p.add_argument("--only", help="comma-separated 2D runs: remake only their bundles")
     p = sub.add_parser("train")
     p.add_argument("run")
     p.add_argument("--bundles", type=Path, required=True)
@@ -498,6 +551,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int)
+    p.add_argument("--precisions", default="bf16,fp32")
     p = sub.add_parser("study")
     p.add_argument("--bundles", type=Path, required=True)
     p.add_argument("--device", default="cuda")
@@ -512,12 +566,14 @@ def main(argv=None) -> None:
     p.add_argument("--runs", default=",".join(list(HIPPO_RUNS) + list(TWO_D_RUNS)))
     p.add_argument("--bench-steps", type=int, default=30)
     p.add_argument("--batch", type=int, help="batch size of every run (default: each config's)")
+    p.add_argument("--bench-batch", type=int, help="batch size of the benchmark (default: the GPU recipe's)")
+    p.add_argument("--bench-precisions", default="bf16,fp32")
     p = sub.add_parser("unpack")
     p.add_argument("tars", type=Path, nargs="+")
     p.add_argument("--dest", type=Path, default=ROOT / "runs/gpu")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
-        prepare(a.data, a.out)
+        prepare(a.data, a.out, a.only.split(",") if a.only else None)
         return
     if a.cmd == "unpack":
         unpack(a.tars, a.dest)
@@ -535,10 +591,11 @@ def main(argv=None) -> None:
             print(result.pop(key, ""))
         print(json.dumps(result, indent=1))
     elif a.cmd == "bench":
-        print(json.dumps(benchmark(a.bundles, a.device, a.steps, a.batch)), flush=True)
+        print(json.dumps(benchmark(a.bundles, a.device, a.steps, a.batch, a.precisions)), flush=True)
     else:
         a.out.mkdir(parents=True, exist_ok=True)
-        session(a.bundles, a.out, a.budget_s, a.device, [r for r in a.runs.split(",") if r], a.bench_steps, a.batch)
+        session(a.bundles, a.out, a.budget_s, a.device, [r for r in a.runs.split(",") if r], a.bench_steps, a.batch,
+                a.bench_batch, a.bench_precisions)
 
 
 if __name__ == "__main__":
