@@ -70,13 +70,13 @@ TWO_D_RUNS = {"cxr": dict(seed=0, config="configs/cxr_gpu.json", val="configs/cx
               "cxr128": dict(seed=0, config="configs/cxr.json", val="configs/cxr_val.txt"),
               "monuseg": dict(seed=0, config="configs/monuseg_gpu.json", val="configs/monuseg_val.txt")}
 # Warm restarts of shipped models (session 9): ``base`` names the run whose data, held-out cases and config they
-# use; ``init`` the model folder they start from (its network and normalisation are kept, as `cdal finetune`
+# use; ``init`` the shipped model they start from (under ``--init-root``, Resources/Models by default) (its network and normalisation are kept, as `cdal finetune`
 # does), ``member`` which of an ensemble's generators (0 = the primary, trained with the stored discriminator),
 # ``lr_scale`` the peak learning rate against the config's, ``batch`` the batch size.
 FINETUNE_RUNS = {
-    "monuseg_ft": dict(base="monuseg", init="Resources/Models/monuseg", seed=1),
-    "cxr128_ft": dict(base="cxr128", init="Resources/Models/cxr", seed=1, batch=32),
-    **{f"h{m + 1}_{split}": dict(base="cv0" if split == "cv0" else "all0", init="Resources/Models/hippocampus",
+    "monuseg_ft": dict(base="monuseg", init="monuseg", seed=1),
+    "cxr128_ft": dict(base="cxr128", init="cxr", seed=1, batch=32),
+    **{f"h{m + 1}_{split}": dict(base="cv0" if split == "cv0" else "all0", init="hippocampus",
                                  member=m, seed=300 + m, lr_scale=0.625)
        for m in range(3) for split in ("cv0", "all")},
 }
@@ -245,21 +245,23 @@ def bundle_of(run: str, bundles: Path) -> Path:
     return bundles / (f"{run}.npz" if run in TWO_D_RUNS else "hippocampus.npz")
 
 
-def make_trainer(run: str, bundles: Path, out: Path, device: str, batch: Optional[int] = None):
+def make_trainer(run: str, bundles: Path, out: Path, device: str, batch: Optional[int] = None,
+                 init_root: Optional[Path] = None):
     cfg, exclude = run_config(run)
     if batch:
         cfg.batch_size = batch
     spec = FINETUNE_RUNS.get(run, {})
-    init = str(ROOT / spec["init"]) if "init" in spec else None
+    init = str((init_root or ROOT / "Resources/Models") / spec["init"]) if "init" in spec else None
     return bundle_trainer_class()(bundle_of(run, bundles), out / run, cfg, exclude, member=spec.get("member", 0),
                                   device=device, json_progress=True, init_model=init)
 
 
-def train_one(run: str, bundles: Path, out: Path, until: float, device: str, batch: Optional[int] = None) -> None:
+def train_one(run: str, bundles: Path, out: Path, until: float, device: str, batch: Optional[int] = None,
+              init_root: Optional[Path] = None) -> None:
     import torch
     from safetensors.torch import save_file
     torch.set_num_threads(1)
-    trainer = make_trainer(run, bundles, out, device, batch)
+    trainer = make_trainer(run, bundles, out, device, batch, init_root)
     cfg = trainer.cfg
     budget = until - time.time()
     trainer.start_clock(budget)
@@ -280,7 +282,7 @@ def train_one(run: str, bundles: Path, out: Path, until: float, device: str, bat
     card["training"]["batch_size"] = cfg.batch_size
     if run in FINETUNE_RUNS:
         spec = FINETUNE_RUNS[run]
-        card["training"]["warm_start"] = {"model": spec["init"], "generator": spec.get("member", 0),
+        card["training"]["warm_start"] = {"model": f"Resources/Models/{spec['init']}", "generator": spec.get("member", 0),
                                           "lr_g": cfg.lr_g, "lr_d": cfg.lr_d}
     half = {f"generator.{k}": v.detach().half().cpu().contiguous() for k, v in trainer.G_ema.state_dict().items()}
     if run in WITH_DISCRIMINATOR:
@@ -450,10 +452,10 @@ def _sync(device: str) -> None:
 # --- the session (there) ----------------------------------------------------------------------------------------
 
 def session(bundles: Path, out: Path, budget_s: float, device: str, runs: List[str], bench_steps: int,
-            batch: Optional[int] = None, bench_batch: Optional[int] = None, bench_precisions: str = "bf16,fp32"
-            ) -> None:
+            batch: Optional[int] = None, bench_batch: Optional[int] = None, bench_precisions: str = "bf16,fp32",
+            init_root: Optional[Path] = None) -> None:
     start = time.time()
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / "cdal_gpu_runs"
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"cdal_gpu_runs_{int(start)}"  # never resume a stale run
     work.mkdir(parents=True, exist_ok=True)
     log = open(out / "session.log", "a")
 
@@ -481,7 +483,8 @@ def session(bundles: Path, out: Path, budget_s: float, device: str, runs: List[s
     for run in runs:
         procs[run] = subprocess.Popen([sys.executable, __file__, "train", run, "--bundles", str(bundles),
                                        "--work", str(work), "--until", str(until), "--device", device]
-                                      + (["--batch", str(batch)] if batch else []),
+                                      + (["--batch", str(batch)] if batch else [])
+                                      + (["--init-root", str(init_root)] if init_root else []),
                                       stdout=open(work / f"{run}.out", "w"), stderr=subprocess.STDOUT, env=env)
     say(f"started {len(procs)} trainings until +{until - start:.0f}s")
     for run, p in procs.items():
@@ -546,6 +549,7 @@ def main(argv=None) -> None:
     p.add_argument("--until", type=float, required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int)
+    p.add_argument("--init-root", type=Path, help="where the warm restarts' models are (default Resources/Models)")
     p = sub.add_parser("bench")
     p.add_argument("--bundles", type=Path, required=True)
     p.add_argument("--device", default="cuda")
@@ -568,6 +572,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, help="batch size of every run (default: each config's)")
     p.add_argument("--bench-batch", type=int, help="batch size of the benchmark (default: the GPU recipe's)")
     p.add_argument("--bench-precisions", default="bf16,fp32")
+    p.add_argument("--init-root", type=Path, help="where the warm restarts' models are (default Resources/Models)")
     p = sub.add_parser("unpack")
     p.add_argument("tars", type=Path, nargs="+")
     p.add_argument("--dest", type=Path, default=ROOT / "runs/gpu")
@@ -580,7 +585,7 @@ def main(argv=None) -> None:
         return
     _without_simpleitk()
     if a.cmd == "train":
-        train_one(a.run, a.bundles, a.work, a.until, a.device, a.batch)
+        train_one(a.run, a.bundles, a.work, a.until, a.device, a.batch, a.init_root)
     elif a.cmd == "study":
         if a.ab_steps:
             print(json.dumps(precision_ab(a.bundles, a.device, a.ab_steps, a.out.with_name("precision_ab.json"))),
@@ -595,7 +600,7 @@ def main(argv=None) -> None:
     else:
         a.out.mkdir(parents=True, exist_ok=True)
         session(a.bundles, a.out, a.budget_s, a.device, [r for r in a.runs.split(",") if r], a.bench_steps, a.batch,
-                a.bench_batch, a.bench_precisions)
+                a.bench_batch, a.bench_precisions, a.init_root)
 
 
 if __name__ == "__main__":
