@@ -70,8 +70,8 @@ TWO_D_RUNS = {"cxr": dict(seed=0, config="configs/cxr_gpu.json", val="configs/cx
               "cxr128": dict(seed=0, config="configs/cxr.json", val="configs/cxr_val.txt"),
               "monuseg": dict(seed=0, config="configs/monuseg_gpu.json", val="configs/monuseg_val.txt")}
 # Warm restarts of shipped models (session 9): ``base`` names the run whose data, held-out cases and config they
-# use; ``init`` the shipped model they start from (under ``--init-root``, Resources/Models by default) (its network and normalisation are kept, as `cdal finetune`
-# does), ``member`` which of an ensemble's generators (0 = the primary, trained with the stored discriminator),
+# use; ``init`` the shipped model they start from (under ``--init-root``, Resources/Models by default; its network
+# and normalisation are kept, as `cdal finetune` does), ``member`` which of an ensemble's generators (0 = the primary, trained with the stored discriminator),
 # ``lr_scale`` the peak learning rate against the config's, ``batch`` the batch size.
 FINETUNE_RUNS = {
     "monuseg_ft": dict(base="monuseg", init="monuseg", seed=1),
