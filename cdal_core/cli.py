@@ -36,10 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, help_text in (("train", "train a model on an MSD-style folder (re-run to resume)"),
-                            ("finetune", "train starting from an existing model (an ensemble: from its first generator)")):
+                            ("finetune", "train starting from an existing model (an ensemble: from one of its generators)")):
         p = sub.add_parser(name, help=help_text)
         if name == "finetune":
             p.add_argument("--model", required=True, help="model folder or shipped model name")
+            p.add_argument("--generator", type=int, default=1,
+                           help="which generator of an ensemble to start from (default 1, the primary)")
         p.add_argument("--data", required=True, help="MSD folder (dataset.json, imagesTr/, labelsTr/) or images/+masks/")
         p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl and model/")
         p.add_argument("--config", default=None, help="JSON training config")
@@ -105,7 +107,8 @@ def cmd_train(args) -> int:
     else:
         config = TrainConfig.load(args.config)
     model_dir = train(args.data, args.out, config, max_steps=args.max_steps, max_minutes=args.max_minutes,
-                      device=args.device, init_model=init, json_progress=args.json_progress)
+                      device=args.device, init_model=init, json_progress=args.json_progress,
+                      init_generator=getattr(args, "generator", 1) - 1)
     if not args.json_progress:
         print(f"model: {model_dir}")
     return 0

@@ -47,26 +47,29 @@ NORMALISATION_2D = {"method": "min-max", "lower": 0.0, "upper": 100.0,
 
 class Trainer:
     def __init__(self, data_dir: str, out_dir: str, config: TrainConfig, device: str = "auto",
-                 init_model: Optional[str] = None, json_progress: bool = False):
+                 init_model: Optional[str] = None, json_progress: bool = False, init_generator: int = 0):
+        """``init_model`` starts the run from an existing model (fine-tuning); ``init_generator`` picks which of
+        an ensemble's generators (0 = the primary, the one trained with the stored discriminator)."""
         self.out = Path(out_dir)
         self.cfg = config
         self.json_progress = json_progress
         self.rank, self.world = _init_distributed()
         self.device = resolve_device(device) if self.world == 1 else torch.device(f"cuda:{self.rank}")
         self.init_model = init_model
+        self.init_generator = init_generator
         self.device_noise = self.device.type == "cuda"
         self.net_cfg, self.class_names, self.grid, self.norm = self._model_settings(data_dir)
         self._prepare_run_dir()  # after the settings are known to fit: a refused run leaves no folder behind
         if self.init is not None and self.init.members:
             self._emit({"event": "note", "message": f"{self.init_model} is an ensemble of "
-                        f"{len(self.init.generators)} generators: fine-tuning starts from its first one, and the "
-                        "result is a single-generator model"})
+                        f"{len(self.init.generators)} generators: fine-tuning starts from generator "
+                        f"{init_generator + 1}, and the result is a single-generator model"})
         self._load_data(data_dir)
         torch.manual_seed(config.seed)
         self.G = Generator(self.net_cfg).to(self.device)
         self.D = Discriminator(self.net_cfg).to(self.device)
         if self.init:
-            self.G.load_state_dict(self.init.generator.state_dict())
+            self.G.load_state_dict(self.init.generators[init_generator].state_dict())
             if self.init.discriminator is not None:
                 self.D.load_state_dict(self.init.discriminator.state_dict())
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
@@ -86,12 +89,15 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         saved = self.out / "config.json"
         mine = {"config": self.cfg.to_dict(), "init_model": str(self.init_model) if self.init_model else None}
+        if self.init_generator:  # absent for the primary, so runs saved before this setting resume
+            mine["init_generator"] = self.init_generator
         if saved.exists():
             prev = json.loads(saved.read_text())
             # a setting the saved run predates had its default value there
             a, b = {**TrainConfig().to_dict(), **prev["config"]}, dict(mine["config"])
             a.pop("max_steps", None), b.pop("max_steps", None)
-            if a != b or prev.get("init_model") != mine["init_model"]:
+            if a != b or prev.get("init_model") != mine["init_model"] or \
+                    prev.get("init_generator", 0) != self.init_generator:
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 raise CDALError(f"{self.out}: holds a run with different settings ({', '.join(diff) or 'model'}): "
                                 "use a new --out folder, or the same config to resume")
@@ -105,6 +111,9 @@ class Trainer:
             if cfg.slice_axis != self.init.slice_axis:
                 raise CDALError(f"the model slices along array axis {self.init.slice_axis} but the config says "
                                 f"slice_axis {cfg.slice_axis}: set \"slice_axis\": {self.init.slice_axis} in the config")
+            if not 0 <= self.init_generator < len(self.init.generators):
+                raise CDALError(f"{self.init_model} has {len(self.init.generators)} generator(s), so there is no "
+                                f"generator {self.init_generator + 1}: pick one from 1 to {len(self.init.generators)}")
             return (self.init.config, self.init.class_names, self.init.grid, self.init.normalisation)
         net = NetworkConfig.from_dict(cfg.network) if cfg.network else NetworkConfig()
         grid = ModelGrid(cfg.orientation, cfg.spacing)
@@ -200,6 +209,7 @@ class Trainer:
             description=cfg.description,
             training={"steps": self.step, "wall_seconds": round(self.seconds, 1), "hardware": hardware,
                       "world_size": self.world, "seed": cfg.seed, "init_model": str(self.init_model or ""),
+                      **({"init_generator": self.init_generator + 1} if self.init_model else {}),
                       "data": self.data_summary, "config": cfg.to_dict(), "torch": torch.__version__,
                       "cdal_version": __version__},
             validation=scores or {})
@@ -515,6 +525,7 @@ def _raise_on_sigterm():
 
 def train(data_dir: str, out_dir: str, config: TrainConfig, max_steps: Optional[int] = None,
           max_minutes: Optional[float] = None, device: str = "auto", init_model: Optional[str] = None,
-          json_progress: bool = False) -> Path:
-    trainer = Trainer(data_dir, out_dir, config, device=device, init_model=init_model, json_progress=json_progress)
+          json_progress: bool = False, init_generator: int = 0) -> Path:
+    trainer = Trainer(data_dir, out_dir, config, device=device, init_model=init_model, json_progress=json_progress,
+                      init_generator=init_generator)
     return trainer.fit(max_steps=max_steps, max_minutes=max_minutes)

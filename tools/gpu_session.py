@@ -79,9 +79,13 @@ FINETUNE_RUNS = {
     **{f"h{m + 1}_{split}": dict(base="cv0" if split == "cv0" else "all0", init="hippocampus",
                                  member=m, seed=300 + m, lr_scale=0.625)
        for m in range(3) for split in ("cv0", "all")},
+    # session 10: second restarts from session 9's (``source`` says where the init model came from)
+    "monuseg_ft2": dict(base="monuseg", init="monuseg_ft", seed=2, source="runs/gpu9/monuseg_ft (session 9)"),
+    "cxr128_ft2": dict(base="cxr128", init="cxr128_ft", seed=2, batch=32, source="runs/gpu9/cxr128_ft (session 9)"),
 }
 # a shipped model's primary keeps D for its attention maps; each run is packed in its own tar (< 16 MiB cap)
-WITH_DISCRIMINATOR = {"all0", "cxr", "cxr128", "monuseg", "monuseg_ft", "cxr128_ft"}
+WITH_DISCRIMINATOR = {"all0", "cxr", "cxr128", "monuseg", "monuseg_ft", "cxr128_ft", "monuseg_ft2", "cxr128_ft2",
+                      "h1_all", "h1_cv0"}
 
 
 # --- prepare (here) -------------------------------------------------------------------------------------------
@@ -152,6 +156,22 @@ def prepare(data: Path, out: Path, only: Optional[List[str]] = None) -> None:
         print(f"{f.name}: {f.stat().st_size / 2**20:.1f} MiB")
 
 
+def pack_init(models: List[str], dest: Path) -> None:
+    """fp16 copies of model folders (``name=path`` or a shipped name) under ``dest/<name>``: the warm restarts'
+    starting points, at half the bytes of the 64 MiB that may travel to the GPU machine."""
+    from safetensors.torch import load_file, save_file
+    from cdal_core.model_io import resolve_model
+    for spec in models:
+        name, _, path = spec.partition("=")
+        src = resolve_model(path or name)
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        (dest / name / "model.json").write_bytes((src / "model.json").read_bytes())
+        for weights in sorted(src.glob("*.safetensors")):
+            half = {k: v.half().contiguous() for k, v in load_file(str(weights)).items()}
+            save_file(half, str(dest / name / weights.name))
+        print(f"{name}: {sum(f.stat().st_size for f in (dest / name).iterdir()) / 2**20:.1f} MiB from {src}")
+
+
 # --- training from a bundle (there) ---------------------------------------------------------------------------
 
 def bundle_trainer_class():
@@ -164,11 +184,8 @@ def bundle_trainer_class():
 
         def __init__(self, bundle: Path, out: Path, cfg, exclude: List[str], member: int = 0, **kw):
             self.bundle, self.exclude, self.t_start, self.budget = Path(bundle), set(exclude), None, None
-            super().__init__(str(bundle), str(out), cfg, **kw)
-            if member:  # start from another generator of the ensemble (the discriminator is the primary's)
-                state = self.init.generators[member].state_dict()
-                self.G.load_state_dict(state)
-                self.G_ema.load_state_dict(state)
+            # ``member``: which generator of an init ensemble to start from (the discriminator is the primary's)
+            super().__init__(str(bundle), str(out), cfg, init_generator=member, **kw)
 
         def _load_data(self, data_dir: str) -> None:
             cfg, net = self.cfg, self.net_cfg
@@ -177,13 +194,15 @@ def bundle_trainer_class():
             keep = [i for i, n in enumerate(names) if n not in self.exclude]
             self.is_2d = "images" in b.files
             if self.is_2d:
-                self.class_names = ["Background", "Foreground"]
+                if self.init is None:  # a warm start keeps its model's class names (e.g. Lungs, Nuclei)
+                    self.class_names = ["Background", "Foreground"]
                 size = cfg.image_size or cfg.train_size
                 volumes = [Volume(names[i], b["images"][i].astype(np.float32) / 255, b["labels"][i].astype(np.int64),
                                   (1.0, 1.0, 1.0)) for i in keep]
                 self.views = [(0, size)]
             else:
-                self.class_names = [str(c).capitalize() if str(c).islower() else str(c) for c in b["class_names"]]
+                if self.init is None:
+                    self.class_names = [str(c).capitalize() if str(c).islower() else str(c) for c in b["class_names"]]
                 pcts = b["landmark_pcts"]
                 if self.init is None:  # a warm start keeps its model's standardisation, as `cdal finetune` does
                     landmarks = [round(float(v), 5) for v in np.mean(pcts[keep], 0)]
@@ -282,7 +301,8 @@ def train_one(run: str, bundles: Path, out: Path, until: float, device: str, bat
     card["training"]["batch_size"] = cfg.batch_size
     if run in FINETUNE_RUNS:
         spec = FINETUNE_RUNS[run]
-        card["training"]["warm_start"] = {"model": f"Resources/Models/{spec['init']}", "generator": spec.get("member", 0),
+        card["training"]["warm_start"] = {"model": spec.get("source", f"Resources/Models/{spec['init']}"),
+                                          "generator": spec.get("member", 0) + 1,
                                           "lr_g": cfg.lr_g, "lr_d": cfg.lr_d}
     half = {f"generator.{k}": v.detach().half().cpu().contiguous() for k, v in trainer.G_ema.state_dict().items()}
     if run in WITH_DISCRIMINATOR:
@@ -542,6 +562,9 @@ def main(argv=None) -> None:
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
     p.add_argument("--out", type=Path, default=ROOT / ".gpu")
     p.add_argument("--only", help="comma-separated 2D runs: remake only their bundles")
+    p = sub.add_parser("pack-init")
+    p.add_argument("models", nargs="+", help="NAME=MODEL_FOLDER, or a shipped model's name")
+    p.add_argument("--dest", type=Path, required=True)
     p = sub.add_parser("train")
     p.add_argument("run")
     p.add_argument("--bundles", type=Path, required=True)
@@ -579,6 +602,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         prepare(a.data, a.out, a.only.split(",") if a.only else None)
+        return
+    if a.cmd == "pack-init":
+        pack_init(a.models, a.dest)
         return
     if a.cmd == "unpack":
         unpack(a.tars, a.dest)

@@ -86,6 +86,29 @@ def test_finetune_starts_from_the_model(synthetic_dir, tiny_model, tmp_path):
     assert card["training"]["init_model"] == str(tiny_model)
 
 
+def test_finetune_starts_from_the_chosen_generator_of_an_ensemble(synthetic_dir, tiny_model, tmp_path):
+    import shutil
+    from cdal_core.model_io import load_model, save_member
+    from cdal_core.networks import Generator
+    ensemble = tmp_path / "ensemble"
+    shutil.copytree(tiny_model, ensemble)
+    torch.manual_seed(123)
+    second = Generator(load_model(ensemble).config)
+    save_member(ensemble, second)
+    cfg = TrainConfig.from_dict(TINY_CONFIG)
+    trainer = Trainer(str(synthetic_dir), str(tmp_path / "ft"), cfg, device="cpu", init_model=str(ensemble),
+                      init_generator=1)
+    for key, value in trainer.G.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    card = json.loads((trainer.fit(max_steps=1) / "model.json").read_text())
+    assert card["training"]["init_generator"] == 2
+    with pytest.raises(CDALError, match="no generator 3"):
+        Trainer(str(synthetic_dir), str(tmp_path / "ft3"), cfg, device="cpu", init_model=str(ensemble),
+                init_generator=2)
+    with pytest.raises(CDALError, match="different settings"):  # the same folder cannot switch generators
+        Trainer(str(synthetic_dir), str(tmp_path / "ft"), cfg, device="cpu", init_model=str(ensemble))
+
+
 def test_finetune_slices_the_way_the_model_was_trained(synthetic_dir, tiny_model, tmp_path):
     card = json.loads((tiny_model / "model.json").read_text())
     card["input"].update({"slice_axis": 1, "train_size": [40, 40], "extra_views": [{"axis": 2, "size": [40, 48]}]})
