@@ -29,6 +29,20 @@ def _add_common_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-sampling", action="store_true",
                    help="run every denoising step on every slice (default: slices that are surely background "
                         "after the first step stop there)")
+    p.add_argument("--symmetries", default="auto", choices=("auto", "on", "off"),
+                   help="2D images: spread the samples over flips and transposes of the image (auto: as the model "
+                        "card says; on for tissue, whose orientation carries no meaning)")
+
+
+def symmetries_choice(args) -> Optional[bool]:
+    """``--symmetries`` as segment_image_2d takes it (None = the model card's default)."""
+    return {"auto": None, "on": True, "off": False}[getattr(args, "symmetries", "auto")]
+
+
+def _volumes_take_no_symmetries(args) -> None:
+    if getattr(args, "symmetries", "auto") == "on":
+        raise CDALError("--symmetries on applies to 2D images (tissue has no preferred orientation); a brain "
+                        "volume has one: leave --symmetries out for volumes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +145,7 @@ def cmd_predict(args) -> int:
     if _is_2d_request(args.input):
         from .predict2d import predict_images
         return predict_images(args)
+    _volumes_take_no_symmetries(args)
     from tqdm import tqdm
     from .inference import resolve_device
     from .inputs import list_inputs
@@ -222,6 +237,7 @@ def cmd_evaluate(args) -> int:
     if _is_2d_request(args.data) and not (Path(args.data) / "imagesTr").is_dir():
         from .predict2d import evaluate_images
         return evaluate_images(args)
+    _volumes_take_no_symmetries(args)
     from tqdm import tqdm
     from .data import read_case_list, read_msd_cases, select_cases
     from .evaluation import evaluate_cases, format_table

@@ -148,12 +148,51 @@ def list_images(path: Path) -> List[Path]:
 
 # -- segmentation ------------------------------------------------------------------------------------------
 
+# Test-time symmetries of images with no preferred orientation (tissue): (flip W, flip H, transpose), identity first
+DIHEDRAL = [(False, False, False), (True, False, False), (False, True, False), (False, False, True),
+            (True, True, False), (True, False, True), (False, True, True), (True, True, True)]
+
+
+def _to_view(image: torch.Tensor, view) -> torch.Tensor:
+    flip_w, flip_h, transpose = view
+    image = image.transpose(-1, -2) if transpose else image
+    image = image.flip(-2) if flip_h else image
+    return image.flip(-1) if flip_w else image
+
+
+def _from_view(maps: Optional[np.ndarray], view) -> Optional[np.ndarray]:
+    """Undo ``_to_view`` on ``(..., h, w)`` numpy maps."""
+    if maps is None:
+        return None
+    flip_w, flip_h, transpose = view
+    maps = maps[..., ::-1] if flip_w else maps
+    maps = maps[..., ::-1, :] if flip_h else maps
+    return np.ascontiguousarray(np.swapaxes(maps, -1, -2) if transpose else maps)
+
+
+def sample_plan(samples: int, num_generators: int, symmetries: int) -> List[Tuple[int, int, int]]:
+    """How K samples are spread: ``(generator index, symmetry index, count)``. Generators take contiguous shares
+    (as in 3D); within a share the samples cycle through the symmetries, so K = 5 with 8 symmetries sees 5 of them
+    at the cost of 5 samples."""
+    counts = [samples // num_generators + (i < samples % num_generators) for i in range(num_generators)]
+    plan = []
+    for g, k in enumerate(counts):
+        for s in range(min(k, symmetries)):
+            n = k // symmetries + (s < k % symmetries)
+            plan.append((g, s, n))
+    return plan
+
+
 def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int] = None, samples: int = 5,
                      seed: Optional[int] = 0, device: str = "cpu", precision: str = "auto",
-                     early_exit: bool = True, with_attention: bool = True) -> ImageResult:
+                     early_exit: bool = True, with_attention: bool = True,
+                     symmetries: Optional[bool] = None) -> ImageResult:
     """``(ch, H, W)`` raw image -> labels, probabilities, uncertainty and attention at ``(H, W)``.
 
-    The K samples are spread over the generators of an ensemble and pooled (``inference.pool_views``)."""
+    The K samples are spread over the generators of an ensemble and pooled (``inference.pool_views``).
+    ``symmetries`` (default: the card's ``input.test_time_symmetries``, for images with no preferred orientation
+    such as tissue) also spreads them over flips and transposes of the image, mapped back before pooling: the same
+    cost, and the uncertainty then includes disagreement between orientations."""
     from .inference import EARLY_EXIT, MAX_STEPS, _scale_attention, pool_views, resolve_device, resolve_precision
     start = time.perf_counter()
     if samples < 1:
@@ -169,14 +208,15 @@ def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int]
     image = image.mul_(2).sub_(1).to(dev)                                 # (1, in_ch, h, w) in [-1, 1]
     schedule = model.schedule(steps)
     rng = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
-    generators = model.generators
-    counts = [samples // len(generators) + (i < samples % len(generators)) for i in range(len(generators))]
+    if symmetries is None:
+        symmetries = bool(model.card.get("input", {}).get("test_time_symmetries", False))
+    orientations = DIHEDRAL if symmetries else DIHEDRAL[:1]
     views = []
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        for generator, k in zip(generators, counts):
-            if k:
-                views.append((k, _sliding_window(image, model, generator, schedule, k, rng, window,
-                                                 with_attention, EARLY_EXIT if early_exit else None)))
+        for g, o, k in sample_plan(samples, len(model.generators), len(orientations)):
+            maps = _sliding_window(_to_view(image, orientations[o]), model, model.generators[g], schedule, k, rng,
+                                   window, with_attention, EARLY_EXIT if early_exit else None)
+            views.append((k, tuple(_from_view(m, orientations[o]) for m in maps)))
     probs, variance, attention = pool_views(views)
     # back to the input's pixels: interpolate the probabilities, then argmax
     probs = _resize_maps(probs, (height, width))
@@ -258,6 +298,7 @@ def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int)
 
 def predict_images(args) -> int:
     """``cdal predict`` for 2D images: writes the five outputs of every input into ``--output``."""
+    from .cli import symmetries_choice
     from .inference import resolve_device
     from .model_io import load_model
     inputs = list_images(Path(args.input))
@@ -276,7 +317,8 @@ def predict_images(args) -> int:
     for path in inputs:
         array = read_image_2d(path, model.config.image_channels)
         result = segment_image_2d(array, model, steps=args.steps, samples=args.samples, seed=args.seed,
-                                  device=str(device), precision=args.precision, early_exit=not args.full_sampling)
+                                  device=str(device), precision=args.precision, early_exit=not args.full_sampling,
+                                  symmetries=symmetries_choice(args))
         files = planned[path]
         write_outputs(result, files, model.config.num_classes)
         print(f"{path.name}: {', '.join(f.name for f in files.values())} in {result.seconds:.2f} s")
@@ -298,16 +340,18 @@ def evaluate_images(args) -> int:
     device = resolve_device(args.device)
     model = load_model(args.model, device=str(device))
     model_sizes(model)
+    from .cli import finish_evaluation, symmetries_choice
     report = evaluate_pairs(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
-                            device=str(device), precision=args.precision, early_exit=not args.full_sampling)
-    from .cli import finish_evaluation
+                            device=str(device), precision=args.precision, early_exit=not args.full_sampling,
+                            symmetries=symmetries_choice(args))
     return finish_evaluation(report, model, args, format_table_2d)
 
 
 def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = None, samples: int = 5,
                    seed: Optional[int] = 0, device: str = "cpu", precision: str = "auto",
-                   early_exit: bool = True) -> Dict:
-    """Segment each case's image and compare with its mask at the input's pixels.
+                   early_exit: bool = True, symmetries: Optional[bool] = None) -> Dict:
+    """Segment each case's image and compare with its mask at the input's pixels (``symmetries``: see
+    ``segment_image_2d``).
 
     Returns ``{"per_class": {name: {dice, iou, precision, recall, hd95 (pixels), *_std}}, "uncertainty":
     {"auroc", "ece", "spearman_image"}, "images": N, "seconds_per_image": s, "per_image": [...]}`` (plus
@@ -324,7 +368,7 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
         truth = read_mask_2d(case.label, array.shape[-2:], len(names))
         result = segment_image_2d(array, model, steps=steps, samples=samples,
                                   seed=None if seed is None else seed + i, device=device, precision=precision,
-                                  early_exit=early_exit, with_attention=False)
+                                  early_exit=early_exit, with_attention=False, symmetries=symmetries)
         pred = result.labels.astype(np.int64)
         m = segmentation_metrics(pred, truth, len(names), (1.0, 1.0))
         per_image.append(m)
@@ -344,7 +388,9 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
             "images": len(cases), "seconds_per_image": per_second, "per_image": rows,
             "volumes": len(cases), "seconds_per_volume": per_second,
             "image_size": list(image_size), "window": list(window), "hd95_unit": "pixels",
-            "precision": str(dtype).replace("torch.", ""), "early_exit": bool(early_exit)}
+            "precision": str(dtype).replace("torch.", ""), "early_exit": bool(early_exit),
+            "symmetries": bool(model.card.get("input", {}).get("test_time_symmetries", False)
+                               if symmetries is None else symmetries)}
 
 
 def format_table_2d(report: Dict) -> str:

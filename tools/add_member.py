@@ -39,8 +39,9 @@ def main() -> None:
     if member.members:
         sys.exit(f"{args.member} is itself an ensemble: add its members one by one")
     training = member.card.get("training", {})
-    info = {"training": {k: training[k] for k in ("steps", "wall_seconds", "hardware", "seed", "torch", "config")
-                         if k in training},
+    keep = ("steps", "wall_seconds", "hardware", "seed", "torch", "config", "batch_size", "schedule", "warm_start",
+            "init_model", "init_generator", "data", "weights_transport")
+    info = {"training": {k: training[k] for k in keep if k in training},
             "recipe": args.recipe, "selection": member.card.get("validation", {}).get("per_class")}
     tmp = dst.with_name("." + dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
