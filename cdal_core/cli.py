@@ -146,8 +146,9 @@ def cmd_predict(args) -> int:
         from .predict2d import predict_images
         return predict_images(args)
     _volumes_take_no_symmetries(args)
+    from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
-    from .inference import resolve_device
+    from .inference import resolve_device, threads_for_parallel_volumes, volume_workers
     from .inputs import list_inputs
     from .model_io import load_model
     from .scan import parse_roi
@@ -171,22 +172,32 @@ def cmd_predict(args) -> int:
     model = load_model(args.model, device=str(device))
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = []
-    for item in tqdm(inputs, desc="volumes", unit="vol", disable=len(inputs) < 2):
+    workers = volume_workers(len(inputs), device)
+
+    def one(item):
         try:
-            _predict_one(item, model, planned[item.stem], roi, str(device), args)
+            return _predict_one(item, model, planned[item.stem], roi, str(device), args, progress_bar=workers == 1)
         except CDALError as exc:
             if len(inputs) == 1:
                 raise
             failed.append(item.stem)  # one bad scan in a folder must not cost the others their results
-            print(f"cdal: error: {exc}", file=sys.stderr)
+            return f"cdal: error: {exc}"
+
+    bar = tqdm(total=len(inputs), desc="volumes", unit="vol", disable=len(inputs) < 2)
+    with threads_for_parallel_volumes(workers), ThreadPoolExecutor(workers) as pool:
+        for message in pool.map(one, inputs):  # in input order; each volume's lines printed together
+            print(message, file=sys.stderr if message.startswith("cdal: error:") else sys.stdout, flush=True)
+            bar.update(1)
+    bar.close()
     if failed:
         raise CDALError(f"{len(failed)} of {len(inputs)} inputs were not segmented ({', '.join(failed)}; reasons "
                         "above): fix or remove them and run again")
     return 0
 
 
-def _predict_one(item, model, files, roi, device: str, args) -> None:
-    """Read, check, segment and write one input (see cmd_predict)."""
+def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool = True) -> str:
+    """Read, check, segment and write one input (see cmd_predict); returns what to print about it. Warnings go
+    to stderr at once."""
     from tqdm import tqdm
     from .data import check_volume
     from .inputs import read_scan
@@ -198,7 +209,7 @@ def _predict_one(item, model, files, roi, device: str, args) -> None:
         print(f"cdal: warning: {warning}", file=sys.stderr)
     # segment_scan checks again; this one runs before the progress bar opens, so a bad scan gets one clean line
     check_volume(scan.image, model.config.image_channels, name=str(item.path))
-    with tqdm(total=100, desc=item.stem, unit="%", leave=False) as bar:
+    with tqdm(total=100, desc=item.stem, unit="%", leave=False, disable=not progress_bar) as bar:
         def progress(fraction, message):
             bar.n = int(100 * fraction)
             bar.set_postfix_str(message[:40], refresh=True)
@@ -212,9 +223,8 @@ def _predict_one(item, model, files, roi, device: str, args) -> None:
     report = {"input": str(item.path), "model": str(model.path), "warnings": scan.warnings, **result.report}
     atomic_write_bytes(files["report"], (json.dumps(report, indent=1) + "\n").encode())
     notes = f" ({'; '.join(result.notes)})" if result.notes else ""
-    print(f"{item.path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name}, "
-          f"{files['report'].name} in {result.seconds:.2f} s{notes}")
-    print(format_report(result.report))
+    return (f"{item.path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name}, "
+            f"{files['report'].name} in {result.seconds:.2f} s{notes}\n{format_report(result.report)}")
 
 
 def write_image_atomic(image, path: Path) -> None:
@@ -251,9 +261,8 @@ def cmd_evaluate(args) -> int:
         cases = select_cases(cases, read_case_list(args.cases), args.cases, args.data)
     bar = tqdm(total=len(cases), desc="evaluating", unit="vol")
     report = evaluate_cases(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
-                            device=str(device), on_volume=lambda i, n, name: bar.update(1 if i else 0),
-                            precision=args.precision, early_exit=not args.full_sampling)
-    bar.update(1)
+                            device=str(device), on_volume=lambda i, n, name: bar.update(1),
+                            precision=args.precision, early_exit=not args.full_sampling, parallel=True)
     bar.close()
     return finish_evaluation(report, model, args, format_table)
 

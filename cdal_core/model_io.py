@@ -116,6 +116,10 @@ class LoadedModel:
         return DiffusionSchedule(steps or self.default_steps, sched.get("beta_min", 0.1), sched.get("beta_max", 20.0))
 
     def to(self, device: torch.device) -> "LoadedModel":
+        device = torch.device(device)
+        first = next(self.generator.parameters())
+        if first.device.type == device.type and (device.index is None or first.device.index == device.index):
+            return self  # already there: never touch the parameters (volumes may be segmented concurrently)
         for generator in self.generators:
             generator.to(device)
         if self.discriminator is not None:

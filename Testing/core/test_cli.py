@@ -65,6 +65,47 @@ def test_predict_is_seeded(tiny_model, volume_file, tmp_path):
     assert not np.array_equal(read("a"), read("c"))
 
 
+def test_a_folder_segmented_volumes_in_parallel_matches_one_at_a_time(tiny_model, tmp_path):
+    """Several volumes at once (one thread each) write what one at a time writes; a bad scan in the folder
+    gets its own error line and costs the others nothing."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        img, _ = make_volume(np.random.default_rng(20 + i))
+        sitk.WriteImage(to_image(img.astype(np.float32)), str(folder / f"scan{i}.nii.gz"))
+    sitk.WriteImage(to_image(np.zeros((20, 24, 20), np.float32)), str(folder / "blank.nii.gz"))  # constant
+    outputs = {}
+    for threads in ("1", "2"):
+        out = tmp_path / f"out{threads}"
+        proc = subprocess.run([sys.executable, "-m", "cdal_core.cli", "predict", "--model", str(tiny_model),
+                               "--input", str(folder), "--output", str(out), "--samples", "2", "--device", "cpu"],
+                              capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
+                              env={**os.environ, "CDAL_THREADS": threads})
+        assert proc.returncode == 2 and "1 of 4 inputs were not segmented (blank" in proc.stderr, proc.stderr
+        assert [ln.split(":")[0] for ln in proc.stdout.splitlines() if "_seg.nii.gz" in ln] == \
+            [f"scan{i}.nii.gz" for i in range(3)]  # reported in input order
+        outputs[threads] = {f.name: sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in out.glob("scan*.nii.gz")}
+    assert len(outputs["1"]) == 9 and outputs["1"].keys() == outputs["2"].keys()
+    for name, array in outputs["1"].items():
+        assert np.array_equal(array, outputs["2"][name]), name
+
+
+def test_parallel_volumes_follow_the_free_cores(monkeypatch):
+    import torch
+    import cdal_core.inference as inf
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("CDAL_THREADS", "8")
+    assert inf.volume_workers(20, cpu) == inf.MAX_PARALLEL_VOLUMES and inf.volume_workers(3, cpu) == 3
+    assert inf.volume_workers(1, cpu) == 1 and inf.volume_workers(20, gpu) == 1
+    monkeypatch.setenv("CDAL_THREADS", "1")
+    assert inf.volume_workers(20, cpu) == 1
+    before = torch.get_num_threads()
+    monkeypatch.setenv("CDAL_THREADS", "4")
+    with inf.threads_for_parallel_volumes(2):
+        assert torch.get_num_threads() == 2 and not inf.ADAPT_THREADS
+    assert torch.get_num_threads() == before and inf.ADAPT_THREADS
+
+
 def test_predict_never_overwrites_silently(tiny_model, volume_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -139,3 +180,24 @@ def test_train_rejects_bad_data(tmp_path, tiny_config_file):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "dataset.json").write_text('{"labels": {"0": "bg"}, "training": []}')
     assert_clean_error(cdal("train", "--data", tmp_path / "d", "--out", tmp_path / "r", check=False), "labels")
+
+
+def test_evaluate_in_parallel_scores_what_one_at_a_time_scores(tiny_model, synthetic_dir, monkeypatch):
+    from cdal_core.data import read_msd_cases
+    from cdal_core.evaluation import evaluate_cases
+    from cdal_core.model_io import load_model
+    model = load_model(tiny_model)
+    cases, _ = read_msd_cases(synthetic_dir)
+    monkeypatch.setenv("CDAL_THREADS", "2")
+    done = []
+    serial = evaluate_cases(model, cases[:3], samples=2, device="cpu")
+    both = evaluate_cases(model, cases[:3], samples=2, device="cpu", parallel=True,
+                          on_volume=lambda i, n, name: done.append(name))
+    assert both["volumes_at_once"] == 2 and "volumes_at_once" not in serial
+    assert done == [c.name for c in cases[:3]]
+    for a, b in zip(serial["per_volume"], both["per_volume"]):
+        assert a["case"] == b["case"]
+        for key in a:
+            if key.endswith("_dice"):
+                assert a[key] == pytest.approx(b[key], abs=1e-3)
+    assert serial["uncertainty"]["auroc"] == pytest.approx(both["uncertainty"]["auroc"], abs=1e-3)
