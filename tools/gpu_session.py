@@ -22,7 +22,10 @@ Runs (hippocampus recipe: ``configs/hippocampus_gpu.json``):
 - ``f0s1``, ``f0s2``: two more seeds with fold 0 held out, so that a 3-generator ensemble of this recipe can
   be compared, paired, with the shipped 3-generator ensemble on the same 49 volumes;
 - ``all0``..``all3``: all 195 volumes, the members that ship;
-- ``cxr``, ``monuseg``: the 2D models, their validation lists held out.
+- ``cxr``, ``monuseg``: the 2D models, their validation lists held out;
+- ``FINETUNE_RUNS``: warm restarts of shipped (or earlier restarted) models. Their starting points travel as fp16
+  copies made by ``pack-init NAME=MODEL_FOLDER ... --dest .gpu/sN/init`` and are passed as ``--init-root``.
+  Session 10 ran ``--runs h1_cv0,h3_cv0,h1_all,monuseg_ft2,cxr128_ft2 --budget-s 540`` (docs/RESULTS.md).
 """
 
 from __future__ import annotations
