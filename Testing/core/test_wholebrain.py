@@ -243,3 +243,22 @@ def test_a_bad_scan_in_a_folder_does_not_cost_the_others(tiny_model, scan_image,
                 check=False)
     assert proc.returncode == 2 and "truncated" in proc.stderr and "1 of 2 inputs" in proc.stderr
     assert (tmp_path / "o" / "good_seg.nii.gz").exists() and not (tmp_path / "o" / "cut_seg.nii.gz").exists()
+
+
+def test_a_large_piece_cut_off_by_one_voxel_stays_and_islands_go():
+    """The hippocampal head split from the body by a one-voxel gap is kept; small or farther islands are not."""
+    from cdal_core.scan import _outside_largest_component
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:10, 2:10, 2:10] = 2                 # the body (512 voxels)
+    labels[2:10, 11:15, 2:10] = 1                # the head, 256 voxels, one empty voxel away
+    labels[15, 15, 15:17] = 1                    # a small island far away
+    drop = _outside_largest_component(labels)
+    assert not drop[5, 12, 5] and drop[15, 15, 15] and drop.sum() == 2
+    farther = labels.copy()
+    farther[2:10, 11:15, 2:10] = 0
+    farther[2:10, 12:16, 2:10] = 1               # two empty voxels away: another structure
+    assert _outside_largest_component(farther)[5, 13, 5]
+    small = labels.copy()
+    small[2:10, 11:15, 2:10] = 0
+    small[2:4, 11, 2:4] = 1                      # near but small (4 voxels)
+    assert _outside_largest_component(small)[2, 11, 2]
