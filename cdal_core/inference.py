@@ -214,6 +214,11 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
                         list(mapping.notes))
 
 
+def split_evenly(total: int, parts: int) -> List[int]:
+    """``total`` samples over ``parts`` runs, the first ones taking the remainder: 5 over 3 -> [2, 2, 1]."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
 def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], samples: int,
                    seed: Optional[int], device: torch.device, batch_slices: Optional[int],
                    with_attention: bool, progress: Optional[ProgressFn], early_exit: Optional[float] = None):
@@ -227,7 +232,7 @@ def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], 
     along the same axis: the first run's samples stand for them there.
     """
     runs = [(generator, axis) for generator in model.generators for axis in model.slice_axes]
-    counts = [samples // len(runs) + (i < samples % len(runs)) for i in range(len(runs))]
+    counts = split_evenly(samples, len(runs))
     schedule = model.schedule(steps)
     rng = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
     views, primary = [], None

@@ -174,13 +174,9 @@ def sample_plan(samples: int, num_generators: int, symmetries: int) -> List[Tupl
     """How K samples are spread: ``(generator index, symmetry index, count)``. Generators take contiguous shares
     (as in 3D); within a share the samples cycle through the symmetries, so K = 5 with 8 symmetries sees 5 of them
     at the cost of 5 samples."""
-    counts = [samples // num_generators + (i < samples % num_generators) for i in range(num_generators)]
-    plan = []
-    for g, k in enumerate(counts):
-        for s in range(min(k, symmetries)):
-            n = k // symmetries + (s < k % symmetries)
-            plan.append((g, s, n))
-    return plan
+    from .inference import split_evenly
+    return [(g, s, n) for g, k in enumerate(split_evenly(samples, num_generators))
+            for s, n in enumerate(split_evenly(k, symmetries)) if n]
 
 
 def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int] = None, samples: int = 5,
