@@ -1,18 +1,8 @@
 """tools/compare_reports.py: the paired difference of two evaluation reports and its standard error."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("compare_reports", ROOT / "tools" / "compare_reports.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from core_settings import load_tool
 
 
 def _report(dice):
@@ -22,7 +12,7 @@ def _report(dice):
 def test_paired_difference_cancels_the_spread_shared_by_both_models():
     base = [0.70, 0.80, 0.90, 0.60]
     better = [d + 0.01 + e for d, e in zip(base, (0.001, -0.001, 0.001, -0.001))]
-    r = _tool().compare(_report(base), _report(better))["Anterior_dice"]
+    r = load_tool("compare_reports").compare(_report(base), _report(better))["Anterior_dice"]
     assert r["paired_diff"] == pytest.approx(1.0, abs=0.01)
     assert r["paired_se"] < 0.1 < r["baseline_se"]  # the case-to-case spread is gone from the difference
     assert r["candidate"] - r["baseline"] == pytest.approx(1.0, abs=0.01)
@@ -30,4 +20,4 @@ def test_paired_difference_cancels_the_spread_shared_by_both_models():
 
 def test_reports_on_different_cases_are_refused():
     with pytest.raises(SystemExit, match="different cases"):
-        _tool().compare(_report([0.8, 0.9]), _report([0.8, 0.9, 0.7]))
+        load_tool("compare_reports").compare(_report([0.8, 0.9]), _report([0.8, 0.9, 0.7]))

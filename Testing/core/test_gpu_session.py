@@ -1,8 +1,5 @@
 """tools/gpu_session.py: training from a data bundle sees exactly the data a normal run sees."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -10,20 +7,11 @@ from cdal_core.config import TrainConfig
 from cdal_core.synthetic import make_msd_dataset
 from cdal_core.trainer import Trainer
 
-from core_settings import TINY_CONFIG
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _gpu_session():
-    spec = importlib.util.spec_from_file_location("gpu_session", ROOT / "tools" / "gpu_session.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from core_settings import TINY_CONFIG, load_tool
 
 
 def test_bundle_trainer_sees_the_slices_and_standardisation_of_a_normal_run(tmp_path):
-    gs = _gpu_session()
+    gs = load_tool("gpu_session")
     data = make_msd_dataset(tmp_path / "msd", num_volumes=5, seed=3)
     held_out = ["case_001", "case_003"]
     cfg = TrainConfig.from_dict(dict(TINY_CONFIG, val_cases=held_out, val_max_volumes=0))
