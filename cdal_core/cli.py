@@ -148,7 +148,7 @@ def cmd_predict(args) -> int:
     _volumes_take_no_symmetries(args)
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
-    from .inference import resolve_device, threads_for_parallel_volumes, volume_workers
+    from .inference import parallel_runs, resolve_device
     from .inputs import list_inputs
     from .model_io import load_model
     from .scan import parse_roi
@@ -172,11 +172,10 @@ def cmd_predict(args) -> int:
     model = load_model(args.model, device=str(device))
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = []
-    workers = volume_workers(len(inputs), device)
 
-    def one(item):
+    def one(item, progress_bar):
         try:
-            return _predict_one(item, model, planned[item.stem], roi, str(device), args, progress_bar=workers == 1)
+            return _predict_one(item, model, planned[item.stem], roi, str(device), args, progress_bar=progress_bar)
         except CDALError as exc:
             if len(inputs) == 1:
                 raise
@@ -184,8 +183,8 @@ def cmd_predict(args) -> int:
             return f"cdal: error: {exc}"
 
     bar = tqdm(total=len(inputs), desc="volumes", unit="vol", disable=len(inputs) < 2)
-    with threads_for_parallel_volumes(workers), ThreadPoolExecutor(workers) as pool:
-        for message in pool.map(one, inputs):  # in input order; each volume's lines printed together
+    with parallel_runs(len(inputs), device) as workers, ThreadPoolExecutor(workers) as pool:
+        for message in pool.map(lambda item: one(item, progress_bar=workers == 1), inputs):  # in input order; each volume's lines printed together
             print(message, file=sys.stderr if message.startswith("cdal: error:") else sys.stdout, flush=True)
             bar.update(1)
     bar.close()

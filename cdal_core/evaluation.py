@@ -11,8 +11,7 @@ import SimpleITK as sitk
 
 from .data import Case, read_image
 from .errors import CDALError
-from .inference import (resolve_device, resolve_precision, segment_image, threads_for_parallel_volumes,
-                        volume_workers)
+from .inference import parallel_runs, resolve_device, resolve_precision, segment_image
 from .metrics import nanmean, segmentation_metrics, summarise, uncertainty_metrics
 from .model_io import LoadedModel
 
@@ -23,7 +22,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
                    early_exit: bool = True, parallel: bool = False) -> Dict:
     """Segment every case and compare with its label on the input grid (the user's geometry).
 
-    ``parallel``: segment several volumes at once on the CPU (``inference.volume_workers``; same results up to
+    ``parallel``: segment several volumes at once on the CPU (``inference.parallel_runs``; same results up to
     float rounding); ``seconds_per_volume`` is then each volume's own time while it shared the cores, and
     ``volumes_at_once`` and ``wall_seconds`` say so. ``on_volume(i, n, name)`` is called, in order, as case i
     is done.
@@ -36,7 +35,6 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
     names = model.class_names
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)  # also refuses a bad name before any work
-    workers = volume_workers(len(cases), dev) if parallel else 1
     start = time.perf_counter()
 
     def one(i: int):
@@ -44,7 +42,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
                               with_uncertainty, precision, early_exit)
 
     per_volume, unc, rows = [], [], []
-    with threads_for_parallel_volumes(workers), ThreadPoolExecutor(workers) as pool:
+    with parallel_runs(len(cases) if parallel else 1, dev) as workers, ThreadPoolExecutor(workers) as pool:
         for i, (m, u, row) in enumerate(pool.map(one, range(len(cases)))):
             if on_volume is not None:
                 on_volume(i, len(cases), cases[i].name)

@@ -11,7 +11,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -121,40 +121,41 @@ MAX_STEPS = 16  # cDAL is a few-step sampler; benchmarks raise this to emulate 1
 EARLY_EXIT = 0.05
 
 
-# A folder of volumes on the CPU is segmented a few volumes at a time, each on its own thread(s): a network
-# this small scales poorly over intra-op threads (2 threads on one volume: 1.66 s per hippocampus crop; 2
-# volumes at once on 1 thread each: 1.33 s, same labels; AMD EPYC AVX2, docs/RESULTS.md). At most this many at
-# once (``CDAL_PARALLEL_VOLUMES`` in the environment changes it; 1 = one volume at a time), to bound memory
-# on many-core machines with whole-brain scans.
+# Independent runs on the CPU (the volumes of a folder, the two sides of a whole brain, the images of a 2D
+# folder) go a few at a time, each on its own thread(s): a network this small scales poorly over intra-op
+# threads (2 threads on one volume: 1.66 s per hippocampus crop; 2 volumes at once on 1 thread each: 1.33 s,
+# same labels; AMD EPYC AVX2, docs/RESULTS.md). At most this many at once (``CDAL_PARALLEL_VOLUMES`` in the
+# environment changes it; 1 = one at a time), to bound memory on many-core machines with whole-brain scans.
 MAX_PARALLEL_VOLUMES = 4
 
 
-def volume_workers(num_volumes: int, device: torch.device) -> int:
-    """How many of ``num_volumes`` to segment at once: the free cores (``cpu_threads``), at most
-    ``CDAL_PARALLEL_VOLUMES`` or ``MAX_PARALLEL_VOLUMES``; 1 on a GPU, for a single volume, or where threads
-    are left to the caller."""
-    if device.type != "cpu" or num_volumes < 2 or not ADAPT_THREADS:
-        return 1
+def _most_parallel() -> int:
     try:
-        most = int(os.environ.get("CDAL_PARALLEL_VOLUMES", MAX_PARALLEL_VOLUMES))
+        return max(1, int(os.environ.get("CDAL_PARALLEL_VOLUMES", MAX_PARALLEL_VOLUMES)))
     except ValueError:
-        most = MAX_PARALLEL_VOLUMES
-    return max(1, min(most, num_volumes, cpu_threads()))
+        return MAX_PARALLEL_VOLUMES
 
 
 @contextmanager
-def threads_for_parallel_volumes(workers: int):
-    """torch's (process-wide) thread count split between ``workers`` concurrent volumes, and no per-call
-    adaptation while they run (one call must not change the count under another); restored after."""
+def parallel_runs(num_runs: int, device: torch.device) -> Iterator[int]:
+    """How many of ``num_runs`` independent runs to do at once, with torch's (process-wide) thread count split
+    between them while they run, and no per-call adaptation meanwhile (one run must not change the count under
+    another); restored after. The free cores are looked at once (``cpu_threads``) and decide both. 1, and
+    nothing changed, on a GPU, for a single run, or inside another parallel section."""
     global ADAPT_THREADS
-    if workers <= 1:
-        yield
+    if device.type != "cpu" or num_runs < 2 or not ADAPT_THREADS:
+        yield 1
         return
     saved = ADAPT_THREADS, torch.get_num_threads()
+    free = cpu_threads(saved[1])
+    workers = max(1, min(_most_parallel(), num_runs, free))
+    if workers == 1:
+        yield 1
+        return
     ADAPT_THREADS = False
-    torch.set_num_threads(max(1, cpu_threads(saved[1]) // workers))
+    torch.set_num_threads(max(1, free // workers))
     try:
-        yield
+        yield workers
     finally:
         ADAPT_THREADS = saved[0]
         torch.set_num_threads(saved[1])

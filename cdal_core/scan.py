@@ -12,7 +12,9 @@ report gives per-side, per-class volumes computed from exactly those label maps.
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,7 +23,7 @@ import SimpleITK as sitk
 
 from .data import check_volume
 from .errors import CDALError
-from .inference import segment_image
+from .inference import VolumeResult, parallel_runs, resolve_device, segment_image
 from .localise import Region, RegionSpec, hippocampus_regions, locate, needs_localisation
 from .model_io import LoadedModel
 
@@ -106,11 +108,8 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
     uncertainty, attention = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     fill = float(np.percentile(sitk.GetArrayViewFromImage(image)[::3, ::3, ::3], 0.5))  # dark level; a sample will do
     removed = {}
-    for i, region in enumerate(loc.regions):
-        crop = region.crop(image, fill=fill)
-        sub = _sub_progress(progress, 0.1 + 0.85 * i / len(loc.regions), 0.85 / len(loc.regions),
-                            f"{region.side} hippocampus: ")
-        res = segment_image(crop, model, progress=sub, **run)
+    crops = [region.crop(image, fill=fill) for region in loc.regions]
+    for region, crop, res in zip(loc.regions, crops, _segment_sides(loc.regions, crops, model, run, progress)):
         probs, removed[region.side] = _largest_component(res.probabilities, float(np.prod(crop.GetSpacing())))
         box, lab, unc, att = _to_scan(image, region, crop, probs, res)
         lab = _largest_component_labels(lab)  # resampling back can split off a few boundary voxels
@@ -124,6 +123,23 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
     result = _assemble(image, model, labels, uncertainty, attention, sides, info, [])
     _check_sides(result.report, [r.side for r in loc.regions])
     return result
+
+
+def _segment_sides(regions, crops, model, run, progress) -> List[VolumeResult]:
+    """Each side's crop segmented, both at once on a CPU with two free cores (``inference.parallel_runs``: the
+    same results as one after the other, each side having its own seed-driven noise), in ``regions`` order.
+    Progress is the two sides' mean, reported under a lock (the callback may not be thread-safe)."""
+    done, lock = [0.0] * len(crops), threading.Lock()
+
+    def side(i: int) -> VolumeResult:
+        def sub(fraction, message):
+            with lock:
+                done[i] = fraction
+                progress(0.1 + 0.85 * sum(done) / len(done), f"{regions[i].side} hippocampus: {message}")
+        return segment_image(crops[i], model, progress=sub if progress is not None else None, **run)
+
+    with parallel_runs(len(crops), resolve_device(run["device"])) as workers, ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(side, range(len(crops))))
 
 
 def _segment_roi(image, model, roi, run, progress) -> ScanResult:
@@ -300,12 +316,6 @@ def format_report(report: Dict) -> str:
 def _report(progress: Optional[ProgressFn], fraction: float, message: str) -> None:
     if progress is not None:
         progress(fraction, message)
-
-
-def _sub_progress(progress: Optional[ProgressFn], offset: float, scale: float, prefix: str):
-    if progress is None:
-        return None
-    return lambda f, msg: progress(offset + scale * f, prefix + msg)
 
 
 def _fmt(values) -> str:

@@ -90,19 +90,26 @@ def test_a_folder_segmented_volumes_in_parallel_matches_one_at_a_time(tiny_model
         assert np.array_equal(array, outputs["2"][name]), name
 
 
-def test_parallel_volumes_follow_the_free_cores(monkeypatch):
+def test_parallel_runs_follow_the_free_cores(monkeypatch):
     import torch
     import cdal_core.inference as inf
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setenv("CDAL_THREADS", "8")
-    assert inf.volume_workers(20, cpu) == inf.MAX_PARALLEL_VOLUMES and inf.volume_workers(3, cpu) == 3
-    assert inf.volume_workers(1, cpu) == 1 and inf.volume_workers(20, gpu) == 1
-    monkeypatch.setenv("CDAL_THREADS", "1")
-    assert inf.volume_workers(20, cpu) == 1
     before = torch.get_num_threads()
+
+    def plan(runs, device):  # (workers, torch threads while they run)
+        with inf.parallel_runs(runs, device) as workers:
+            return workers, torch.get_num_threads(), inf.ADAPT_THREADS
+
+    monkeypatch.setenv("CDAL_THREADS", "8")
+    assert plan(20, cpu) == (inf.MAX_PARALLEL_VOLUMES, 2, False) and plan(3, cpu) == (3, 2, False)
+    assert plan(1, cpu) == (1, before, True) and plan(20, gpu) == (1, before, True)
+    monkeypatch.setenv("CDAL_THREADS", "1")
+    assert plan(20, cpu) == (1, before, True)
     monkeypatch.setenv("CDAL_THREADS", "4")
-    with inf.threads_for_parallel_volumes(2):
-        assert torch.get_num_threads() == 2 and not inf.ADAPT_THREADS
+    monkeypatch.setenv("CDAL_PARALLEL_VOLUMES", "2")
+    assert plan(20, cpu) == (2, 2, False)
+    with inf.parallel_runs(2, cpu):
+        assert plan(2, cpu) == (1, 2, False)  # nested: the outer split stands
     assert torch.get_num_threads() == before and inf.ADAPT_THREADS
 
 

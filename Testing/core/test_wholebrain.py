@@ -79,12 +79,25 @@ def hippocampus_model():
     return load_model("hippocampus")
 
 
-def test_whole_brain_gives_both_sides_with_volumes_from_the_label_map(template, hippocampus_model):
+def test_whole_brain_gives_both_sides_with_volumes_from_the_label_map(template, hippocampus_model, monkeypatch):
+    import threading
     from cdal_core.scan import segment_scan
     image = sitk.DICOMOrient(template, "LPI")
-    messages = []
-    result = segment_scan(image, hippocampus_model, seed=0, progress=lambda f, m: messages.append(m))
-    assert any("locating" in m for m in messages)
+    calls = []
+    monkeypatch.setenv("CDAL_THREADS", "2")  # both sides at once, one thread each
+    result = segment_scan(image, hippocampus_model, seed=0,
+                          progress=lambda f, m: calls.append((f, m, threading.current_thread().name)))
+    assert any("locating" in m for _, m, _ in calls)
+    side_calls = [c for c in calls if "hippocampus:" in c[1]]
+    assert {m.split()[0] for _, m, _ in side_calls} == {"left", "right"}
+    assert len({t for _, _, t in side_calls}) == 2                  # the sides ran on two threads
+    fractions = [f for f, _, _ in calls]
+    assert fractions == sorted(fractions)                           # one bar that never goes back
+    monkeypatch.setenv("CDAL_THREADS", "1")                         # one side after the other
+    serial = segment_scan(image, hippocampus_model, seed=0)
+    for name in ("labels", "sides", "uncertainty"):
+        assert np.array_equal(sitk.GetArrayFromImage(getattr(result, name)),
+                              sitk.GetArrayFromImage(getattr(serial, name))), name
     labels = sitk.GetArrayFromImage(result.labels)
     sides = sitk.GetArrayFromImage(result.sides)
     assert result.labels.GetSize() == image.GetSize() and result.labels.GetDirection() == image.GetDirection()
