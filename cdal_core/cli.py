@@ -12,7 +12,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from .errors import CDALError
 
@@ -146,9 +146,7 @@ def cmd_predict(args) -> int:
         from .predict2d import predict_images
         return predict_images(args)
     _volumes_take_no_symmetries(args)
-    from concurrent.futures import ThreadPoolExecutor
-    from tqdm import tqdm
-    from .inference import parallel_runs, resolve_device
+    from .inference import resolve_device
     from .inputs import list_inputs
     from .model_io import load_model
     from .scan import parse_roi
@@ -171,27 +169,38 @@ def cmd_predict(args) -> int:
                         "pass --overwrite or choose another --output")
     model = load_model(args.model, device=str(device))
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_each(inputs, lambda item, bar: _predict_one(item, model, planned[item.stem], roi, str(device), args,
+                                                   progress_bar=bar), device, item_name=lambda item: item.stem)
+    return 0
+
+
+def run_each(inputs: Sequence, segment_one: Callable, device, item_name: Callable = str) -> None:
+    """``segment_one(item, progress_bar) -> message`` over ``inputs``, a few at a time on the CPU
+    (``inference.parallel_runs``), each message printed in input order. In a folder, one bad input gets its own
+    error line and costs the others nothing; the run then ends with one error naming the failed inputs."""
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+    from .inference import parallel_runs
     failed = []
 
-    def one(item, progress_bar):
+    def one(item, progress_bar: bool) -> str:
         try:
-            return _predict_one(item, model, planned[item.stem], roi, str(device), args, progress_bar=progress_bar)
+            return segment_one(item, progress_bar)
         except CDALError as exc:
             if len(inputs) == 1:
                 raise
-            failed.append(item.stem)  # one bad scan in a folder must not cost the others their results
+            failed.append(item_name(item))
             return f"cdal: error: {exc}"
 
-    bar = tqdm(total=len(inputs), desc="volumes", unit="vol", disable=len(inputs) < 2)
+    bar = tqdm(total=len(inputs), desc="inputs", unit="file", disable=len(inputs) < 2)
     with parallel_runs(len(inputs), device) as workers, ThreadPoolExecutor(workers) as pool:
-        for message in pool.map(lambda item: one(item, progress_bar=workers == 1), inputs):  # in input order; each volume's lines printed together
+        for message in pool.map(lambda item: one(item, workers == 1), inputs):
             print(message, file=sys.stderr if message.startswith("cdal: error:") else sys.stdout, flush=True)
             bar.update(1)
     bar.close()
     if failed:
         raise CDALError(f"{len(failed)} of {len(inputs)} inputs were not segmented ({', '.join(failed)}; reasons "
                         "above): fix or remove them and run again")
-    return 0
 
 
 def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool = True) -> str:

@@ -162,7 +162,7 @@ def parallel_runs(num_runs: int, device: torch.device) -> Iterator[int]:
 
 
 @contextmanager
-def _adapted_threads(device: torch.device):
+def adapted_threads(device: torch.device):
     """torch's thread count set to ``cpu_threads`` for one CPU run and restored after it: the count is a
     process-wide setting, and a training run that validates through here must keep its own (resuming is
     bit-exact only when every step runs with the same number of threads)."""
@@ -199,7 +199,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     params = norm.fit(sitk.GetArrayViewFromImage(image))
     mapping = GridMapping(image, model.grid, fill=params.lo)  # outside the scan: its dark level, not 0
     array = norm.apply(mapping.model_array(), params)
-    with _adapted_threads(dev), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    with adapted_threads(dev), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         probs, variance, attention = _segment_array(array, model, steps, samples, seed, dev, batch_slices,
                                                     with_attention, progress,
                                                     EARLY_EXIT if early_exit else None)

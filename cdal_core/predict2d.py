@@ -189,7 +189,8 @@ def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int]
     ``symmetries`` (default: the card's ``input.test_time_symmetries``, for images with no preferred orientation
     such as tissue) also spreads them over flips and transposes of the image, mapped back before pooling: the same
     cost, and the uncertainty then includes disagreement between orientations."""
-    from .inference import EARLY_EXIT, MAX_STEPS, _scale_attention, pool_views, resolve_device, resolve_precision
+    from .inference import (EARLY_EXIT, MAX_STEPS, _scale_attention, adapted_threads, pool_views, resolve_device,
+                            resolve_precision)
     start = time.perf_counter()
     if samples < 1:
         raise CDALError(f"samples must be >= 1, got {samples}")
@@ -208,7 +209,7 @@ def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int]
         symmetries = bool(model.card.get("input", {}).get("test_time_symmetries", False))
     orientations = DIHEDRAL if symmetries else DIHEDRAL[:1]
     views = []
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    with adapted_threads(dev), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         for g, o, k in sample_plan(samples, len(model.generators), len(orientations)):
             maps = _sliding_window(_to_view(image, orientations[o]), model, model.generators[g], schedule, k, rng,
                                    window, with_attention, EARLY_EXIT if early_exit else None)
@@ -293,8 +294,9 @@ def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int)
 # -- commands ----------------------------------------------------------------------------------------------
 
 def predict_images(args) -> int:
-    """``cdal predict`` for 2D images: writes the five outputs of every input into ``--output``."""
-    from .cli import symmetries_choice
+    """``cdal predict`` for 2D images: writes the five outputs of every input into ``--output`` (a folder a few
+    images at a time on the CPU, see ``cli.run_each``)."""
+    from .cli import run_each, symmetries_choice
     from .inference import resolve_device
     from .model_io import load_model
     inputs = list_images(Path(args.input))
@@ -310,14 +312,17 @@ def predict_images(args) -> int:
     model = load_model(args.model, device=str(device))
     model_sizes(model)  # a 3D model is refused before any output folder appears
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path in inputs:
+
+    def one(path: Path, progress_bar: bool) -> str:
         array = read_image_2d(path, model.config.image_channels)
         result = segment_image_2d(array, model, steps=args.steps, samples=args.samples, seed=args.seed,
                                   device=str(device), precision=args.precision, early_exit=not args.full_sampling,
                                   symmetries=symmetries_choice(args))
         files = planned[path]
         write_outputs(result, files, model.config.num_classes)
-        print(f"{path.name}: {', '.join(f.name for f in files.values())} in {result.seconds:.2f} s")
+        return f"{path.name}: {', '.join(f.name for f in files.values())} in {result.seconds:.2f} s"
+
+    run_each(inputs, one, device, item_name=lambda path: path.name)
     return 0
 
 
@@ -339,42 +344,50 @@ def evaluate_images(args) -> int:
     from .cli import finish_evaluation, symmetries_choice
     report = evaluate_pairs(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
                             device=str(device), precision=args.precision, early_exit=not args.full_sampling,
-                            symmetries=symmetries_choice(args))
+                            symmetries=symmetries_choice(args), parallel=True)
     return finish_evaluation(report, model, args, format_table_2d)
 
 
 def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = None, samples: int = 5,
                    seed: Optional[int] = 0, device: str = "cpu", precision: str = "auto",
-                   early_exit: bool = True, symmetries: Optional[bool] = None) -> Dict:
+                   early_exit: bool = True, symmetries: Optional[bool] = None, parallel: bool = False) -> Dict:
     """Segment each case's image and compare with its mask at the input's pixels (``symmetries``: see
-    ``segment_image_2d``).
+    ``segment_image_2d``; ``parallel``: several images at once on the CPU, as ``evaluation.evaluate_cases``).
 
     Returns ``{"per_class": {name: {dice, iou, precision, recall, hd95 (pixels), *_std}}, "uncertainty":
     {"auroc", "ece", "spearman_image"}, "images": N, "seconds_per_image": s, "per_image": [...]}`` (plus
     ``volumes`` / ``seconds_per_volume`` aliases, the keys the 3D tools read); metrics are fractions.
     ``spearman_image``: rank correlation over images of mean uncertainty with error rate."""
-    from .inference import resolve_device, resolve_precision
+    from concurrent.futures import ThreadPoolExecutor
+    from .inference import parallel_runs, resolve_device, resolve_precision
     from .metrics import (error_auroc, expected_calibration_error, nanmean, segmentation_metrics,
                           spearman_correlation, summarise)
     names = model.class_names
-    dtype = resolve_precision(precision, resolve_device(device))
-    per_image, rows, aurocs, eces, mean_unc, error_rate = [], [], [], [], [], []
-    for i, case in enumerate(cases):
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    start = time.perf_counter()
+
+    def one(i: int) -> Dict:
+        case = cases[i]
         array = read_image_2d(case.image, model.config.image_channels)
         truth = read_mask_2d(case.label, array.shape[-2:], len(names))
         result = segment_image_2d(array, model, steps=steps, samples=samples,
                                   seed=None if seed is None else seed + i, device=device, precision=precision,
                                   early_exit=early_exit, with_attention=False, symmetries=symmetries)
         pred = result.labels.astype(np.int64)
-        m = segmentation_metrics(pred, truth, len(names), (1.0, 1.0))
-        per_image.append(m)
         error = pred != truth
-        aurocs.append(error_auroc(result.uncertainty, error))
-        eces.append(expected_calibration_error(result.probabilities.max(axis=0), ~error))
-        mean_unc.append(float(result.uncertainty.mean()))
-        error_rate.append(float(error.mean()))
-        rows.append({"case": case.name, "seconds": round(result.seconds, 3),
-                     **{f"{names[c]}_dice": m[c]["dice"] for c in m}, **{f"{names[c]}_iou": m[c]["iou"] for c in m}})
+        m = segmentation_metrics(pred, truth, len(names), (1.0, 1.0))
+        return {"metrics": m, "auroc": error_auroc(result.uncertainty, error),
+                "ece": expected_calibration_error(result.probabilities.max(axis=0), ~error),
+                "mean_uncertainty": float(result.uncertainty.mean()), "error_rate": float(error.mean()),
+                "row": {"case": case.name, "seconds": round(result.seconds, 3),
+                        **{f"{names[c]}_dice": m[c]["dice"] for c in m}, **{f"{names[c]}_iou": m[c]["iou"] for c in m}}}
+
+    with parallel_runs(len(cases) if parallel else 1, dev) as workers, ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(one, range(len(cases))))
+    per_image, rows = [d["metrics"] for d in done], [d["row"] for d in done]
+    aurocs, eces = [d["auroc"] for d in done], [d["ece"] for d in done]
+    mean_unc, error_rate = [d["mean_uncertainty"] for d in done], [d["error_rate"] for d in done]
     seconds = [r["seconds"] for r in rows]
     per_second = float(np.mean(seconds)) if seconds else float("nan")
     image_size, window = model_sizes(model)
@@ -386,7 +399,9 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
             "image_size": list(image_size), "window": list(window), "hd95_unit": "pixels",
             "precision": str(dtype).replace("torch.", ""), "early_exit": bool(early_exit),
             "symmetries": bool(model.card.get("input", {}).get("test_time_symmetries", False)
-                               if symmetries is None else symmetries)}
+                               if symmetries is None else symmetries),
+            **({"images_at_once": workers, "wall_seconds": round(time.perf_counter() - start, 2)}
+               if workers > 1 else {})}
 
 
 def format_table_2d(report: Dict) -> str:
