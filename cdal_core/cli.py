@@ -230,7 +230,8 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
         write_image_atomic(result.attention, files["attention"])
     report = {"input": str(item.path), "model": str(model.path), "warnings": scan.warnings, **result.report}
     atomic_write_bytes(files["report"], (json.dumps(report, indent=1) + "\n").encode())
-    notes = f" ({'; '.join(result.notes)})" if result.notes else ""
+    shown = [n for n in result.notes if n not in result.report.get("review", [])]  # those follow the table
+    notes = f" ({'; '.join(shown)})" if shown else ""
     return (f"{item.path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name}, "
             f"{files['report'].name} in {result.seconds:.2f} s{notes}\n{format_report(result.report)}")
 

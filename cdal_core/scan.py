@@ -26,6 +26,7 @@ from .errors import CDALError
 from .inference import VolumeResult, parallel_runs, resolve_device, segment_image
 from .localise import Region, RegionSpec, hippocampus_regions, locate, needs_localisation
 from .model_io import LoadedModel
+from .quality import mark_for_review
 
 ProgressFn = Callable[[float, str], None]
 SIDE_CODES = {"left": 1, "right": 2, "unknown": 3}
@@ -270,11 +271,11 @@ def _assemble(image, model, labels, uncertainty, attention, sides, localisation,
         out.CopyInformation(image)
         return out
 
-    report = {"structures": volume_table(labels, sides, uncertainty, model.class_names,
-                                         float(np.prod(image.GetSpacing()))),
-              "localisation": localisation, "notes": list(notes)}
+    rows = volume_table(labels, sides, uncertainty, model.class_names, float(np.prod(image.GetSpacing())))
+    review = mark_for_review(rows, model.card)
+    report = {"structures": rows, "localisation": localisation, "notes": list(notes) + review, "review": review}
     return ScanResult(as_image(labels), as_image(uncertainty), None if attention is None else as_image(attention),
-                      as_image(sides), report, list(notes))
+                      as_image(sides), report, list(notes) + review)
 
 
 def volume_table(labels: np.ndarray, sides: np.ndarray, uncertainty: np.ndarray, class_names: Sequence[str],
@@ -306,11 +307,12 @@ def _check_sides(report: Dict, sides: Sequence[str]) -> None:
 
 def format_report(report: Dict) -> str:
     """The per-side volume table printed by ``cdal predict``."""
-    lines = [f"{'side':8s} {'structure':12s} {'volume mm³':>11s} {'mean uncertainty':>17s}"]
+    lines = [f"{'side':8s} {'structure':12s} {'volume mm³':>11s} {'mean uncertainty':>17s}  check"]
     for r in report["structures"]:
         unc = "-" if r["mean_uncertainty"] is None else f"{r['mean_uncertainty']:.4f}"
-        lines.append(f"{r['side']:8s} {r['name']:12s} {r['volume_mm3']:11.0f} {unc:>17s}")
-    return "\n".join(lines)
+        lines.append(f"{r['side']:8s} {r['name']:12s} {r['volume_mm3']:11.0f} {unc:>17s}  "
+                     f"{'REVIEW' if r.get('review') else ''}".rstrip())
+    return "\n".join(lines + [f"cdal: warning: {note}" for note in report.get("review", [])])
 
 
 def _report(progress: Optional[ProgressFn], fraction: float, message: str) -> None:

@@ -37,6 +37,8 @@ OUTPUT_ATTRIBUTE = "CDALSegmentation.output"
 PLOT_CHART_ATTRIBUTE = "CDALSegmentation.plotChart"
 CENTRE_ATTRIBUTE = "CDALSegmentation.centre."  # + "left" / "right": "R,A,S" on the volume table
 SIDE_NAMES = {1: "left", 2: "right", 3: "unknown"}
+REVIEW_DESCRIPTION = {"Check": "'review': this structure's mean uncertainty is far above what the model showed on "
+                               "held-out validation scans (model card, quality): check it before use"}
 
 # matplotlib's "inferno" at 17 evenly spaced points (used when Slicer's Inferno colour file is unavailable)
 _INFERNO = [(0.001, 0.0, 0.014), (0.042, 0.028, 0.141), (0.129, 0.047, 0.291), (0.238, 0.037, 0.396),
@@ -503,7 +505,7 @@ class CDALSegmentationLogic(object):
             result.sliceTableNode = self._createSliceTable(scene, base + " slice uncertainty", full["labels"],
                                                            full["uncertainty"], classes)
             result.volumeTableNode = self._createVolumeTable(scene, base + " volumes", structures,
-                                                             full["uncertainty"], prepared.ijkToRas)
+                                                             full["uncertainty"], prepared.ijkToRas, prepared.card)
             centres = sideCentres(result.report, full["sides"], prepared.ijkToRas)
             for side, ras in centres.items():
                 result.volumeTableNode.SetAttribute(CENTRE_ATTRIBUTE + side, ",".join("%.4f" % v for v in ras))
@@ -586,11 +588,11 @@ class CDALSegmentationLogic(object):
             "Mean uncertainty": "Mean per-voxel variance across the ensemble in this slice",
             "Max uncertainty": "Largest per-voxel variance in this slice"})
 
-    def _createVolumeTable(self, scene, name, structures, uncertainty, ijkToRas):
+    def _createVolumeTable(self, scene, name, structures, uncertainty, ijkToRas, card=None):
         import vtk
 
         if uncertainty.shape[0] == 1:  # one slice: a 2D image, where a volume means nothing (PNGs have no spacing)
-            return self._createAreaTable(scene, name, structures, uncertainty)
+            return self._createAreaTable(scene, name, structures, uncertainty, card)
         voxelMm3 = abs(float(np.linalg.det(np.asarray(ijkToRas)[:3, :3])))
         rows = [(s.side, s.className, int(s.mask.sum()), float(s.mask.sum()) * voxelMm3,
                  float(uncertainty[s.mask].mean()) if s.mask.any() else 0.0) for s in structures]
@@ -599,9 +601,11 @@ class CDALSegmentationLogic(object):
                    ("Voxels", vtk.vtkIntArray, [r[2] for r in rows]),
                    ("Volume mm3", vtk.vtkDoubleArray, [round(r[3], 1) for r in rows]),
                    ("Mean uncertainty", vtk.vtkDoubleArray, [r[4] for r in rows])]
-        return self._createTable(scene, name, columns, {"Volume mm3": "Voxel count times voxel volume (mm^3)"})
+        columns += self._reviewColumn(card, [(r[1], r[4]) for r in rows])
+        return self._createTable(scene, name, columns, dict({"Volume mm3": "Voxel count times voxel volume (mm^3)"},
+                                                            **REVIEW_DESCRIPTION))
 
-    def _createAreaTable(self, scene, name, structures, uncertainty):
+    def _createAreaTable(self, scene, name, structures, uncertainty, card=None):
         import vtk
 
         total = float(uncertainty.size)
@@ -611,7 +615,22 @@ class CDALSegmentationLogic(object):
                    ("Pixels", vtk.vtkIntArray, [r[1] for r in rows]),
                    ("Image %", vtk.vtkDoubleArray, [round(r[2], 2) for r in rows]),
                    ("Mean uncertainty", vtk.vtkDoubleArray, [r[3] for r in rows])]
-        return self._createTable(scene, name, columns, {"Image %": "Share of the image's pixels in this structure"})
+        columns += self._reviewColumn(card, [(r[0], r[3]) for r in rows])
+        return self._createTable(scene, name, columns, dict({"Image %": "Share of the image's pixels in this structure"},
+                                                            **REVIEW_DESCRIPTION))
+
+    @staticmethod
+    def _reviewColumn(card, namesAndUncertainty):
+        """A "Check" column ("review" where a structure is more uncertain than the card allows), when the model's
+        card has review limits (cdal_core.quality)."""
+        import vtk
+        from cdal_core.quality import needs_review, review_limits
+
+        limits = review_limits(card or {})
+        if not limits:
+            return []
+        return [("Check", vtk.vtkStringArray, ["review" if needs_review(name, value, limits) else ""
+                                               for name, value in namesAndUncertainty])]
 
     @staticmethod
     def sliceStatistics(labels, uncertainty, classes):

@@ -116,6 +116,23 @@ def test_whole_brain_gives_both_sides_with_volumes_from_the_label_map(template, 
     index = np.argwhere(sides == 1).mean(axis=0)[::-1]
     assert image.TransformContinuousIndexToPhysicalPoint(index.tolist())[0] > 0  # LPS x > 0 is the left
     assert result.report["localisation"]["status"] == "ok"
+    assert result.report["review"] == [] and not any(r["review"] for r in rows)  # a clean T1: nothing to review
+
+
+def test_a_t2_like_brain_is_segmented_but_every_structure_is_marked_for_review(template, hippocampus_model):
+    """The template with its contrast inverted (bright fluid, dark white matter, as on T2) still registers and
+    still gives plausible-looking volumes; the uncertainty is what gives it away."""
+    from cdal_core.scan import format_report, segment_scan
+    array = sitk.GetArrayFromImage(template)
+    brain = array > np.percentile(array, 30)
+    inverted = sitk.GetImageFromArray(np.where(brain, array.max() - array, 0).astype(np.float32))
+    inverted.CopyInformation(template)
+    result = segment_scan(inverted, hippocampus_model, seed=0)
+    assert all(r["review"] for r in result.report["structures"])
+    assert len(result.report["review"]) == 1 and "every structure" in result.report["review"][0]
+    assert result.notes[-1] == result.report["review"][0]          # what Slicer's status line shows
+    table = format_report(result.report)
+    assert table.count("REVIEW") == 4 and "cdal: warning: review the whole result" in table
 
 
 def test_a_crop_is_segmented_whole_with_side_unknown(tiny_model):

@@ -27,6 +27,13 @@ RUN = dict(samples=3, steps=2, seed=0, device="cpu")
 SPACING, ORIGIN = (0.4, 0.4, 1.0), (12.0, -30.0, 5.0)  # LPS, as ITK would read a TIFF with a resolution
 
 
+@pytest.fixture(autouse=True)
+def fixed_threads(monkeypatch):
+    """One thread count for the module's run and the direct one: equal seeds then give equal maps (the count
+    changes the float summation order and by default follows the cores other processes leave free)."""
+    monkeypatch.setenv("CDAL_THREADS", "1")
+
+
 @pytest.fixture(scope="module")
 def cxr_model():
     path = os.path.join(REPO, "Resources", "Models", "cxr")

@@ -121,3 +121,14 @@ def test_table_headers_on_slicer_58_and_56(app):
     assert node.GetUseColumnTitleAsColumnHeader()
     old = _Slicer56Table(app.scene.AddNewNodeByClass("vtkMRMLTableNode"))
     assert useColumnNamesAsHeaders(old) == "SetUseColumnNameAsColumnHeader" and old.called is True
+
+
+def test_structures_above_the_cards_review_limit_are_marked_in_the_table(app, logic):
+    volume, prepared, arrays, report = _case(app)
+    card = dict(CARD, quality={"review_uncertainty_above": {"Anterior": 0.05, "Posterior": 0.5}})
+    prepared = _PreparedInput(volume, prepared.image, None, "/models/hippocampus", card)
+    table = logic.createOutputNodes(prepared, arrays, report).volumeTableNode
+    text = tableAsTSV(table).splitlines()
+    assert text[0] == "Side\tStructure\tVoxels\tVolume mm3\tMean uncertainty\tCheck"
+    # anterior 0.1 > 0.05 on both sides; right posterior 0.25 (half of it in the 0.5 slice) < 0.5
+    assert [line.split("\t")[-1] if line.count("\t") == 5 else "" for line in text[1:]] == ["review", "review", ""]

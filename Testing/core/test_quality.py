@@ -1,0 +1,56 @@
+"""Review flags (cdal_core.quality): a structure whose mean uncertainty is far above what the model showed on
+held-out scans is marked, with a note that says why; a scan where every structure is marked gets one note
+that points at the scan itself."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cdal_core.quality import limits_from_validation, mark_for_review
+
+CARD = {"description": "hippocampus on T1 MRI", "quality": {"review_uncertainty_above": {"A": 0.1, "P": 0.2},
+                                                             "reference": "49 held-out scans"}}
+
+
+def _rows(a, p, side="left"):
+    return [{"side": side, "name": "A", "mean_uncertainty": a}, {"side": side, "name": "P", "mean_uncertainty": p}]
+
+
+def test_only_structures_above_their_limit_are_marked():
+    rows = _rows(0.15, 0.15)
+    notes = mark_for_review(rows, CARD)
+    assert [r["review"] for r in rows] == [True, False]
+    assert len(notes) == 1 and "left A" in notes[0] and "0.150" in notes[0] and "49 held-out scans" in notes[0]
+    rows = _rows(0.05, None)  # a class that was not segmented is not reviewed
+    assert mark_for_review(rows, CARD) == [] and not any(r["review"] for r in rows)
+
+
+def test_every_structure_marked_points_at_the_scan():
+    notes = mark_for_review(_rows(0.3, 0.4) + _rows(0.5, 0.6, "right"), CARD)
+    assert len(notes) == 1 and "every structure" in notes[0] and "0.300-0.600" in notes[0]
+    assert "T1 MRI" in notes[0]
+
+
+def test_a_card_without_limits_marks_nothing():
+    rows = _rows(9.0, 9.0)
+    assert mark_for_review(rows, {"description": "x"}) == [] and "review" not in rows[0]
+
+
+def test_limits_are_twice_the_highest_held_out_value():
+    assert limits_from_validation({"A": [0.01, 0.04, 0.02], "P": []}) == {"A": 0.08}
+
+
+def test_set_review_limits_writes_the_card_from_an_evaluation_report(tmp_path):
+    report = {"per_class": {"A": {}, "P": {}},
+              "per_volume": [{"case": "x", "A_mean_uncertainty": 0.02, "P_mean_uncertainty": 0.03},
+                             {"case": "y", "A_mean_uncertainty": 0.04, "P_mean_uncertainty": None}]}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    (tmp_path / "model.json").write_text(json.dumps({"name": "m"}))
+    tool = Path(__file__).resolve().parents[2] / "tools" / "set_review_limits.py"
+    subprocess.run([sys.executable, str(tool), "--report", str(tmp_path / "r.json"), "--card",
+                    str(tmp_path / "model.json"), "--reference", "2 scans"], check=True, capture_output=True)
+    quality = json.loads((tmp_path / "model.json").read_text())["quality"]
+    assert quality["review_uncertainty_above"] == {"A": 0.08, "P": 0.06}
+    assert quality["per_class"]["A"] == {"scans": 2, "median": 0.04, "max": 0.04} and quality["reference"] == "2 scans"

@@ -1,0 +1,64 @@
+"""Write a model card's review limits (``cdal_core.quality``) from an evaluation report on held-out scans.
+
+    python tools/set_review_limits.py --report docs/results/review_reference_hippocampus.json \
+        --card Resources/Models/hippocampus/model.json --reference "49 held-out validation scans (fold 0)"
+
+The report is ``cdal evaluate --json`` on scans the shipped weights (or a replica of their recipe) never trained
+on; each class's limit is ``quality.REVIEW_FACTOR`` times the highest per-scan mean uncertainty inside that class.
+The card keeps the limits, the reference it names, and the per-class median and maximum they came from.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cdal_core.quality import REVIEW_FACTOR, limits_from_validation  # noqa: E402
+
+
+def class_values(report: dict) -> dict:
+    """{class: [per-scan mean uncertainty inside the class]} from a report's per-volume (or per-image) rows."""
+    rows = report.get("per_volume") or report.get("per_image") or []
+    values = {}
+    for name in report["per_class"]:
+        found = [r[f"{name}_mean_uncertainty"] for r in rows if r.get(f"{name}_mean_uncertainty") is not None]
+        if not found:
+            raise SystemExit(f"the report has no {name}_mean_uncertainty per scan: re-run cdal evaluate with this "
+                             "version of cdal_core")
+        values[name] = found
+    return values
+
+
+def quality_block(report: dict, reference: str, source: str) -> dict:
+    values = class_values(report)
+    return {"review_uncertainty_above": limits_from_validation(values), "factor": REVIEW_FACTOR,
+            "reference": reference, "source": source,
+            "per_class": {k: {"scans": len(v), "median": round(float(sorted(v)[len(v) // 2]), 5),
+                              "max": round(max(v), 5)} for k, v in values.items()}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--report", required=True)
+    p.add_argument("--card", required=True)
+    p.add_argument("--reference", required=True, help="what the scans were, as the user will read it")
+    args = p.parse_args()
+    card_path = Path(args.card)
+    card = json.loads(card_path.read_text())
+    report = json.loads(Path(args.report).read_text())
+    card["quality"] = quality_block(report, args.reference, os.path.relpath(args.report, ROOT))
+    fd, tmp = tempfile.mkstemp(dir=card_path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, card_path)
+    print(json.dumps(card["quality"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
