@@ -75,6 +75,8 @@ def check(scan: Path, out: Path) -> dict:
         "report_matches_labels": abs(sum(side.values()) - float((labels > 0).sum()) * voxel) < 1.0,
         "localisation_metric": report["localisation"].get("metric"),
         "left_is_left": bool(centres and centres["left"][0] < centres["right"][0]),
+        "mean_uncertainty": {f"{r['side']} {r['name']}": r["mean_uncertainty"] for r in report["structures"]},
+        "marked_for_review": [f"{r['side']} {r['name']}" for r in report["structures"] if r.get("review")],
     })
     row["ok"] = bool(row["top2_fraction_across_1_voxel_gaps"] >= 0.97 and all(2000 <= v <= 6500 for v in side.values())
                      and all(classes.values()) and row["left_right_ratio"] >= 0.65
