@@ -56,6 +56,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     amp: bool = True                  # bf16 autocast on CUDA
+    # torch.compile the generator's training passes (fuses its many small norm/activation kernels; a GPU
+    # step is bound by them). The discriminator stays eager: R1 needs a double backward, which compile lacks.
+    compile_generator: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -73,6 +73,7 @@ class Trainer:
             if self.init.discriminator is not None:
                 self.D.load_state_dict(self.init.discriminator.state_dict())
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.G_step = torch.compile(self.G) if config.compile_generator else self.G  # same parameters
         betas = tuple(config.adam_betas)
         fused = self.device.type == "cuda"  # one kernel per step instead of several per parameter tensor
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr_g, betas=betas, fused=fused)
@@ -280,7 +281,7 @@ class Trainer:
             grad, = torch.autograd.grad(d_real.float().sum(), x_t, create_graph=True)
             loss_d = loss_d + cfg.r1_gamma / 2 * cfg.r1_every * grad.pow(2).flatten(1).sum(1).mean()
         with torch.no_grad(), autocast:
-            x0_fake = self.G(x_t.detach(), tau, self._z(len(t), gen), image).float()
+            x0_fake = self.G_step(x_t.detach(), tau, self._z(len(t), gen), image).float()
             x_prev_fake = sched.posterior_sample(x0_fake, x_t.detach(), t, generator=gen)
         with autocast:
             d_fake = self.D(x_prev_fake, x_t.detach(), tau, image)
@@ -296,7 +297,7 @@ class Trainer:
         x_t_att = sched.q_sample(x0_in, t, generator=gen)
         self.opt_g.zero_grad(set_to_none=True)
         with autocast:
-            x0_pred = self.G(x_t_att, tau, self._z(len(t), gen), image).float()
+            x0_pred = self.G_step(x_t_att, tau, self._z(len(t), gen), image).float()
         loss_mse = F.mse_loss(x0_pred, x0)
         loss_g = loss_mse
         if cfg.boundary_weight > 0:
