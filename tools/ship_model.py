@@ -72,6 +72,9 @@ def main() -> None:
         shutil.rmtree(dst)
     tmp.rename(dst)
     print(f"shipped {dst}")
+    if "quality" not in card and not is_2d:
+        print("no review limits in the card (cdal_core.quality): evaluate held-out scans with a replica of this "
+              "recipe, then run tools/set_review_limits.py --report ... --card " + str(dst / CARD_NAME))
 
 
 if __name__ == "__main__":
