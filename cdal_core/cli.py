@@ -176,12 +176,11 @@ def cmd_predict(args) -> int:
 
 def run_each(inputs: Sequence, segment_one: Callable, device, item_name: Callable = str) -> None:
     """``segment_one(item, progress_bar) -> message`` over ``inputs``, a few at a time on the CPU
-    (``inference.parallel_runs``), each message printed in input order. In a folder, one bad input gets its own
+    (``inference.parallel_map``), each message printed in input order. In a folder, one bad input gets its own
     error line and costs the others nothing; the run then ends with one error naming the failed inputs."""
-    from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
-    from .inference import parallel_runs
-    failed = []
+    from .inference import parallel_map
+    failed = []  # in input order
 
     def one(item, progress_bar: bool) -> str:
         try:
@@ -189,13 +188,15 @@ def run_each(inputs: Sequence, segment_one: Callable, device, item_name: Callabl
         except CDALError as exc:
             if len(inputs) == 1:
                 raise
-            failed.append(item_name(item))
             return f"cdal: error: {exc}"
 
     bar = tqdm(total=len(inputs), desc="inputs", unit="file", disable=len(inputs) < 2)
-    with parallel_runs(len(inputs), device) as workers, ThreadPoolExecutor(workers) as pool:
-        for message in pool.map(lambda item: one(item, workers == 1), inputs):
-            print(message, file=sys.stderr if message.startswith("cdal: error:") else sys.stdout, flush=True)
+    with parallel_map(len(inputs), device) as (workers, mapped):
+        for item, message in zip(inputs, mapped(lambda item: one(item, workers == 1), inputs)):
+            bad = message.startswith("cdal: error:")
+            if bad:
+                failed.append(item_name(item))
+            print(message, file=sys.stderr if bad else sys.stdout, flush=True)
             bar.update(1)
     bar.close()
     if failed:
@@ -230,8 +231,7 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
         write_image_atomic(result.attention, files["attention"])
     report = {"input": str(item.path), "model": str(model.path), "warnings": scan.warnings, **result.report}
     atomic_write_bytes(files["report"], (json.dumps(report, indent=1) + "\n").encode())
-    shown = [n for n in result.notes if n not in result.report.get("review", [])]  # those follow the table
-    notes = f" ({'; '.join(shown)})" if shown else ""
+    notes = f" ({'; '.join(result.report['notes'])})" if result.report["notes"] else ""  # review notes: after the table
     return (f"{item.path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name}, "
             f"{files['report'].name} in {result.seconds:.2f} s{notes}\n{format_report(result.report)}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -11,7 +10,7 @@ import SimpleITK as sitk
 
 from .data import Case, read_image
 from .errors import CDALError
-from .inference import parallel_runs, resolve_device, resolve_precision, segment_image
+from .inference import parallel_map, resolve_device, resolve_precision, segment_image
 from .metrics import nanmean, segmentation_metrics, summarise, uncertainty_metrics
 from .model_io import LoadedModel
 
@@ -22,7 +21,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
                    early_exit: bool = True, parallel: bool = False) -> Dict:
     """Segment every case and compare with its label on the input grid (the user's geometry).
 
-    ``parallel``: segment several volumes at once on the CPU (``inference.parallel_runs``; same results up to
+    ``parallel``: segment several volumes at once on the CPU (``inference.parallel_map``; same results up to
     float rounding); ``seconds_per_volume`` is then each volume's own time while it shared the cores, and
     ``volumes_at_once`` and ``wall_seconds`` say so. ``on_volume(i, n, name)`` is called, in order, as case i
     is done.
@@ -42,8 +41,8 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
                               with_uncertainty, precision, early_exit)
 
     per_volume, unc, rows = [], [], []
-    with parallel_runs(len(cases) if parallel else 1, dev) as workers, ThreadPoolExecutor(workers) as pool:
-        for i, (m, u, row) in enumerate(pool.map(one, range(len(cases)))):
+    with parallel_map(len(cases) if parallel else 1, dev) as (workers, mapped):
+        for i, (m, u, row) in enumerate(mapped(one, range(len(cases)))):
             if on_volume is not None:
                 on_volume(i, len(cases), cases[i].name)
             per_volume.append(m)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -159,6 +160,19 @@ def parallel_runs(num_runs: int, device: torch.device) -> Iterator[int]:
     finally:
         ADAPT_THREADS = saved[0]
         torch.set_num_threads(saved[1])
+
+
+@contextmanager
+def parallel_map(num_runs: int, device: torch.device) -> Iterator[Tuple[int, Callable]]:
+    """``(workers, map)`` for ``num_runs`` independent runs (``parallel_runs``): the pool's ordered map when
+    several run at once, the built-in ``map`` on the caller's own thread otherwise (a progress callback that
+    touches a GUI then stays on its thread)."""
+    with parallel_runs(num_runs, device) as workers:
+        if workers == 1:
+            yield 1, map
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            yield workers, pool.map
 
 
 @contextmanager

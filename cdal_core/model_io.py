@@ -214,6 +214,7 @@ def save_member(directory: os.PathLike, generator: Generator, info: Optional[Dic
     entry = {"weights": f"member{len(members) + 1}.safetensors", **(info or {})}
     _write_weights(directory / entry["weights"], _tensors("generator", generator))
     card["members"] = members + [entry]
+    card.pop("quality", None)  # review limits belong to the weights they were measured with (cdal_core.quality)
     atomic_write_bytes(directory / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
     return entry
 

@@ -358,8 +358,7 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
     {"auroc", "ece", "spearman_image"}, "images": N, "seconds_per_image": s, "per_image": [...]}`` (plus
     ``volumes`` / ``seconds_per_volume`` aliases, the keys the 3D tools read); metrics are fractions.
     ``spearman_image``: rank correlation over images of mean uncertainty with error rate."""
-    from concurrent.futures import ThreadPoolExecutor
-    from .inference import parallel_runs, resolve_device, resolve_precision
+    from .inference import parallel_map, resolve_device, resolve_precision
     from .metrics import (error_auroc, expected_calibration_error, nanmean, segmentation_metrics,
                           spearman_correlation, summarise)
     names = model.class_names
@@ -383,8 +382,8 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
                 "row": {"case": case.name, "seconds": round(result.seconds, 3),
                         **{f"{names[c]}_dice": m[c]["dice"] for c in m}, **{f"{names[c]}_iou": m[c]["iou"] for c in m}}}
 
-    with parallel_runs(len(cases) if parallel else 1, dev) as workers, ThreadPoolExecutor(workers) as pool:
-        done = list(pool.map(one, range(len(cases))))
+    with parallel_map(len(cases) if parallel else 1, dev) as (workers, mapped):
+        done = list(mapped(one, range(len(cases))))
     per_image, rows = [d["metrics"] for d in done], [d["row"] for d in done]
     aurocs, eces = [d["auroc"] for d in done], [d["ece"] for d in done]
     mean_unc, error_rate = [d["mean_uncertainty"] for d in done], [d["error_rate"] for d in done]
@@ -400,8 +399,8 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
             "precision": str(dtype).replace("torch.", ""), "early_exit": bool(early_exit),
             "symmetries": bool(model.card.get("input", {}).get("test_time_symmetries", False)
                                if symmetries is None else symmetries),
-            **({"images_at_once": workers, "wall_seconds": round(time.perf_counter() - start, 2)}
-               if workers > 1 else {})}
+            **({"images_at_once": workers, "volumes_at_once": workers,  # the alias the shared table reads
+                "wall_seconds": round(time.perf_counter() - start, 2)} if workers > 1 else {})}
 
 
 def format_table_2d(report: Dict) -> str:

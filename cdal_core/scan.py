@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -23,7 +22,7 @@ import SimpleITK as sitk
 
 from .data import check_volume
 from .errors import CDALError
-from .inference import VolumeResult, parallel_runs, resolve_device, segment_image
+from .inference import VolumeResult, parallel_map, resolve_device, segment_image
 from .localise import Region, RegionSpec, hippocampus_regions, locate, needs_localisation
 from .model_io import LoadedModel
 from .quality import mark_for_review
@@ -127,7 +126,7 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
 
 
 def _segment_sides(regions, crops, model, run, progress) -> List[VolumeResult]:
-    """Each side's crop segmented, both at once on a CPU with two free cores (``inference.parallel_runs``: the
+    """Each side's crop segmented, both at once on a CPU with two free cores (``inference.parallel_map``: the
     same results as one after the other, each side having its own seed-driven noise), in ``regions`` order.
     Progress is the two sides' mean, reported under a lock (the callback may not be thread-safe)."""
     done, lock = [0.0] * len(crops), threading.Lock()
@@ -139,8 +138,8 @@ def _segment_sides(regions, crops, model, run, progress) -> List[VolumeResult]:
                 progress(0.1 + 0.85 * sum(done) / len(done), f"{regions[i].side} hippocampus: {message}")
         return segment_image(crops[i], model, progress=sub if progress is not None else None, **run)
 
-    with parallel_runs(len(crops), resolve_device(run["device"])) as workers, ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(side, range(len(crops))))
+    with parallel_map(len(crops), resolve_device(run["device"])) as (_, mapped):
+        return list(mapped(side, range(len(crops))))
 
 
 def _segment_roi(image, model, roi, run, progress) -> ScanResult:
@@ -273,7 +272,7 @@ def _assemble(image, model, labels, uncertainty, attention, sides, localisation,
 
     rows = volume_table(labels, sides, uncertainty, model.class_names, float(np.prod(image.GetSpacing())))
     review = mark_for_review(rows, model.card)
-    report = {"structures": rows, "localisation": localisation, "notes": list(notes) + review, "review": review}
+    report = {"structures": rows, "localisation": localisation, "notes": list(notes), "review": review}
     return ScanResult(as_image(labels), as_image(uncertainty), None if attention is None else as_image(attention),
                       as_image(sides), report, list(notes) + review)
 

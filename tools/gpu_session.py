@@ -318,6 +318,8 @@ def train_one(run: str, bundles: Path, out: Path, until: float, device: str, bat
 
 # --- benchmark (there, alone on the GPU) ----------------------------------------------------------------------
 
+BENCH_PRECISIONS = {"bf16", "fp32", "bf16+compile", "fp32+compile"}
+
 def benchmark(bundles: Path, device: str, steps: int = 30, batch: Optional[int] = None,
               precisions: str = "bf16,fp32") -> Dict:
     import torch
@@ -327,7 +329,11 @@ def benchmark(bundles: Path, device: str, steps: int = 30, batch: Optional[int] 
     if device == "cuda":
         out["gpu"] = torch.cuda.get_device_name(0)
     import tempfile
-    for token in precisions.split(","):  # "bf16", "fp32", "bf16+compile" (the generator torch.compiled)
+    tokens = [t.strip() for t in precisions.split(",") if t.strip()]
+    unknown = sorted(set(tokens) - BENCH_PRECISIONS)
+    if unknown:
+        raise SystemExit(f"unknown benchmark precision {unknown}: use {sorted(BENCH_PRECISIONS)}")
+    for token in tokens:  # "+compile": the generator under torch.compile
         amp, cfg.compile_generator = token.startswith("bf16"), token.endswith("+compile")
         cfg.amp = amp
         warm_up = 5 if not cfg.compile_generator else 10  # compiling happens in the first steps, not timed

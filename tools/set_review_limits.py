@@ -11,13 +11,14 @@ The card keeps the limits, the reference it names, and the per-class median and 
 import argparse
 import json
 import os
+import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cdal_core.model_io import atomic_write_bytes  # noqa: E402
 from cdal_core.quality import REVIEW_FACTOR, limits_from_validation  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def quality_block(report: dict, reference: str, source: str) -> dict:
     values = class_values(report)
     return {"review_uncertainty_above": limits_from_validation(values), "factor": REVIEW_FACTOR,
             "reference": reference, "source": source,
-            "per_class": {k: {"scans": len(v), "median": round(float(sorted(v)[len(v) // 2]), 5),
+            "per_class": {k: {"scans": len(v), "median": round(float(statistics.median(v)), 5),
                               "max": round(max(v), 5)} for k, v in values.items()}}
 
 
@@ -52,10 +53,7 @@ def main() -> int:
     card = json.loads(card_path.read_text())
     report = json.loads(Path(args.report).read_text())
     card["quality"] = quality_block(report, args.reference, os.path.relpath(args.report, ROOT))
-    fd, tmp = tempfile.mkstemp(dir=card_path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, card_path)
+    atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
     print(json.dumps(card["quality"], indent=1))
     return 0
 

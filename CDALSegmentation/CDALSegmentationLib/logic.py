@@ -601,9 +601,9 @@ class CDALSegmentationLogic(object):
                    ("Voxels", vtk.vtkIntArray, [r[2] for r in rows]),
                    ("Volume mm3", vtk.vtkDoubleArray, [round(r[3], 1) for r in rows]),
                    ("Mean uncertainty", vtk.vtkDoubleArray, [r[4] for r in rows])]
-        columns += self._reviewColumn(card, [(r[1], r[4]) for r in rows])
-        return self._createTable(scene, name, columns, dict({"Volume mm3": "Voxel count times voxel volume (mm^3)"},
-                                                            **REVIEW_DESCRIPTION))
+        review = self._reviewColumn(card, [(r[1], r[4]) for r in rows])
+        return self._createTable(scene, name, columns + review, dict(
+            {"Volume mm3": "Voxel count times voxel volume (mm^3)"}, **(REVIEW_DESCRIPTION if review else {})))
 
     def _createAreaTable(self, scene, name, structures, uncertainty, card=None):
         import vtk
@@ -615,9 +615,9 @@ class CDALSegmentationLogic(object):
                    ("Pixels", vtk.vtkIntArray, [r[1] for r in rows]),
                    ("Image %", vtk.vtkDoubleArray, [round(r[2], 2) for r in rows]),
                    ("Mean uncertainty", vtk.vtkDoubleArray, [r[3] for r in rows])]
-        columns += self._reviewColumn(card, [(r[0], r[3]) for r in rows])
-        return self._createTable(scene, name, columns, dict({"Image %": "Share of the image's pixels in this structure"},
-                                                            **REVIEW_DESCRIPTION))
+        review = self._reviewColumn(card, [(r[0], r[3]) for r in rows])
+        return self._createTable(scene, name, columns + review, dict(
+            {"Image %": "Share of the image's pixels in this structure"}, **(REVIEW_DESCRIPTION if review else {})))
 
     @staticmethod
     def _reviewColumn(card, namesAndUncertainty):

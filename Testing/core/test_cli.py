@@ -111,6 +111,13 @@ def test_parallel_runs_follow_the_free_cores(monkeypatch):
     with inf.parallel_runs(2, cpu):
         assert plan(2, cpu) == (1, 2, False)  # nested: the outer split stands
     assert torch.get_num_threads() == before and inf.ADAPT_THREADS
+    import threading
+    here = threading.current_thread()
+    for threads, elsewhere in (("1", False), ("2", True)):  # one at a time: on the caller's own thread
+        monkeypatch.setenv("CDAL_THREADS", threads)
+        with inf.parallel_map(3, cpu) as (workers, mapped):
+            ran_on = list(mapped(lambda i: threading.current_thread(), range(3)))
+        assert workers == int(threads) and any(t is not here for t in ran_on) == elsewhere
 
 
 def test_predict_never_overwrites_silently(tiny_model, volume_file, tmp_path):

@@ -81,11 +81,14 @@ def test_ensemble_members_share_the_samples(tiny_model, synthetic_dir, tmp_path)
     from cdal_core.inference import segment_image
     from cdal_core.model_io import save_member
     base = load_model(tiny_model)
-    ensemble = save_model(tmp_path / "ensemble", base.card, _constant_generator(base, 1), base.discriminator)
+    card = dict(base.card, quality={"review_uncertainty_above": {"Anterior": 0.1}})
+    ensemble = save_model(tmp_path / "ensemble", card, _constant_generator(base, 1), base.discriminator)
     entry = save_member(ensemble, _constant_generator(base, 0), {"note": "always background"})
     assert entry["weights"] == "member1.safetensors"
     model = load_model(ensemble)
-    assert len(model.generators) == 2 and json.loads((ensemble / "model.json").read_text())["members"] == [entry]
+    saved = json.loads((ensemble / "model.json").read_text())
+    assert len(model.generators) == 2 and saved["members"] == [entry]
+    assert "quality" not in saved  # review limits were measured on other weights
     image = sitk.ReadImage(str(next((synthetic_dir / "imagesTr").glob("*.nii.gz"))))
     for samples, anterior in ((1, 1.0), (2, 0.5), (5, 0.6)):
         result = segment_image(image, model, samples=samples, seed=0, with_attention=False)

@@ -52,5 +52,6 @@ def test_set_review_limits_writes_the_card_from_an_evaluation_report(tmp_path):
     subprocess.run([sys.executable, str(tool), "--report", str(tmp_path / "r.json"), "--card",
                     str(tmp_path / "model.json"), "--reference", "2 scans"], check=True, capture_output=True)
     quality = json.loads((tmp_path / "model.json").read_text())["quality"]
+    assert (tmp_path / "model.json").stat().st_mode & 0o044 == 0o044  # readable by all, like any model file
     assert quality["review_uncertainty_above"] == {"A": 0.08, "P": 0.06}
-    assert quality["per_class"]["A"] == {"scans": 2, "median": 0.04, "max": 0.04} and quality["reference"] == "2 scans"
+    assert quality["per_class"]["A"] == {"scans": 2, "median": 0.03, "max": 0.04} and quality["reference"] == "2 scans"
