@@ -505,7 +505,8 @@ class CDALSegmentationLogic(object):
             result.sliceTableNode = self._createSliceTable(scene, base + " slice uncertainty", full["labels"],
                                                            full["uncertainty"], classes)
             result.volumeTableNode = self._createVolumeTable(scene, base + " volumes", structures,
-                                                             full["uncertainty"], prepared.ijkToRas, prepared.card)
+                                                             full["uncertainty"], prepared.ijkToRas, prepared.card,
+                                                             result.report)
             centres = sideCentres(result.report, full["sides"], prepared.ijkToRas)
             for side, ras in centres.items():
                 result.volumeTableNode.SetAttribute(CENTRE_ATTRIBUTE + side, ",".join("%.4f" % v for v in ras))
@@ -588,7 +589,7 @@ class CDALSegmentationLogic(object):
             "Mean uncertainty": "Mean per-voxel variance across the ensemble in this slice",
             "Max uncertainty": "Largest per-voxel variance in this slice"})
 
-    def _createVolumeTable(self, scene, name, structures, uncertainty, ijkToRas, card=None):
+    def _createVolumeTable(self, scene, name, structures, uncertainty, ijkToRas, card=None, report=None):
         import vtk
 
         if uncertainty.shape[0] == 1:  # one slice: a 2D image, where a volume means nothing (PNGs have no spacing)
@@ -601,7 +602,9 @@ class CDALSegmentationLogic(object):
                    ("Voxels", vtk.vtkIntArray, [r[2] for r in rows]),
                    ("Volume mm3", vtk.vtkDoubleArray, [round(r[3], 1) for r in rows]),
                    ("Mean uncertainty", vtk.vtkDoubleArray, [r[4] for r in rows])]
-        review = self._reviewColumn(card, [(r[1], r[4]) for r in rows])
+        # the segmentation's own decision where its report has one (the note under the button says the same)
+        decided = dict(((r.get("side"), r.get("name")), r.get("review")) for r in (report or {}).get("structures", []))
+        review = self._reviewColumn(card, [(r[1], r[4], decided.get((r[0], r[1]))) for r in rows])
         return self._createTable(scene, name, columns + review, dict(
             {"Volume mm3": "Voxel count times voxel volume (mm^3)"}, **(REVIEW_DESCRIPTION if review else {})))
 
@@ -615,22 +618,24 @@ class CDALSegmentationLogic(object):
                    ("Pixels", vtk.vtkIntArray, [r[1] for r in rows]),
                    ("Image %", vtk.vtkDoubleArray, [round(r[2], 2) for r in rows]),
                    ("Mean uncertainty", vtk.vtkDoubleArray, [r[3] for r in rows])]
-        review = self._reviewColumn(card, [(r[0], r[3]) for r in rows])
+        review = self._reviewColumn(card, [(r[0], r[3], None) for r in rows])
         return self._createTable(scene, name, columns + review, dict(
             {"Image %": "Share of the image's pixels in this structure"}, **(REVIEW_DESCRIPTION if review else {})))
 
     @staticmethod
-    def _reviewColumn(card, namesAndUncertainty):
+    def _reviewColumn(card, rows):
         """A "Check" column ("review" where a structure is more uncertain than the card allows), when the model's
-        card has review limits (cdal_core.quality)."""
+        card has review limits (cdal_core.quality). ``rows``: (class name, mean uncertainty, decision already
+        made by the segmentation or None)."""
         import vtk
         from cdal_core.quality import needs_review, review_limits
 
         limits = review_limits(card or {})
         if not limits:
             return []
-        return [("Check", vtk.vtkStringArray, ["review" if needs_review(name, value, limits) else ""
-                                               for name, value in namesAndUncertainty])]
+        flags = [decided if decided is not None else needs_review(name, value, limits)
+                 for name, value, decided in rows]
+        return [("Check", vtk.vtkStringArray, ["review" if flag else "" for flag in flags])]
 
     @staticmethod
     def sliceStatistics(labels, uncertainty, classes):

@@ -132,3 +132,10 @@ def test_structures_above_the_cards_review_limit_are_marked_in_the_table(app, lo
     assert text[0] == "Side\tStructure\tVoxels\tVolume mm3\tMean uncertainty\tCheck"
     # anterior 0.1 > 0.05 on both sides; right posterior 0.25 (half of it in the 0.5 slice) < 0.5
     assert [line.split("\t")[-1] if line.count("\t") == 5 else "" for line in text[1:]] == ["review", "review", ""]
+
+    # where the segmentation's report already decided (cdal_core.quality on the same map), the table follows it
+    report = dict(report, structures=[{"side": "left", "name": "Anterior", "review": False},
+                                      {"side": "right", "name": "Posterior", "review": True}])
+    table = logic.createOutputNodes(prepared, arrays, report).volumeTableNode
+    assert [line.split("\t")[-1] if line.count("\t") == 5 else "" for line in tableAsTSV(table).splitlines()[1:]] == \
+        ["", "review", "review"]
