@@ -13,6 +13,7 @@ from .errors import CDALError
 from .inference import parallel_map, resolve_device, resolve_precision, segment_image
 from .metrics import nanmean, segmentation_metrics, summarise, uncertainty_metrics
 from .model_io import LoadedModel
+from .quality import needs_review, review_limits
 
 
 def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[int] = None, samples: int = 5,
@@ -61,7 +62,27 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
         report.update(volumes_at_once=workers, wall_seconds=round(time.perf_counter() - start, 2))
     if with_uncertainty:
         report["uncertainty"] = {k: nanmean(u[k] for u in unc) for k in ("auroc", "spearman_slice", "ece")}
+        review = review_summary(rows, names[1:], model.card)
+        if review:
+            report["review"] = review
     return report
+
+
+def review_summary(rows: Sequence[Dict], class_names: Sequence[str], card: Dict) -> Optional[Dict]:
+    """How the card's review flags (``cdal_core.quality``) fall on labelled volumes: per class, how many were
+    marked and the mean Dice of the marked and of the other volumes. None when the card has no limits."""
+    limits = review_limits(card)
+    if not limits:
+        return None
+    out = {}
+    for name in class_names:
+        marked = [needs_review(name, r.get(f"{name}_mean_uncertainty"), limits) for r in rows]
+        dice = [r.get(f"{name}_dice") for r in rows]
+        means = [nanmean(d for d, m in zip(dice, marked) if m == side) for side in (True, False)]
+        out[name] = {"limit": limits.get(name), "marked": int(sum(marked)),
+                     "dice_marked": None if np.isnan(means[0]) else means[0],  # None: no volume in that group
+                     "dice_not_marked": None if np.isnan(means[1]) else means[1]}
+    return out
 
 
 def _evaluate_case(model: LoadedModel, case: Case, names, steps, samples, seed, device, with_uncertainty: bool,
@@ -121,6 +142,12 @@ def format_table(report: Dict) -> str:
         u = report["uncertainty"]
         lines.append(f"uncertainty: voxel AUROC {u['auroc']:.3f}, slice Spearman {u['spearman_slice']:.3f}, "
                      f"ECE {u['ece']:.4f}")
+    for name, r in report.get("review", {}).items():
+        line = f"review flags, {name}: {r['marked']} of {report['volumes']} volumes marked"
+        if r["marked"]:
+            groups = [(r["dice_marked"], "marked"), (r["dice_not_marked"], "not marked")]
+            line += " (Dice " + ", ".join(f"{100 * d:.2f} {what}" for d, what in groups if d is not None) + ")"
+        lines.append(line)
     line = f"{report['volumes']} volumes, {report['seconds_per_volume']:.2f} s per volume"
     if report.get("volumes_at_once", 1) > 1:  # each volume's own time was spent sharing the cores
         line += (f" ({report['volumes_at_once']} at a time: {report['wall_seconds'] / report['volumes']:.2f} s "

@@ -55,3 +55,23 @@ def test_set_review_limits_writes_the_card_from_an_evaluation_report(tmp_path):
     assert (tmp_path / "model.json").stat().st_mode & 0o044 == 0o044  # readable by all, like any model file
     assert quality["review_uncertainty_above"] == {"A": 0.08, "P": 0.06}
     assert quality["per_class"]["A"] == {"scans": 2, "median": 0.03, "max": 0.04} and quality["reference"] == "2 scans"
+
+
+def test_evaluate_reports_how_the_flags_fall_on_labelled_volumes(tiny_model, synthetic_dir):
+    """A researcher with labels can check the flags on their own scans: per class, how many volumes were marked
+    and the Dice of the marked and of the other volumes."""
+    from cdal_core.data import read_msd_cases
+    from cdal_core.evaluation import evaluate_cases, format_table
+    from cdal_core.model_io import load_model
+    model = load_model(tiny_model)
+    cases, _ = read_msd_cases(synthetic_dir)
+    plain = evaluate_cases(model, cases[:3], samples=2, device="cpu")
+    assert "review" not in plain                                  # no limits in the card: nothing to report
+    values = sorted(r["Anterior_mean_uncertainty"] for r in plain["per_volume"])
+    model.card["quality"] = {"review_uncertainty_above": {"Anterior": (values[0] + values[1]) / 2}}
+    report = evaluate_cases(model, cases[:3], samples=2, device="cpu")
+    review = report["review"]["Anterior"]
+    marked = [r for r in report["per_volume"] if r["Anterior_mean_uncertainty"] > review["limit"]]
+    assert review["marked"] == len(marked) == 2 and "Posterior" in report["review"]
+    assert review["dice_marked"] == pytest.approx(sum(r["Anterior_dice"] for r in marked) / 2)
+    assert "review flags, Anterior: 2 of 3 volumes marked (Dice" in format_table(report)
