@@ -101,12 +101,11 @@ def _evaluate_case(model: LoadedModel, case: Case, names, steps, samples, seed, 
     spacing = tuple(reversed(image.GetSpacing()))  # array order (z, y, x)
     m = segmentation_metrics(pred, truth, len(names), spacing)
     u = None
-    if with_uncertainty:
-        u = uncertainty_metrics(sitk.GetArrayFromImage(result.uncertainty), result.probabilities, pred, truth,
-                                slice_axis=_input_slice_axis(image, model))
     row = {"case": case.name, "seconds": result.seconds, **{f"{names[c]}_dice": m[c]["dice"] for c in m}}
-    if with_uncertainty:  # what the model's review limits are set from (cdal_core.quality)
-        variance = sitk.GetArrayViewFromImage(result.uncertainty)
+    if with_uncertainty:
+        variance = sitk.GetArrayFromImage(result.uncertainty)
+        u = uncertainty_metrics(variance, result.probabilities, pred, truth, slice_axis=_input_slice_axis(image, model))
+        # what the model's review limits are set from (cdal_core.quality)
         row.update({f"{names[c]}_mean_uncertainty": float(variance[pred == c].mean()) if (pred == c).any() else None
                     for c in m})
     return m, u, row

@@ -147,8 +147,8 @@ def parallel_runs(num_runs: int, device: torch.device) -> Iterator[int]:
     if device.type != "cpu" or num_runs < 2 or not ADAPT_THREADS:
         yield 1
         return
-    saved = ADAPT_THREADS, torch.get_num_threads()
-    free = cpu_threads(saved[1])
+    threads = torch.get_num_threads()
+    free = cpu_threads(threads)
     workers = max(1, min(_most_parallel(), num_runs, free))
     if workers == 1:
         yield 1
@@ -158,8 +158,8 @@ def parallel_runs(num_runs: int, device: torch.device) -> Iterator[int]:
     try:
         yield workers
     finally:
-        ADAPT_THREADS = saved[0]
-        torch.set_num_threads(saved[1])
+        ADAPT_THREADS = True  # it was True to get here
+        torch.set_num_threads(threads)
 
 
 @contextmanager
