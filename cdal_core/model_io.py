@@ -2,7 +2,9 @@
 
 An ensemble adds further generators, one safetensors file each, listed in the card's ``members``
 (``[{"weights": "member1.safetensors", ...}]``); they share the first one's network, grid and normalisation,
-and inference spreads its samples over all of them.
+and inference spreads its samples over all of them. A member trained on slices along other array axes than the
+model's (e.g. sagittal beside axial) says so in its entry (``"slice_axes": [2]``), so its errors differ from the
+others' and the ensemble gains from views as well as from seeds.
 
 A model is named by a path or by the name of a shipped model (``Resources/Models/<name>/``) or of a user model
 (``~/.cdal/models/<name>/``, or ``$CDAL_USER_MODELS``), e.g. ``--model hippocampus``.
@@ -15,7 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -99,8 +101,18 @@ class LoadedModel:
 
     @property
     def slice_axes(self) -> List[int]:
-        """Every array axis the model slices along (multi-view models), the primary first."""
-        return [self.slice_axis] + [int(v["axis"]) for v in self.card["input"].get("extra_views", [])]
+        """Every array axis the primary generator slices along (multi-view models), its first axis first."""
+        return card_slice_axes(self.card)
+
+    @property
+    def runs(self) -> List[Tuple[Generator, int]]:
+        """(generator, array axis) pairs that inference spreads its samples over: each generator along each
+        axis it was trained on (a member's own ``slice_axes`` where its card entry has them), the primary's
+        slicing first."""
+        pairs = [(self.generator, axis) for axis in self.slice_axes]
+        for member, entry in zip(self.members, self.card.get("members", [])):
+            pairs += [(member, int(axis)) for axis in entry.get("slice_axes") or self.slice_axes]
+        return pairs
 
     @property
     def uses_latent(self) -> bool:
@@ -224,17 +236,27 @@ def uses_latent(card: Dict) -> bool:
     return bool(card.get("training", {}).get("config", {}).get("use_latent", True))
 
 
+SLICING_KEYS = ("slice_axis", "extra_views", "train_size")   # how a model cuts the volume into slices
+
+
+def card_slice_axes(card: Dict) -> List[int]:
+    """Every array axis the model of ``card`` slices along, the primary first."""
+    inp = card.get("input", {})
+    return [int(inp.get("slice_axis", 0))] + [int(v["axis"]) for v in inp.get("extra_views") or []]
+
+
 def member_mismatch(card: Dict, other: Dict) -> Optional[str]:
     """Why a model with card ``other`` cannot join the ensemble of ``card`` (None when it can): members must
-    see the same input (grid, slicing, normalisation), predict the same classes and sample the same way."""
+    see the same input (grid, normalisation; the slicing axes may differ: ``member_slice_axes``), predict the
+    same classes and sample the same way."""
     def normalisation(c: Dict) -> Dict:
         return {k: v for k, v in c.get("normalisation", {}).items() if k != "note"}
 
     def names(c: Dict) -> List[str]:
         return [k["name"] for k in c.get("classes", [])]
 
-    def inputs(c: Dict) -> Dict:  # cards from before multi-view models have no extra_views: the same as none
-        return {**c.get("input", {}), "extra_views": c.get("input", {}).get("extra_views") or []}
+    def inputs(c: Dict) -> Dict:
+        return {k: v for k, v in c.get("input", {}).items() if k not in SLICING_KEYS}
 
     for part, get in (("network", lambda c: c.get("network")), ("input", inputs),
                       ("normalisation", normalisation), ("classes", names),
@@ -243,6 +265,13 @@ def member_mismatch(card: Dict, other: Dict) -> Optional[str]:
         if get(card) != get(other):
             return f"its {part} differs"
     return None
+
+
+def member_slice_axes(card: Dict, other: Dict) -> Optional[List[int]]:
+    """The axes a member with card ``other`` slices along, where they differ from the model's (else None):
+    what its entry in ``card["members"]`` must record."""
+    axes = card_slice_axes(other)
+    return None if axes == card_slice_axes(card) else axes
 
 
 def read_card(directory: Path) -> Dict:
@@ -284,6 +313,11 @@ def load_model(name_or_path: os.PathLike, device: str = "cpu", with_discriminato
         discriminator = Discriminator(config)
         _load_part(discriminator, tensors, "discriminator", weights)
     members = [_load_member(directory, entry, config) for entry in card.get("members", [])]
+    for entry in card.get("members", []):
+        axes = entry.get("slice_axes")
+        if axes is not None and not (isinstance(axes, list) and axes and all(a in (0, 1, 2) for a in axes)):
+            raise CDALError(f"{directory / CARD_NAME}: ensemble member {entry.get('weights')} has slice_axes "
+                            f"{axes!r}; it must list array axes 0, 1 or 2: re-export the model")
     model = LoadedModel(directory, card, config, generator, discriminator.eval() if discriminator else None,
                         members)
     return model.to(torch.device(device))

@@ -3,8 +3,9 @@
     python tools/add_member.py hippocampus runs/hippocampus_member2/model \
         --recipe "cdal train --config configs/hippocampus_member2.json --data ../shared/data/Task04_Hippocampus --out runs/hippocampus_member2"
 
-The member must have been trained for the same input, classes and network (`model_io.member_mismatch`); its
-generator is written as `member<N>.safetensors` next to the model's weights and listed, with its training
+The member must have been trained for the same input, classes and network (`model_io.member_mismatch`); it may
+slice along other axes than the model (e.g. a sagittal member beside axial ones), which its entry then records
+(`slice_axes`) so that inference cuts the volume its way. Its generator is written as `member<N>.safetensors` next to the model's weights and listed, with its training
 summary and recipe, in the card's `members`. The shipped folder is replaced only once the result loads.
 `--validation REPORT.json` replaces the card's validation block with the ensemble's own evaluation.
 """
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdal_core.model_io import (CARD_NAME, atomic_write_bytes, load_model, member_mismatch,  # noqa: E402
-                                resolve_model, save_member)
+                                member_slice_axes, resolve_model, save_member)
 from ship_model import validation_block  # noqa: E402
 
 
@@ -43,6 +44,9 @@ def main() -> None:
             "init_model", "init_generator", "data", "weights_transport")
     info = {"training": {k: training[k] for k in keep if k in training},
             "recipe": args.recipe, "selection": member.card.get("validation", {}).get("per_class")}
+    axes = member_slice_axes(base.card, member.card)
+    if axes is not None:
+        info["slice_axes"] = axes
     tmp = dst.with_name("." + dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(dst, tmp)

@@ -121,6 +121,32 @@ def test_members_skip_slices_the_primary_found_surely_background(tiny_model, syn
     assert full.probabilities[1].min() == pytest.approx(0.4, abs=1e-3) and calls
 
 
+def test_a_member_slices_along_its_own_axis(tiny_model, synthetic_dir, tmp_path):
+    """A sagittal member beside an axial primary sees sagittal slices, and the primary's early exit (axial
+    slices) does not stand in for it: its slices are not the primary's."""
+    import SimpleITK as sitk
+    from cdal_core.inference import segment_image
+    from cdal_core.model_io import save_member
+    base = load_model(tiny_model)
+    ensemble = save_model(tmp_path / "ensemble", base.card, _constant_generator(base, 0), base.discriminator)
+    save_member(ensemble, _constant_generator(base, 1), {"slice_axes": [2]})
+    model = load_model(ensemble)
+    assert [axis for _, axis in model.runs] == [0, 2]
+    seen = []
+    model.members[0].encoder.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[-2:])))
+    image = sitk.ReadImage(str(next((synthetic_dir / "imagesTr").glob("*.nii.gz"))))
+    result = segment_image(image, model, samples=5, seed=0, with_attention=False)
+    z, y, _ = sitk.GetArrayViewFromImage(image).shape
+    multiple = model.config.size_multiple
+    assert seen and set(seen) == {(-(-z // multiple) * multiple, -(-y // multiple) * multiple)}
+    assert result.probabilities[1].min() == pytest.approx(0.4, abs=1e-3)   # 2 of 5 samples, none skipped
+    card = json.loads((ensemble / "model.json").read_text())
+    card["members"][0]["slice_axes"] = [3]
+    (ensemble / "model.json").write_text(json.dumps(card))
+    with pytest.raises(CDALError, match="slice_axes"):
+        load_model(ensemble)
+
+
 def test_broken_ensembles_give_one_clear_error(tiny_model, tmp_path):
     from cdal_core.model_io import save_member
     from cdal_core.networks import Generator, NetworkConfig
@@ -147,7 +173,7 @@ def test_broken_ensembles_give_one_clear_error(tiny_model, tmp_path):
 
 
 def test_member_mismatch_names_what_differs(tiny_model):
-    from cdal_core.model_io import member_mismatch
+    from cdal_core.model_io import member_mismatch, member_slice_axes
     card = load_model(tiny_model).card
     assert member_mismatch(card, json.loads(json.dumps(card))) is None
     other = json.loads(json.dumps(card))
@@ -158,8 +184,13 @@ def test_member_mismatch_names_what_differs(tiny_model):
     other["normalisation"]["lower"] = 1.0
     assert member_mismatch(card, other) == "its normalisation differs"
     other = json.loads(json.dumps(card))
-    other["input"]["slice_axis"] = 2
+    other["input"]["spacing"] = [2.0, 2.0, 2.0]
     assert member_mismatch(card, other) == "its input differs"
+    other = json.loads(json.dumps(card))
+    other["input"].update(slice_axis=2, train_size=[40, 48])             # another view may join...
+    assert member_mismatch(card, other) is None
+    assert member_slice_axes(card, other) == [2]                           # ...and its entry says which
+    assert member_slice_axes(card, json.loads(json.dumps(card))) is None
     other = json.loads(json.dumps(card))
     other["training"]["config"]["use_latent"] = False
     assert member_mismatch(card, other) == "its use of the latent z differs"
