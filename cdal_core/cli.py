@@ -12,7 +12,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .errors import CDALError
 
@@ -182,21 +182,21 @@ def run_each(inputs: Sequence, segment_one: Callable, device, item_name: Callabl
     from .inference import parallel_map
     failed = []  # in input order
 
-    def one(item, progress_bar: bool) -> str:
+    def one(item, progress_bar: bool) -> Tuple[bool, str]:
+        """(segmented?, what to print)."""
         try:
-            return segment_one(item, progress_bar)
+            return True, segment_one(item, progress_bar)
         except CDALError as exc:
             if len(inputs) == 1:
                 raise
-            return f"cdal: error: {exc}"
+            return False, f"cdal: error: {exc}"
 
     bar = tqdm(total=len(inputs), desc="inputs", unit="file", disable=len(inputs) < 2)
     with parallel_map(len(inputs), device) as (workers, mapped):
-        for item, message in zip(inputs, mapped(lambda item: one(item, workers == 1), inputs)):
-            bad = message.startswith("cdal: error:")
-            if bad:
+        for item, (ok, message) in zip(inputs, mapped(lambda item: one(item, workers == 1), inputs)):
+            if not ok:
                 failed.append(item_name(item))
-            print(message, file=sys.stderr if bad else sys.stdout, flush=True)
+            print(message, file=sys.stdout if ok else sys.stderr, flush=True)
             bar.update(1)
     bar.close()
     if failed:
