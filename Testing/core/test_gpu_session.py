@@ -7,7 +7,7 @@ from cdal_core.config import TrainConfig
 from cdal_core.synthetic import make_msd_dataset
 from cdal_core.trainer import Trainer
 
-from core_settings import TINY_CONFIG, load_tool
+from core_settings import ROOT, TINY_CONFIG, load_tool
 
 
 def test_bundle_trainer_sees_the_slices_and_standardisation_of_a_normal_run(tmp_path):
@@ -25,6 +25,20 @@ def test_bundle_trainer_sees_the_slices_and_standardisation_of_a_normal_run(tmp_
     assert a.images.shape == b.images.shape and np.array_equal(a.labels, b.labels)
     assert np.abs(a.images - b.images).max() < 1e-4  # uint16 storage
     assert bundled.data_summary["train_cases"] == len(names) - len(held_out)
+
+
+def test_sagittal_runs_slice_as_the_cpu_sagittal_member_does():
+    import json
+    gs = load_tool("gpu_session")
+    cpu = json.loads((ROOT / "configs" / "hippocampus_sagittal_cv0.json").read_text())
+    cfg, held_out = gs.run_config("sag_cv0")
+    assert (cfg.slice_axis, cfg.train_size) == (cpu["slice_axis"], cpu["train_size"]) == (2, [48, 56])
+    assert cfg.augmentation["flip_axis"] is None and cpu["augmentation"]["flip_axis"] is None
+    assert cfg.views == [(2, [48, 56])]
+    folds = json.loads((ROOT / "configs" / "hippocampus_folds.json").read_text())["folds"]
+    assert held_out == folds[0] and gs.run_config("sag_all")[1] == []
+    axial, _ = gs.run_config("cv0")
+    assert axial.slice_axis == 0 and axial.augmentation["flip_axis"] == 1
 
 
 def test_compile_generator_runs_the_generators_training_passes_through_torch_compile(tmp_path, monkeypatch):
