@@ -5,9 +5,9 @@
 
 The member must have been trained for the same input, classes and network (`model_io.member_mismatch`); it may
 slice along other axes than the model (e.g. a sagittal member beside axial ones), which its entry then records
-(`slice_axes`) so that inference cuts the volume its way. Its generator is written as `member<N>.safetensors` next to the model's weights and listed, with its training
-summary and recipe, in the card's `members`. The shipped folder is replaced only once the result loads.
-`--validation REPORT.json` replaces the card's validation block with the ensemble's own evaluation.
+(`slice_axes`) so that inference cuts the volume its way. Its generator is written as `member<N>.safetensors`
+next to the model's weights and listed, with its training summary and recipe, in the card's `members`. The
+shipped folder is replaced only once the result loads. `--validation REPORT.json` replaces the card's validation block with the ensemble's own evaluation.
 """
 
 import argparse
