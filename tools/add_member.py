@@ -7,7 +7,8 @@ The member must have been trained for the same input, classes and network (`mode
 slice along other axes than the model (e.g. a sagittal member beside axial ones), which its entry then records
 (`slice_axes`) so that inference cuts the volume its way. Its generator is written as `member<N>.safetensors`
 next to the model's weights and listed, with its training summary and recipe, in the card's `members`. The
-shipped folder is replaced only once the result loads. `--validation REPORT.json` replaces the card's validation block with the ensemble's own evaluation.
+shipped folder is replaced only once the result loads. `--validation REPORT.json` replaces the card's validation
+block with the ensemble's own evaluation.
 """
 
 import argparse
