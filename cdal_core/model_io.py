@@ -237,6 +237,9 @@ def uses_latent(card: Dict) -> bool:
 
 
 SLICING_KEYS = ("slice_axis", "extra_views", "train_size")   # how a model cuts the volume into slices
+# input keys a member need not share: its slicing (recorded in its entry) and what the ensemble's own card decides
+# for inference (2D test-time symmetries)
+MEMBER_FREE_INPUT_KEYS = SLICING_KEYS + ("test_time_symmetries",)
 
 
 def card_slice_axes(card: Dict) -> List[int]:
@@ -256,7 +259,7 @@ def member_mismatch(card: Dict, other: Dict) -> Optional[str]:
         return [k["name"] for k in c.get("classes", [])]
 
     def inputs(c: Dict) -> Dict:
-        return {k: v for k, v in c.get("input", {}).items() if k not in SLICING_KEYS}
+        return {k: v for k, v in c.get("input", {}).items() if k not in MEMBER_FREE_INPUT_KEYS}
 
     for part, get in (("network", lambda c: c.get("network")), ("input", inputs),
                       ("normalisation", normalisation), ("classes", names),

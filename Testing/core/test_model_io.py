@@ -192,6 +192,9 @@ def test_member_mismatch_names_what_differs(tiny_model):
     assert member_slice_axes(card, other) == [2]                           # ...and its entry says which
     assert member_slice_axes(card, json.loads(json.dumps(card))) is None
     other = json.loads(json.dumps(card))
+    other["input"]["test_time_symmetries"] = True                        # the ensemble's card decides that
+    assert member_mismatch(card, other) is None
+    other = json.loads(json.dumps(card))
     other["training"]["config"]["use_latent"] = False
     assert member_mismatch(card, other) == "its use of the latent z differs"
 

@@ -320,7 +320,8 @@ def test_training_batches_are_patches_and_repeat_exactly(grey_data, tmp_path):
 
 
 def test_shipped_cxr_model_segments_a_validation_image():
-    """The shipped model loads by name and still finds the lungs of a held-out image (Dice 94.5 on average)."""
+    """The shipped model (two generators) loads by name and still finds the lungs of a held-out image (Dice 94.7
+    on average)."""
     from core_settings import SHARED_DATA
     from cdal_core.model_io import list_models, load_model
     from cdal_core.metrics import segmentation_metrics
@@ -330,6 +331,7 @@ def test_shipped_cxr_model_segments_a_validation_image():
         pytest.skip("shipped 'cxr' model or the CXR data not here")
     model = load_model("cxr")
     assert model.card["input"]["image_size"] == [128, 128] and model.class_names == ["Background", "Lungs"]
+    assert len(model.generators) == 2
     array = read_image_2d(data / "images" / "CHNCXR_0603_1.png", 1)   # in configs/cxr_val.txt: never trained on
     truth = read_mask_2d(data / "masks" / "CHNCXR_0603_1.png", array.shape[-2:], 2)
     result = segment_image_2d(array, model, seed=0, precision="fp32", with_attention=False)
