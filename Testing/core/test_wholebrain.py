@@ -95,9 +95,13 @@ def test_whole_brain_gives_both_sides_with_volumes_from_the_label_map(template, 
     assert fractions == sorted(fractions)                           # one bar that never goes back
     monkeypatch.setenv("CDAL_THREADS", "1")                         # one side after the other
     serial = segment_scan(image, hippocampus_model, seed=0)
-    for name in ("labels", "sides", "uncertainty"):
+    for name in ("labels", "sides"):
         assert np.array_equal(sitk.GetArrayFromImage(getattr(result, name)),
                               sitk.GetArrayFromImage(getattr(serial, name))), name
+    # the same call twice on one thread can differ by ~1e-21 where the variance is ~0 (vectorised float sums
+    # depend on how buffers are aligned); other samples or seeds would differ by ~1e-2
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.uncertainty), sitk.GetArrayFromImage(serial.uncertainty),
+                               rtol=0, atol=1e-9)
     labels = sitk.GetArrayFromImage(result.labels)
     sides = sitk.GetArrayFromImage(result.sides)
     assert result.labels.GetSize() == image.GetSize() and result.labels.GetDirection() == image.GetDirection()
