@@ -318,7 +318,8 @@ def load_model(name_or_path: os.PathLike, device: str = "cpu", with_discriminato
     members = [_load_member(directory, entry, config) for entry in card.get("members", [])]
     for entry in card.get("members", []):
         axes = entry.get("slice_axes")
-        if axes is not None and not (isinstance(axes, list) and axes and all(a in (0, 1, 2) for a in axes)):
+        valid = isinstance(axes, list) and axes and all(type(a) is int and 0 <= a <= 2 for a in axes)
+        if axes is not None and not valid:
             raise CDALError(f"{directory / CARD_NAME}: ensemble member {entry.get('weights')} has slice_axes "
                             f"{axes!r}; it must list array axes 0, 1 or 2: re-export the model")
     model = LoadedModel(directory, card, config, generator, discriminator.eval() if discriminator else None,
