@@ -242,8 +242,8 @@ def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], 
     The ``samples`` are spread over every (generator, slicing axis) pair of the model (``model.runs``), in turn:
     an ensemble of 2 generators draws 3 + 2 of 5 samples, a model with 2 views likewise, and one sample comes
     from the primary generator alone. The mean and the variance are those of all samples pooled, so disagreement
-    between members or views counts as uncertainty. Attention comes from the primary's discriminator for all of them.
-    Slices the first run stopped early on (surely background) are not sampled again by the other generators
+    between members or views counts as uncertainty. Attention comes from the primary's discriminator for all of
+    them. Slices the first run stopped early on (surely background) are not sampled again by the other generators
     along the same axis: the first run's samples stand for them there.
     """
     runs = model.runs

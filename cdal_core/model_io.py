@@ -316,12 +316,6 @@ def load_model(name_or_path: os.PathLike, device: str = "cpu", with_discriminato
         discriminator = Discriminator(config)
         _load_part(discriminator, tensors, "discriminator", weights)
     members = [_load_member(directory, entry, config) for entry in card.get("members", [])]
-    for entry in card.get("members", []):
-        axes = entry.get("slice_axes")
-        valid = isinstance(axes, list) and axes and all(type(a) is int and 0 <= a <= 2 for a in axes)
-        if axes is not None and not valid:
-            raise CDALError(f"{directory / CARD_NAME}: ensemble member {entry.get('weights')} has slice_axes "
-                            f"{axes!r}; it must list array axes 0, 1 or 2: re-export the model")
     model = LoadedModel(directory, card, config, generator, discriminator.eval() if discriminator else None,
                         members)
     return model.to(torch.device(device))
@@ -339,6 +333,11 @@ def _load_member(directory: Path, entry: Dict, config: NetworkConfig) -> Generat
     if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
         raise CDALError(f"{directory / CARD_NAME}: ensemble member entry {entry!r} must name a .safetensors file "
                         "in the model folder: re-export the model")
+    axes = entry.get("slice_axes")
+    valid = isinstance(axes, list) and axes and all(type(a) is int and 0 <= a <= 2 for a in axes)
+    if axes is not None and not valid:
+        raise CDALError(f"{directory / CARD_NAME}: ensemble member {name} has slice_axes {axes!r}; it must list "
+                        "array axes 0, 1 or 2: re-export the model")
     weights = directory / name
     if not weights.exists():
         raise CDALError(f"{directory}: ensemble member {name} is missing: the model folder is incomplete, "
