@@ -212,6 +212,38 @@ def modelNames(imageModels, channels=None):
     return names
 
 
+def modelSummary(modelPath):
+    # type: (str) -> Tuple[str, str]
+    """(one line, tooltip) that tell a user what a model is before they run it: its sampling, ensemble size and
+    validation Dice per class (± the standard error over the validation cases), read from its card. A card that
+    cannot be read gives its error as both."""
+    try:
+        card = readModelCard(modelPath)
+    except CDALError as exc:
+        return str(exc), str(exc)
+    generators = 1 + len(card.get("members") or [])
+    line = "%s%d denoising steps x %d samples" % (
+        "%d generators, " % generators if generators > 1 else "", int(card.get("num_steps", 2)),
+        int(card.get("samples", 5)))
+    validation = card.get("validation") or {}
+    count = validation.get("images") or validation.get("volumes")
+    scores = []
+    for name, row in (validation.get("per_class") or {}).items():
+        if isinstance(row, dict) and row.get("dice") is not None:
+            spread = row.get("dice_std")  # over the cases, ddof 0: the standard error divides by sqrt(n - 1)
+            stderr = ""
+            if spread is not None and count and count > 1:
+                stderr = " ± %.1f" % (100.0 * spread / (count - 1) ** 0.5)
+            scores.append("%s %.1f%s" % (name, 100.0 * row["dice"], stderr))
+    if scores:
+        line += "; validation Dice %s (%s %s)" % (", ".join(scores), count or "?",
+                                                   "images" if validation.get("images") else "volumes")
+    else:
+        line += "; no validation recorded in its card"
+    tooltip = "\n".join(part for part in (card.get("description"), line, validation.get("note")) if part)
+    return line, tooltip
+
+
 def _namesHint(names):
     return " (%s)" % ", ".join(names) if names else ""
 

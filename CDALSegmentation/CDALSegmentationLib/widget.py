@@ -55,6 +55,7 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
         self.logic = CDALSegmentationLogic()
         self._parameterNode = self._guiTag = self._overlayState = None
         self._extraModelFolders = []
+        self._modelSummaries = {}  # model folder -> (line, tooltip) from its card, read when the list is filled
         self.installer = slicerInstaller(onBusyChanged=lambda busy: self.updateButtons())
         self.segmentPanel = JobPanel(self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel, "Segment",
                                      onFinished=self.onSegmentationFinished, onChanged=self.updateButtons)
@@ -162,8 +163,11 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
         combo, current = self.ui.modelComboBox, self.currentModel()
         wasBlocked = combo.blockSignals(True)
         combo.clear()
+        self._modelSummaries = {}
         for label, path in libLogic.modelEntries(self._extraModelFolders):
+            self._modelSummaries[path] = libLogic.modelSummary(path)
             combo.addItem(label, path)
+            combo.setItemData(combo.count - 1, self._modelSummaries[path][1], qt.Qt.ToolTipRole)
         combo.blockSignals(wasBlocked)
         self.selectModel(current or (self._parameterNode.model if self._parameterNode else libLogic.DEFAULT_MODEL))
         if not combo.count:
@@ -177,6 +181,12 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
         wasBlocked = combo.blockSignals(True)
         combo.currentIndex = matches[0] if matches else (0 if paths else -1)
         combo.blockSignals(wasBlocked)
+        self.showModelSummary()
+
+    def showModelSummary(self):
+        line, tooltip = self._modelSummaries.get(self.currentModel(), ("", ""))
+        self.ui.modelInfoLabel.text = line
+        self.ui.modelInfoLabel.toolTip = tooltip
 
     def currentModel(self):
         combo = self.ui.modelComboBox
@@ -185,6 +195,7 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
     def onModelChanged(self, index):
         if self._parameterNode is not None and self.currentModel():
             self._parameterNode.model = libLogic.modelParameterValue(self.currentModel())
+        self.showModelSummary()
         self.updateButtons()
 
     def onLoadModel(self):

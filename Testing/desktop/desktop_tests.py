@@ -45,6 +45,11 @@ class CDALSegmentationDesktopTest(unittest.TestCase):
         self.widget.refreshModels()
         self.widget.selectModel(model or self.model)
 
+    def test_selected_model_is_summarised_under_the_list(self):
+        self._configure(_volume())
+        self.assertEqual(self.widget.ui.modelInfoLabel.text, libLogic.modelSummary(self.widget.currentModel())[0])
+        self.assertIn("denoising steps", self.widget.ui.modelInfoLabel.text)
+
     def test_segment_over_qprocess_results_follow_the_segmented_volume(self):
         volume, other = _volume("A"), _volume("B")
         self._configure(volume)

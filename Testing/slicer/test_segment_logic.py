@@ -1,4 +1,5 @@
 """CDALSegmentationLogic.segment with real MRML (slicer-core): outputs, geometry, overlays, per-slice table."""
+import json
 import os
 
 import numpy as np
@@ -213,3 +214,29 @@ def test_ras_nifti_and_lps_nrrd_files_and_parent_transform(app, logic, tiny_mode
     assert np.array_equal(la.labelArray(), lb.labelArray())
     for node in (lb.segmentationNode, lb.uncertaintyNode, lb.attentionNode):
         assert node.GetTransformNodeID() == transform.GetID()
+
+
+def test_model_summary_tells_sampling_ensemble_and_dice_with_standard_error(tmp_path):
+    from CDALSegmentationLib.logic import modelSummary
+
+    card = {"description": "Two ellipsoids", "classes": [{"index": 0, "name": "Background"},
+                                                        {"index": 1, "name": "Left"}, {"index": 2, "name": "Right"}],
+            "input": {}, "num_steps": 2, "samples": 5, "members": [{"weights": "member1.safetensors"}],
+            "validation": {"volumes": 10, "note": "fold 0",
+                           "per_class": {"Left": {"dice": 0.9, "dice_std": 0.03}, "Right": {"dice": 0.8}}}}
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps(card))
+    line, tooltip = modelSummary(str(folder))
+    # std 3 points over 10 volumes (ddof 0) -> standard error 3 / sqrt(9) = 1.0; no std -> no ±
+    assert line == ("2 generators, 2 denoising steps x 5 samples; validation Dice Left 90.0 ± 1.0, Right 80.0 "
+                    "(10 volumes)")
+    assert tooltip.splitlines() == ["Two ellipsoids", line, "fold 0"]
+
+    del card["validation"], card["members"]
+    (folder / "model.json").write_text(json.dumps(card))
+    assert modelSummary(str(folder))[0] == "2 denoising steps x 5 samples; no validation recorded in its card"
+
+    (folder / "model.json").write_text("{not json")
+    line, tooltip = modelSummary(str(folder))
+    assert "cannot be read" in line and line == tooltip
