@@ -8,11 +8,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandBiasFieldd, RandFlipd,
-                              RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd)
+                              RandGaussianNoised, RandGaussianSmoothd, RandLambdad, RandScaleIntensityd)
 
 
 def build_augmentation(settings: Dict):
     """Spatial (affine, optional left-right flip) and intensity (gamma, bias field, blur, noise) augmentation.
+
+    ``settings["flip_across_slices"]``: reverse the order of the context slices (the image channels) with
+    probability 0.5. That is the mirror image across the slicing plane: for a model that slices sagittally it is
+    the left-right mirror of the head, which no in-plane flip gives, so that the model learns both hippocampi.
 
     ``settings["backend"]``: "monai" (default) -> a MONAI ``Compose`` applied slice by slice on the CPU (it
     works on dicts ``{"image": (C, H, W) float in [0, 1], "label": (1, H, W)}``); "batched" -> ``BatchAugmentation``,
@@ -34,6 +38,8 @@ def build_augmentation(settings: Dict):
     ]
     if settings.get("flip_axis") is not None:
         transforms.append(RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=int(settings["flip_axis"])))
+    if settings.get("flip_across_slices"):
+        transforms.append(RandLambdad(keys="image", prob=0.5, func=_reverse_channels))
     transforms += [
         RandAdjustContrastd(keys="image", prob=p, gamma=(0.7, 1.5)),
         RandScaleIntensityd(keys="image", prob=p, factors=0.1),
@@ -42,6 +48,11 @@ def build_augmentation(settings: Dict):
         RandGaussianNoised(keys="image", prob=p, std=0.03),
     ]
     return Compose(transforms)
+
+
+def _reverse_channels(image):
+    """(C, H, W) numpy array or tensor -> the same with its channels (context slices) in reverse order."""
+    return image.flip(0) if isinstance(image, torch.Tensor) else np.ascontiguousarray(image[::-1])
 
 
 def augment_batch(transform: Compose, images: np.ndarray, labels: np.ndarray, seed: int):
@@ -74,6 +85,7 @@ class BatchAugmentation:
         self.translate = float(settings.get("translate", 4))
         flip = settings.get("flip_axis")
         self.flip_dim = None if flip is None else 2 + int(flip)   # spatial axis of (C, H, W) -> dim of (B, C, H, W)
+        self.flip_across_slices = bool(settings.get("flip_across_slices", False))
 
     def __call__(self, images, labels, generator):
         """images (B, C, H, W) float in [0, 1], labels (B, H, W) int64, on any device; draws from ``generator``
@@ -91,6 +103,9 @@ class BatchAugmentation:
             flip = chance(0.5)
             images = torch.where(flip[:, None, None, None], images.flip(self.flip_dim), images)
             labels = torch.where(flip[:, None, None], labels.flip(self.flip_dim - 1), labels)
+        if self.flip_across_slices:  # drawn only when asked for: older runs keep their random stream
+            flip = chance(0.5)
+            images = torch.where(flip[:, None, None, None], images.flip(1), images)
         lo = images.amin(dim=(1, 2, 3), keepdim=True)
         span = images.amax(dim=(1, 2, 3), keepdim=True) - lo
         gamma = torch.where(chance(self.p), uniform(0.7, 1.5), torch.ones(b, device=dev))[:, None, None, None]

@@ -69,12 +69,13 @@ def _without_simpleitk() -> None:
 HIPPO_RUNS = {**{f"cv{k}": dict(seed=100 + k, exclude_fold=k) for k in range(4)},
               "f0s1": dict(seed=110, exclude_fold=0), "f0s2": dict(seed=111, exclude_fold=0),
               **{f"all{k}": dict(seed=200 + k, exclude_fold=None) for k in range(4)},
-              # session 12: sagittal members (configs/hippocampus_sagittal_cv0.json's slicing), to join the axial
+              # session 12: sagittal members (configs/hippocampus_sagittal_mirror_cv0.json's slicing), to join the axial
               # ensemble with their own axis (tools/add_member.py records it)
               "sag_cv0": dict(seed=120, exclude_fold=0, sagittal=True),
               "sag_all": dict(seed=220, exclude_fold=None, sagittal=True)}
-# Slicing along array axis 2 (sagittal): slices are (Z, Y); no flips, since each in-plane flip swaps anterior and
-# posterior or up and down.
+# Slicing along array axis 2 (sagittal): slices are (Z, Y); no in-plane flips, since each swaps anterior and
+# posterior or up and down, but the left-right mirror of the head, which reverses the context slices (session 13:
+# without it the member learnt one side only, see configs/hippocampus_sagittal_mirror_cv0.json).
 SAGITTAL = dict(slice_axis=2, train_size=[48, 56])
 TWO_D_RUNS = {"cxr": dict(seed=0, config="configs/cxr_gpu.json", val="configs/cxr_val.txt"),
               "cxr128": dict(seed=0, config="configs/cxr.json", val="configs/cxr_val.txt"),
@@ -265,7 +266,7 @@ def run_config(run: str):
         exclude = folds[spec["exclude_fold"]] if spec["exclude_fold"] is not None else []
         if spec.get("sagittal"):
             cfg.slice_axis, cfg.train_size = SAGITTAL["slice_axis"], list(SAGITTAL["train_size"])
-            cfg.augmentation = dict(cfg.augmentation or {}, flip_axis=None)
+            cfg.augmentation = dict(cfg.augmentation or {}, flip_axis=None, flip_across_slices=True)
     cfg.lr_schedule, cfg.val_cases, cfg.val_fraction = "cosine", None, 0.0
     cfg.val_every = cfg.checkpoint_every = 10**9
     return cfg, exclude

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdal_core.augment import BatchAugmentation, affine_theta, build_augmentation
+from cdal_core.augment import BatchAugmentation, affine_theta, augment_batch, build_augmentation
 
 SETTINGS = {"flip_axis": 1, "probability": 0.3, "rotate_degrees": 15, "scale": 0.15, "translate": 4}
 
@@ -92,3 +92,27 @@ def test_gpu_benchmark_runs_on_cpu_and_reports_every_row(tmp_path):
     assert set(rows) == {"training, fp32, batched augmentation", "training, fp32, monai augmentation",
                          "inference T=2 x 5, bf16", "inference T=2 x 5, fp32"}
     assert all(r.get("slices_per_s", r.get("volumes_per_s")) > 0 for r in rows.values())
+
+
+@pytest.mark.parametrize("backend", ["batched", "monai"])
+def test_flip_across_slices_reverses_the_context_slices_of_about_half_the_batch(backend):
+    # channels 0, 1, 2 = slices below, at and above the plane; everything else off
+    settings = {"backend": backend, "probability": 0.0, "affine_probability": 0.0, "flip_across_slices": True}
+    images = torch.stack([torch.full((8, 6), v) for v in (0.1, 0.5, 0.9)])[None].repeat(64, 1, 1, 1)
+    labels = torch.randint(0, 3, (64, 8, 6))
+    transform = build_augmentation(settings)
+    if backend == "batched":
+        out_i, out_l = transform(images, labels, torch.Generator().manual_seed(0))
+    else:
+        out_i, out_l = (torch.from_numpy(a) for a in augment_batch(transform, images.numpy(), labels.numpy(), seed=0))
+    reversed_ = torch.isclose(out_i, images.flip(1)).flatten(1).all(1)
+    kept = torch.isclose(out_i, images).flatten(1).all(1)
+    assert bool((reversed_ | kept).all()), "every slice is either unchanged or has its context reversed"
+    assert 16 <= int(reversed_.sum()) <= 48
+    assert torch.equal(out_l.long(), labels), "a mirror across the slicing plane leaves the slice's labels alone"
+    # without the setting nothing is reversed
+    settings["flip_across_slices"] = False
+    plain = build_augmentation(settings)
+    out = plain(images, labels, torch.Generator().manual_seed(0))[0] if backend == "batched" else torch.from_numpy(
+        augment_batch(plain, images.numpy(), labels.numpy(), seed=0)[0])
+    assert torch.isclose(out, images).all()

@@ -30,15 +30,18 @@ def test_bundle_trainer_sees_the_slices_and_standardisation_of_a_normal_run(tmp_
 def test_sagittal_runs_slice_as_the_cpu_sagittal_member_does():
     import json
     gs = load_tool("gpu_session")
-    cpu = json.loads((ROOT / "configs" / "hippocampus_sagittal_cv0.json").read_text())
+    cpu = json.loads((ROOT / "configs" / "hippocampus_sagittal_mirror_cv0.json").read_text())
     cfg, held_out = gs.run_config("sag_cv0")
     assert (cfg.slice_axis, cfg.train_size) == (cpu["slice_axis"], cpu["train_size"]) == (2, [48, 56])
     assert cfg.augmentation["flip_axis"] is None and cpu["augmentation"]["flip_axis"] is None
+    # the left-right mirror of a head reverses a sagittal model's context slices: both sides are learnt
+    assert cfg.augmentation["flip_across_slices"] is True and cpu["augmentation"]["flip_across_slices"] is True
     assert cfg.views == [(2, [48, 56])]
     folds = json.loads((ROOT / "configs" / "hippocampus_folds.json").read_text())["folds"]
     assert held_out == folds[0] and gs.run_config("sag_all")[1] == []
     axial, _ = gs.run_config("cv0")
     assert axial.slice_axis == 0 and axial.augmentation["flip_axis"] == 1
+    assert not axial.augmentation.get("flip_across_slices")
 
 
 def test_compile_generator_runs_the_generators_training_passes_through_torch_compile(tmp_path, monkeypatch):
