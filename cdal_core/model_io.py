@@ -277,6 +277,26 @@ def member_slice_axes(card: Dict, other: Dict) -> Optional[List[int]]:
     return None if axes == card_slice_axes(card) else axes
 
 
+def learns_left_right_mirror(card: Dict) -> Optional[bool]:
+    """Whether the generator of ``card`` was trained on left-right mirrored heads too (None where its card cannot
+    say: no training config, or a grid with no left-right axis). On the model grid the left-right axis is array
+    axis 2 - (position of R or L in the orientation code). Slicing across it, only ``flip_across_slices`` (reversed
+    context slices) mirrors; slicing along another axis, an in-plane ``flip_axis`` that is the left-right axis.
+    A generator without it learns the side most training crops come from (session 13's sagittal member)."""
+    config = card.get("training", {}).get("config")
+    orientation = str(card.get("input", {}).get("orientation", ""))
+    side = [i for i, letter in enumerate(orientation.upper()) if letter in "RL"]
+    if not isinstance(config, dict) or len(side) != 1:
+        return None
+    left_right = 2 - side[0]
+    augmentation = config.get("augmentation") or {}
+    axis = int(config.get("slice_axis", 0))
+    if axis == left_right:
+        return bool(augmentation.get("flip_across_slices"))
+    flip = augmentation.get("flip_axis")
+    return flip is not None and [a for a in range(3) if a != axis][int(flip)] == left_right
+
+
 def read_card(directory: Path) -> Dict:
     card_path = directory / CARD_NAME
     if not card_path.exists():

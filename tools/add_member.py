@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cdal_core.model_io import (CARD_NAME, atomic_write_bytes, load_model, member_mismatch,  # noqa: E402
-                                member_slice_axes, resolve_model, save_member)
+from cdal_core.model_io import (CARD_NAME, atomic_write_bytes, learns_left_right_mirror, load_model,  # noqa: E402
+                                member_mismatch, member_slice_axes, resolve_model, save_member)
 from ship_model import validation_block  # noqa: E402
 
 
@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--recipe", required=True, help="the command that trained the member")
     p.add_argument("--validation", default=None, help="evaluation report (JSON) of the resulting ensemble")
     p.add_argument("--cases", default=None, help="the case list that report was measured on")
+    p.add_argument("--one-sided", action="store_true",
+                   help="accept a member trained without left-right mirrors (checked on both sides yourself)")
     args = p.parse_args()
     dst = resolve_model(args.model)
     base, member = load_model(dst), load_model(args.member)
@@ -40,6 +42,10 @@ def main() -> None:
         sys.exit(f"{args.member} cannot join {dst}: {why}")
     if member.members:
         sys.exit(f"{args.member} is itself an ensemble: add its members one by one")
+    if learns_left_right_mirror(base.card) and learns_left_right_mirror(member.card) is False and not args.one_sided:
+        sys.exit(f"{args.member} never saw a left-right mirrored head (its augmentation has no left-right flip; "
+                 "slicing sagittally that is \"flip_across_slices\": true) while the model does: it would be "
+                 "biased towards one side. Retrain it with the mirror, or pass --one-sided after checking both sides")
     training = member.card.get("training", {})
     keep = ("steps", "wall_seconds", "hardware", "seed", "torch", "config", "batch_size", "schedule", "warm_start",
             "init_model", "init_generator", "data", "weights_transport")

@@ -216,3 +216,24 @@ def test_a_model_trained_without_latent_is_sampled_without_it(tiny_model, synthe
         model.generator.mapping.register_forward_hook(lambda mod, args, out: seen.append(args[0].abs().max().item()))
         segment_image(image, model, samples=2, seed=0)
         assert seen and (max(seen) == 0) is expect_zero
+
+
+@pytest.mark.parametrize("slice_axis, augmentation, expected", [
+    (0, {"flip_axis": 1}, True),                  # axial (Y, X) slices: in-plane axis 1 is X, left-right
+    (0, {"flip_axis": 0}, False),                 # ... axis 0 is front-back
+    (1, {"flip_axis": 1}, True),                  # coronal (Z, X) slices
+    (2, {"flip_axis": None}, False),              # sagittal: no in-plane flip is a left-right mirror
+    (2, {"flip_axis": None, "flip_across_slices": True}, True),
+    (0, None, False),                             # no augmentation at all
+])
+def test_learns_left_right_mirror_from_slicing_and_flips(slice_axis, augmentation, expected):
+    from cdal_core.model_io import learns_left_right_mirror
+
+    card = {"input": {"orientation": "RAS"},
+            "training": {"config": {"slice_axis": slice_axis, "augmentation": augmentation}}}
+    assert learns_left_right_mirror(card) is expected
+    # on an LPS grid the left-right axis is still array axis 2; a grid code without L/R or no config: unknown
+    card["input"]["orientation"] = "LPS"
+    assert learns_left_right_mirror(card) is expected
+    assert learns_left_right_mirror(dict(card, input={"orientation": "SPA"})) is None  # no left-right letter
+    assert learns_left_right_mirror({"input": {"orientation": "RAS"}}) is None
