@@ -81,12 +81,10 @@ def mirror_check(model, data: str, cases_file: str, max_volumes: int) -> dict:
 
 
 def template_check(model) -> dict:
-    import nilearn
-
+    from cdal_core.demo import template_path
     from cdal_core.scan import segment_scan
 
-    path = Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-    result = segment_scan(sitk.ReadImage(str(path)), model, seed=0)
+    result = segment_scan(sitk.ReadImage(str(template_path())), model, seed=0)
     volumes = {(r["side"], r["name"]): r["volume_mm3"] for r in result.report["structures"]}
     out = {}
     for name in model.class_names[1:]:

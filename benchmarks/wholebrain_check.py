@@ -29,11 +29,6 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parent.parent
 
 
-def template_scan() -> Path:
-    import nilearn
-    return Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-
-
 def run_predict(scan: Path, out: Path, extra=()) -> dict:
     """``cdal predict`` in a fresh process: wall time and peak RSS (GNU time's max resident set size)."""
     cmd = ["/usr/bin/time", "-f", "%M %e", sys.executable, "-m", "cdal_core.cli", "predict", "--model",
@@ -144,7 +139,10 @@ def main() -> int:
     args = parser.parse_args()
     scans = sorted(Path(args.scans).glob("*.nii*")) if Path(args.scans).is_dir() else []
     if not args.no_template:
-        scans.append(template_scan())
+        sys.path.insert(0, str(REPO))
+        from cdal_core.demo import template_path  # the demo's own lookup, with its error if nilearn lacks it
+
+        scans.append(template_path())
     rows = []
     if args.montage_only:
         previous = json.loads((Path(args.out) / "results" / "wholebrain.json").read_text())["rows"]
