@@ -9,6 +9,11 @@ slice along other axes than the model (e.g. a sagittal member beside axial ones)
 next to the model's weights and listed, with its training summary and recipe, in the card's `members`. The
 shipped folder is replaced only once the result loads. `--validation REPORT.json` replaces the card's validation
 block with the ensemble's own evaluation.
+
+`--adopt-normalisation` lets a member trained on a different case set (e.g. all 195 volumes where the model's
+landmarks are the mean over 146) join with the model's intensity landmarks, when they differ by at most
+`LANDMARK_TOLERANCE`; its entry records the landmarks it was trained with. Check the effect first (session 14:
+the fold-0 twin evaluated with the other set's landmarks moved Dice by -0.01 / -0.02).
 """
 
 import argparse
@@ -16,13 +21,40 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Dict
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))  # ship_model, also when imported as a module (tests)
 
 from cdal_core.model_io import (CARD_NAME, atomic_write_bytes, learns_left_right_mirror, load_model,  # noqa: E402
                                 member_mismatch, member_slice_axes, resolve_model, save_member)
 from ship_model import validation_block  # noqa: E402
+
+# intensity landmarks are on the [0, 1] scale of the lower..upper percentiles; 0.01 is 1 % of that range
+LANDMARK_TOLERANCE = 0.01
+
+
+def adopt_normalisation(base_card: Dict, member_card: Dict, tolerance: float = LANDMARK_TOLERANCE) -> Dict:
+    """A copy of ``member_card`` with the model's normalisation; its ``adopted`` key records the landmarks it
+    replaced. Only the histogram landmarks may differ, each by at most ``tolerance``: anything else is another
+    input."""
+    ours, theirs = base_card.get("normalisation", {}), member_card.get("normalisation", {})
+    others = sorted(k for k in set(ours) | set(theirs)
+                    if k not in ("landmarks", "note") and ours.get(k) != theirs.get(k))
+    if others:
+        raise SystemExit(f"cannot adopt the model's normalisation: the member's {', '.join(others)} differ(s)")
+    mine, trained = ours.get("landmarks") or [], theirs.get("landmarks") or []
+    if len(mine) != len(trained):
+        raise SystemExit("cannot adopt the model's normalisation: the member has a different number of landmarks")
+    gap = max((abs(a - b) for a, b in zip(mine, trained)), default=0.0)
+    if gap > tolerance:
+        raise SystemExit(f"cannot adopt the model's normalisation: landmarks differ by up to {gap:.4f} "
+                         f"(> {tolerance}); the member would see differently scaled images. Retrain it with the "
+                         "model's case set")
+    card = dict(member_card, normalisation=dict(ours))
+    card["adopted"] = {"trained_with_landmarks": trained, "max_landmark_difference": round(gap, 5)}
+    return card
 
 
 def main() -> None:
@@ -34,10 +66,13 @@ def main() -> None:
     p.add_argument("--cases", default=None, help="the case list that report was measured on")
     p.add_argument("--one-sided", action="store_true",
                    help="accept a member trained without left-right mirrors (checked on both sides yourself)")
+    p.add_argument("--adopt-normalisation", action="store_true",
+                   help="let a member whose intensity landmarks differ slightly (another case set) use the model's")
     args = p.parse_args()
     dst = resolve_model(args.model)
     base, member = load_model(dst), load_model(args.member)
-    why = member_mismatch(base.card, member.card)
+    member_card = adopt_normalisation(base.card, member.card) if args.adopt_normalisation else member.card
+    why = member_mismatch(base.card, member_card)
     if why:
         sys.exit(f"{args.member} cannot join {dst}: {why}")
     if member.members:
@@ -54,6 +89,8 @@ def main() -> None:
     axes = member_slice_axes(base.card, member.card)
     if axes is not None:
         info["slice_axes"] = axes
+    if "adopted" in member_card:
+        info["normalisation_adopted"] = member_card["adopted"]
     tmp = dst.with_name("." + dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(dst, tmp)

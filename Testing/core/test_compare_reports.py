@@ -1,4 +1,4 @@
-"""tools/compare_reports.py: the paired difference of two evaluation reports and its standard error."""
+"""tools/compare_reports.py (paired report differences) and tools/add_member.py (normalisation check)."""
 
 import pytest
 
@@ -21,3 +21,22 @@ def test_paired_difference_cancels_the_spread_shared_by_both_models():
 def test_reports_on_different_cases_are_refused():
     with pytest.raises(SystemExit, match="different cases"):
         load_tool("compare_reports").compare(_report([0.8, 0.9]), _report([0.8, 0.9, 0.7]))
+
+
+def _card(landmarks, upper=99.5):
+    return {"normalisation": {"method": "percentile+histogram-standardisation", "lower": 0.5, "upper": upper,
+                              "landmarks": landmarks}}
+
+
+def test_a_member_adopts_landmarks_that_differ_within_the_tolerance_and_records_its_own():
+    card = load_tool("add_member").adopt_normalisation(_card([0.1, 0.5, 0.9]), _card([0.102, 0.499, 0.9]))
+    assert card["normalisation"]["landmarks"] == [0.1, 0.5, 0.9]
+    assert card["adopted"] == {"trained_with_landmarks": [0.102, 0.499, 0.9], "max_landmark_difference": 0.002}
+
+
+@pytest.mark.parametrize("member, why", [(_card([0.1, 0.55, 0.9]), "differ by up to 0.05"),
+                                         (_card([0.1, 0.5, 0.9], upper=99.0), "upper differ"),
+                                         (_card([0.1, 0.5]), "number of landmarks")])
+def test_a_member_with_another_intensity_scale_is_refused(member, why):
+    with pytest.raises(SystemExit, match=why):
+        load_tool("add_member").adopt_normalisation(_card([0.1, 0.5, 0.9]), member)
