@@ -16,6 +16,17 @@ Lesson of the first session (docs/RESULTS.md): a training step is launch-bound (
 at batch 128 alone on an H100), and 12 processes time-slicing one GPU got 830 steps each in 7 minutes, far too
 few. Run 2-4 at ``--batch 512`` instead, e.g. ``--runs cv0,all0,all1 --batch 512``.
 
+What travels: at most 64 MiB of tracked and untracked-not-ignored files plus the carried paths, and the shipped
+weights alone are now over that. Trainings from bundles need none of them, so untrack them for the call and put them
+back afterwards (session 14):
+
+    echo 'Resources/Models/*/*.safetensors' >> .git/info/exclude; git rm --cached -q Resources/Models/*/*.safetensors
+    # device run: carry [".whl", ".gpu/hippocampus.npz"] (the MONAI wheel, the bundle)
+    git reset -q; sed -i '/safetensors/d' .git/info/exclude
+
+Session 14 (one H200): ``--runs sag_cv0,sag_all --batch 256 --budget-s 530 --bench-steps 0`` gave 2,984 steps x 256
+per run in 474 s (6.3 steps/s each, two runs sharing the GPU).
+
 Runs (hippocampus recipe: ``configs/hippocampus_gpu.json``):
 - ``cv0``..``cv3``: fold k of ``configs/hippocampus_folds.json`` held out (fold 0 is the old validation list),
   for a 4-fold cross-validated estimate over all 195 volumes;
