@@ -8,13 +8,31 @@ resampled into an axis-aligned grid of the model's spacing that covers the input
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 import numpy as np
 import SimpleITK as sitk
 
 _AXIS_TOLERANCE = 1e-4
 _SPACING_TOLERANCE = 0.02  # relative; closer than this is treated as the model's spacing
+
+
+def in_plane_axes(slice_axis: int) -> List[int]:
+    """The volume (array) axes of a slice cut along ``slice_axis``, in the slice's own (row, column) order: an
+    in-plane ``flip_axis`` of 0 or 1 names the volume axis at that index."""
+    return [a for a in range(3) if a != slice_axis]
+
+
+def mirrored_volume_axes(augmentation: Optional[Dict], slice_axis: int) -> Set[int]:
+    """The volume axes that ``augmentation`` mirrors for slices cut along ``slice_axis``: its in-plane
+    ``flip_axis`` and, with ``flip_across_slices``, the slicing axis itself (reversed context slices)."""
+    settings = augmentation or {}
+    mirrored = set()
+    if settings.get("flip_axis") is not None:
+        mirrored.add(in_plane_axes(slice_axis)[int(settings["flip_axis"])])
+    if settings.get("flip_across_slices"):
+        mirrored.add(slice_axis)
+    return mirrored
 
 
 def is_axis_aligned(image: sitk.Image) -> bool:

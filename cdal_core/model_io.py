@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from . import MODEL_FORMAT, MODEL_FORMAT_VERSION, __version__
 from .data import Normalisation
 from .errors import CDALError
-from .geometry import ModelGrid
+from .geometry import ModelGrid, mirrored_volume_axes
 from .networks import Discriminator, Generator, NetworkConfig
 from .schedule import DiffusionSchedule
 
@@ -289,12 +289,7 @@ def learns_left_right_mirror(card: Dict) -> Optional[bool]:
     if not isinstance(config, dict) or len(side) != 1:
         return None
     left_right = 2 - side[0]
-    augmentation = config.get("augmentation") or {}
-    axis = int(config.get("slice_axis", 0))
-    if axis == left_right:
-        return bool(augmentation.get("flip_across_slices"))
-    flip = augmentation.get("flip_axis")
-    return flip is not None and [a for a in range(3) if a != axis][int(flip)] == left_right
+    return left_right in mirrored_volume_axes(config.get("augmentation"), int(config.get("slice_axis", 0)))
 
 
 def read_card(directory: Path) -> Dict:

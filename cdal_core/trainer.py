@@ -33,7 +33,7 @@ from .data import (Normalisation, SliceBank, load_png_case, load_volume, read_ms
                    split_cases)
 from .errors import CDALError
 from .evaluation import evaluate_cases, mean_foreground_dice
-from .geometry import ModelGrid
+from .geometry import ModelGrid, in_plane_axes, mirrored_volume_axes
 from .inference import resolve_device
 from .model_io import LoadedModel, atomic_write_bytes, load_model, make_card, save_model
 from .networks import Discriminator, Generator, NetworkConfig, attention_map, normalise_attention
@@ -438,14 +438,19 @@ class Trainer:
 
 
 def _view_augmentation(settings: Optional[Dict], primary_axis: int, axis: int) -> Optional[Dict]:
-    """The augmentation of the view slicing along ``axis``: ``flip_axis`` names an in-plane axis of the primary
-    view (usually left-right); map it to the same volume axis in this view, or drop it when that axis is
-    this view's slicing axis (a flip across the plane is not an in-plane flip)."""
-    if settings is None or settings.get("flip_axis") is None or axis == primary_axis:
+    """The augmentation of the view slicing along ``axis``: it mirrors the same volume axes as the primary view's.
+    A mirrored axis that lies in this view's plane becomes its ``flip_axis``; one this view slices across becomes
+    ``flip_across_slices`` (reversed context slices), e.g. the left-right mirror of axial slices for a sagittal
+    view."""
+    if settings is None or axis == primary_axis:
         return settings
-    volume_axis = [a for a in range(3) if a != primary_axis][int(settings["flip_axis"])]
-    in_plane = [a for a in range(3) if a != axis]
-    return {**settings, "flip_axis": in_plane.index(volume_axis) if volume_axis in in_plane else None}
+    mirrored = mirrored_volume_axes(settings, primary_axis)
+    in_plane = [a for a in in_plane_axes(axis) if a in mirrored]
+    view = {**settings, "flip_axis": in_plane_axes(axis).index(in_plane[0]) if in_plane else None}
+    view.pop("flip_across_slices", None)
+    if axis in mirrored:
+        view["flip_across_slices"] = True
+    return view
 
 
 def _landmarks(cases, norm: Normalisation) -> List[float]:

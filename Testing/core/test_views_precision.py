@@ -23,8 +23,13 @@ def test_flip_follows_the_volume_axis_into_each_view():
     # primary view slices along axis 0: its in-plane axis 1 is volume axis 2 (left-right)
     assert _view_augmentation(aug, 0, 0) == aug
     assert _view_augmentation(aug, 0, 1)["flip_axis"] == 1          # axis-1 slices are (0, 2): volume 2 is 1
-    assert _view_augmentation(aug, 0, 2)["flip_axis"] is None       # axis-2 slices cut across left-right
-    assert _view_augmentation(aug, 0, 2)["rotate_degrees"] == 10
+    sagittal = _view_augmentation(aug, 0, 2)                        # axis-2 slices cut across left-right:
+    assert sagittal["flip_axis"] is None and sagittal["flip_across_slices"]  # the mirror reverses their context
+    assert sagittal["rotate_degrees"] == 10
+    # and back: a sagittal primary's mirror (reversed context) is an in-plane flip of axial and coronal slices
+    across = {"flip_axis": None, "flip_across_slices": True}
+    assert _view_augmentation(across, 2, 0) == {"flip_axis": 1}
+    assert _view_augmentation(across, 2, 1) == {"flip_axis": 1}
 
 
 def test_bad_views_are_refused():
