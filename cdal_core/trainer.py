@@ -72,6 +72,7 @@ class Trainer:
             self.G.load_state_dict(self.init.generators[init_generator].state_dict())
             if self.init.discriminator is not None:
                 self.D.load_state_dict(self.init.discriminator.state_dict())
+        self.G.output_gradient_leak = config.output_gradient_leak
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.G_step = torch.compile(self.G) if config.compile_generator else self.G  # same parameters
         betas = tuple(config.adam_betas)

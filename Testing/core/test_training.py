@@ -75,6 +75,15 @@ def test_changed_settings_are_not_mixed_into_a_run(synthetic_dir, tmp_path):
         train(str(synthetic_dir), str(tmp_path / "r"), cfg, max_steps=2, device="cpu")
 
 
+def test_output_gradient_leak_reaches_the_generator_and_bad_values_are_refused(synthetic_dir, tmp_path):
+    trainer = Trainer(str(synthetic_dir), str(tmp_path / "leak"), TrainConfig.from_dict(
+        {**TINY_CONFIG, "output_gradient_leak": 0.01}), device="cpu")
+    assert trainer.G.output_gradient_leak == 0.01
+    for bad in (-0.1, 1.0):
+        with pytest.raises(CDALError, match="output_gradient_leak"):
+            TrainConfig.from_dict({**TINY_CONFIG, "output_gradient_leak": bad})
+
+
 def test_finetune_starts_from_the_model(synthetic_dir, tiny_model, tmp_path):
     cfg = TrainConfig.from_dict(TINY_CONFIG)
     trainer = Trainer(str(synthetic_dir), str(tmp_path / "ft"), cfg, device="cpu", init_model=str(tiny_model))
