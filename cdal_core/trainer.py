@@ -84,6 +84,8 @@ class Trainer:
                          if config.augmentation is not None else None for axis, _ in self.views]
         self.step, self.best, self.best_step, self.seconds = 0, -1.0, -1, 0.0
         self.history: List[Dict] = []
+        self._fg_found: List[float] = []  # the last logged values (_watch_for_collapse)
+        self._collapse_said = False
         self._resume()
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -321,7 +323,8 @@ class Trainer:
             for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
                 b_ema.copy_(b)
         self.step += 1
-        stats = {"loss_d": loss_d, "loss_g": loss_g, "mse": loss_mse, "d_real": d_real.mean(), "d_fake": d_fake.mean()}
+        stats = {"loss_d": loss_d, "loss_g": loss_g, "mse": loss_mse, "d_real": d_real.mean(), "d_fake": d_fake.mean(),
+                 "fg_found": _foreground_found(x0_pred.detach(), x0, t)}
         values = torch.stack([v.detach().float() for v in stats.values()]).tolist()  # one device sync, not five
         return dict(zip(stats, values))
 
@@ -382,6 +385,7 @@ class Trainer:
                            "steps_per_second": round(rate, 3), **{k: round(v, 5) for k, v in stats.items()}}
                     self._log(rec)
                     bar.set_postfix(mse=f"{stats['mse']:.4f}", d=f"{stats['loss_d']:.3f}")
+                    self._watch_for_collapse(stats["fg_found"])
                 if self.step % cfg.val_every == 0:
                     self._validate_and_keep_best()
                     last_val = self.step
@@ -403,6 +407,20 @@ class Trainer:
         self._emit({"event": "done", "step": self.step, "model": str(self.out / "model"), "best_step": self.best_step,
                     "best_mean_dice": self.best})
         return self.out / "model"
+
+    def _watch_for_collapse(self, fg_found: float) -> None:
+        """Say once, clearly, when the generator has stopped finding foreground in noisy inputs for a while: such
+        a run does not recover by itself (session 14's coronal member: foreground logits saturated at -8)."""
+        recent = self._fg_found = (self._fg_found + [fg_found])[-COLLAPSE_WINDOW:]
+        if self.step < COLLAPSE_AFTER_STEPS or len(recent) < COLLAPSE_WINDOW or self._collapse_said or \
+                max(recent) >= COLLAPSE_FOUND_BELOW:
+            return
+        self._collapse_said = True
+        hint = "" if self.cfg.output_gradient_leak > 0 else ' with "output_gradient_leak": 0.01 in the config'
+        self._emit({"event": "note", "step": self.step, "message": (
+            f"training has collapsed onto the background: over the last {COLLAPSE_WINDOW} logged steps the generator "
+            f"found at most {100 * max(recent):.1f} % of the labelled pixels in noisy inputs. It will not recover: "
+            f"stop it (Ctrl+C) and start again in a new --out folder{hint}, or with another seed")})
 
     def _validated(self, report: Optional[Dict]) -> Dict:
         return report or {"note": "no validation cases"}
@@ -484,6 +502,21 @@ def label_boundaries(x0: torch.Tensor) -> torch.Tensor:
     (both sides of every edge, including the anterior/posterior interface), else 0."""
     neighbourhood_max = F.max_pool2d(x0, 3, stride=1, padding=1)
     return ((neighbourhood_max - x0).amax(dim=1, keepdim=True) > 0).to(x0.dtype)
+
+
+# collapse watch: after this many steps, a window of logged steps that all found under this fraction of the
+# labelled pixels (a healthy hippocampus run finds 0.8 by step 800; the collapsed coronal one found 0)
+COLLAPSE_AFTER_STEPS, COLLAPSE_WINDOW, COLLAPSE_FOUND_BELOW = 1000, 10, 0.05
+
+
+def _foreground_found(x0_pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Predicted foreground pixels over labelled ones, on the batch items noised beyond t = 1 (1 where they hold
+    no foreground). Near 0 means collapse: the generator only copies the label through the nearly clean input
+    and has not learnt to find it in the image."""
+    noisy = t > 1
+    truth = (x0[noisy].argmax(1) > 0).sum()
+    found = (x0_pred[noisy].argmax(1) > 0).sum()
+    return torch.where(truth > 0, found / truth.clamp_min(1), torch.ones((), device=x0.device))
 
 
 def _soft_dice_loss(x0_pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -320,6 +320,7 @@ def train_one(run: str, bundles: Path, out: Path, until: float, device: str, bat
             trainer._log({"event": "progress", "step": trainer.step, "steps_per_second": round(rate, 2),
                           "lr_factor": round(trainer.learning_rate_factor(trainer.step), 4),
                           **{k: round(v, 5) for k, v in stats.items()}})
+            trainer._watch_for_collapse(stats["fg_found"])  # a note in its log; the run goes on
     trainer.seconds = time.time() - t0
     card = trainer.card({"note": "trained from a bundle for a fixed wall-clock budget; see training"})
     card["training"]["schedule"] = f"cosine learning rate over {budget:.0f} s of wall clock (tools/gpu_session.py)"

@@ -84,6 +84,27 @@ def test_output_gradient_leak_reaches_the_generator_and_bad_values_are_refused(s
             TrainConfig.from_dict({**TINY_CONFIG, "output_gradient_leak": bad})
 
 
+def test_a_run_that_stops_finding_foreground_is_told_once_that_it_collapsed(synthetic_dir, tmp_path):
+    from cdal_core.trainer import COLLAPSE_AFTER_STEPS, COLLAPSE_WINDOW
+    trainer = Trainer(str(synthetic_dir), str(tmp_path / "c"), TrainConfig.from_dict(TINY_CONFIG), device="cpu",
+                      json_progress=True)
+    stats = trainer.train_step()
+    assert 0 <= stats["fg_found"]  # logged with every progress record
+
+    def notes():
+        path = tmp_path / "c" / "log.jsonl"
+        log = [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+        return [r for r in log if r.get("event") == "note" and "collapsed" in r["message"]]
+    trainer.step = COLLAPSE_AFTER_STEPS
+    for value in [0.3] + [0.0] * (COLLAPSE_WINDOW - 1):  # one healthy value in the window: no warning yet
+        trainer._watch_for_collapse(value)
+    assert notes() == []
+    for _ in range(COLLAPSE_WINDOW + 3):
+        trainer._watch_for_collapse(0.01)
+    said = notes()
+    assert len(said) == 1 and "output_gradient_leak" in said[0]["message"]
+
+
 def test_finetune_starts_from_the_model(synthetic_dir, tiny_model, tmp_path):
     cfg = TrainConfig.from_dict(TINY_CONFIG)
     trainer = Trainer(str(synthetic_dir), str(tmp_path / "ft"), cfg, device="cpu", init_model=str(tiny_model))
