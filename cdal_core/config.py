@@ -35,8 +35,6 @@ class TrainConfig:
     adv_weight: float = 0.0           # adversarial generator term (off in the reference code)
     dice_weight: float = 0.5          # soft Dice term on the predicted x0 (0 = the reference's MSE only)
     boundary_weight: float = 0.0      # extra MSE weight on pixels next to a label change (0 = plain MSE)
-    output_gradient_leak: float = 0.0  # slope added to the output tanh's gradient (0 = plain tanh): keeps a
-                                       # rare class that was pushed into saturation early trainable
     orientation: str = "RAS"
     spacing: Optional[List[float]] = None
     slice_axis: int = 0
@@ -73,8 +71,6 @@ class TrainConfig:
             raise CDALError(f"unknown training settings {unknown}: check the spelling (known: {sorted(known)})")
         if d.get("lr_schedule", "constant") not in ("constant", "cosine"):
             raise CDALError(f"lr_schedule {d['lr_schedule']!r} is not known: use \"constant\" or \"cosine\"")
-        if not 0 <= float(d.get("output_gradient_leak", 0.0)) < 1:
-            raise CDALError(f"output_gradient_leak {d['output_gradient_leak']!r} must be in [0, 1): 0.01 is typical")
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         cfg.check_views()
         return cfg

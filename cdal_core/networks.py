@@ -298,7 +298,6 @@ class Generator(nn.Module):
         self.out_conv = nn.Conv2d(ch, cfg.num_classes, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
-        self.output_gradient_leak = 0.0  # a training setting (TrainConfig), not part of the weights
 
     def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
         return self.encoder(image)
@@ -328,13 +327,7 @@ class Generator(nn.Module):
         # The output layer runs in float32 even under bf16 autocast: x0 near +-1 must keep its small
         # sample-to-sample differences, or the ensemble variance (the uncertainty map) turns into ties.
         with torch.autocast(h.device.type, enabled=False):
-            logits = self.out_conv(h.float())
-            x0 = torch.tanh(logits)
-            if self.training and self.output_gradient_leak > 0:
-                # Same value, plus a small constant slope: a saturated tanh passes no gradient, and a rare class
-                # pushed far below zero early never comes back (session 14: the coronal member's collapse).
-                x0 = x0 + self.output_gradient_leak * (logits - logits.detach())
-            return x0
+            return torch.tanh(self.out_conv(h.float()))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return self.decode(x_t, t, z, self.encode(image))

@@ -72,7 +72,6 @@ class Trainer:
             self.G.load_state_dict(self.init.generators[init_generator].state_dict())
             if self.init.discriminator is not None:
                 self.D.load_state_dict(self.init.discriminator.state_dict())
-        self.G.output_gradient_leak = config.output_gradient_leak
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.G_step = torch.compile(self.G) if config.compile_generator else self.G  # same parameters
         betas = tuple(config.adam_betas)
@@ -410,17 +409,16 @@ class Trainer:
 
     def _watch_for_collapse(self, fg_found: float) -> None:
         """Say once, clearly, when the generator has stopped finding foreground in noisy inputs for a while: such
-        a run does not recover by itself (session 14's coronal member: foreground logits saturated at -8)."""
+        a run has never recovered (session 14: all four coronal hippocampus runs, foreground logits stuck near -8)."""
         recent = self._fg_found = (self._fg_found + [fg_found])[-COLLAPSE_WINDOW:]
         if self.step < COLLAPSE_AFTER_STEPS or len(recent) < COLLAPSE_WINDOW or self._collapse_said or \
                 max(recent) >= COLLAPSE_FOUND_BELOW:
             return
         self._collapse_said = True
-        hint = "" if self.cfg.output_gradient_leak > 0 else ' with "output_gradient_leak": 0.01 in the config'
         self._emit({"event": "note", "step": self.step, "message": (
             f"training has collapsed onto the background: over the last {COLLAPSE_WINDOW} logged steps the generator "
-            f"found at most {100 * max(recent):.1f} % of the labelled pixels in noisy inputs. It will not recover: "
-            f"stop it (Ctrl+C) and start again in a new --out folder{hint}, or with another seed")})
+            f"found at most {100 * max(recent):.1f} % of the labelled pixels in noisy inputs. Such runs have not "
+            "recovered: stop it (Ctrl+C) and start again in a new --out folder, with another seed or slicing axis")})
 
     def _validated(self, report: Optional[Dict]) -> Dict:
         return report or {"note": "no validation cases"}
