@@ -93,7 +93,7 @@ def test_a_run_that_stops_finding_foreground_is_told_once_that_it_collapsed(synt
     for _ in range(COLLAPSE_WINDOW + 3):
         trainer._watch_for_collapse(0.01)
     said = notes()
-    assert len(said) == 1 and "another seed" in said[0]["message"]
+    assert len(said) == 1 and "change the recipe" in said[0]["message"]
 
 
 def test_finetune_starts_from_the_model(synthetic_dir, tiny_model, tmp_path):
