@@ -324,7 +324,7 @@ class Trainer:
         self.step += 1
         stats = {"loss_d": loss_d, "loss_g": loss_g, "mse": loss_mse, "d_real": d_real.mean(), "d_fake": d_fake.mean(),
                  "fg_found": _foreground_found(x0_pred.detach(), x0, t)}
-        values = torch.stack([v.detach().float() for v in stats.values()]).tolist()  # one device sync, not five
+        values = torch.stack([v.detach().float() for v in stats.values()]).tolist()  # one device sync for all
         return dict(zip(stats, values))
 
     def _sync_grads(self, module: torch.nn.Module) -> None:
