@@ -418,7 +418,8 @@ class Trainer:
         self._emit({"event": "note", "step": self.step, "message": (
             f"training has collapsed onto the background: over the last {COLLAPSE_WINDOW} logged steps the generator "
             f"found at most {100 * max(recent):.1f} % of the labelled pixels in noisy inputs. Such runs have not "
-            "recovered: stop it (Ctrl+C) and change the recipe (e.g. its slicing axis) before a new run")})
+            "recovered: stop it (Ctrl+C) and change the recipe before a new run (\"dice_weight\": 0 cured the coronal "
+            "hippocampus runs)")})
 
     def _validated(self, report: Optional[Dict]) -> Dict:
         return report or {"note": "no validation cases"}
