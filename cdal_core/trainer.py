@@ -463,8 +463,8 @@ def _view_augmentation(settings: Optional[Dict], primary_axis: int, axis: int) -
     if settings is None or axis == primary_axis:
         return settings
     mirrored = mirrored_volume_axes(settings, primary_axis)
-    in_plane = [a for a in in_plane_axes(axis) if a in mirrored]
-    view = {**settings, "flip_axis": in_plane_axes(axis).index(in_plane[0]) if in_plane else None}
+    flips = [i for i, a in enumerate(in_plane_axes(axis)) if a in mirrored]
+    view = {**settings, "flip_axis": flips[0] if flips else None}
     view.pop("flip_across_slices", None)
     if axis in mirrored:
         view["flip_across_slices"] = True

@@ -21,7 +21,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,10 +35,10 @@ from ship_model import validation_block  # noqa: E402
 LANDMARK_TOLERANCE = 0.01
 
 
-def adopt_normalisation(base_card: Dict, member_card: Dict, tolerance: float = LANDMARK_TOLERANCE) -> Dict:
-    """A copy of ``member_card`` with the model's normalisation; its ``adopted`` key records the landmarks it
-    replaced. Only the histogram landmarks may differ, each by at most ``tolerance``: anything else is another
-    input."""
+def adopt_normalisation(base_card: Dict, member_card: Dict,
+                        tolerance: float = LANDMARK_TOLERANCE) -> Tuple[Dict, Dict]:
+    """A copy of ``member_card`` with the model's normalisation, and a record of the landmarks it replaced. Only
+    the histogram landmarks may differ, each by at most ``tolerance``: anything else is another input."""
     ours, theirs = base_card.get("normalisation", {}), member_card.get("normalisation", {})
     others = sorted(k for k in set(ours) | set(theirs)
                     if k not in ("landmarks", "note") and ours.get(k) != theirs.get(k))
@@ -52,9 +52,8 @@ def adopt_normalisation(base_card: Dict, member_card: Dict, tolerance: float = L
         raise SystemExit(f"cannot adopt the model's normalisation: landmarks differ by up to {gap:.4f} "
                          f"(> {tolerance}); the member would see differently scaled images. Retrain it with the "
                          "model's case set")
-    card = dict(member_card, normalisation=dict(ours))
-    card["adopted"] = {"trained_with_landmarks": trained, "max_landmark_difference": round(gap, 5)}
-    return card
+    return (dict(member_card, normalisation=dict(ours)),
+            {"trained_with_landmarks": trained, "max_landmark_difference": round(gap, 5)})
 
 
 def main() -> None:
@@ -71,7 +70,8 @@ def main() -> None:
     args = p.parse_args()
     dst = resolve_model(args.model)
     base, member = load_model(dst), load_model(args.member)
-    member_card = adopt_normalisation(base.card, member.card) if args.adopt_normalisation else member.card
+    member_card, adopted = (adopt_normalisation(base.card, member.card) if args.adopt_normalisation
+                            else (member.card, None))
     why = member_mismatch(base.card, member_card)
     if why:
         sys.exit(f"{args.member} cannot join {dst}: {why}")
@@ -89,8 +89,8 @@ def main() -> None:
     axes = member_slice_axes(base.card, member.card)
     if axes is not None:
         info["slice_axes"] = axes
-    if "adopted" in member_card:
-        info["normalisation_adopted"] = member_card["adopted"]
+    if adopted:
+        info["normalisation_adopted"] = adopted
     tmp = dst.with_name("." + dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(dst, tmp)
