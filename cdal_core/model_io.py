@@ -266,6 +266,10 @@ def member_mismatch(card: Dict, other: Dict) -> Optional[str]:
                       ("schedule", lambda c: (c.get("schedule"), c.get("train_num_steps"))),
                       ("use of the latent z", uses_latent)):
         if get(card) != get(other):
+            if part == "classes":  # the one a user most often meets (a run names its classes after the data)
+                return (f"its classes differ ({', '.join(names(other))} against the model's "
+                        f"{', '.join(names(card))}): give the member's model.json the model's class names if "
+                        "they mean the same labels")
             return f"its {part} differs"
     return None
 

@@ -197,6 +197,12 @@ def test_member_mismatch_names_what_differs(tiny_model):
     other = json.loads(json.dumps(card))
     other["training"]["config"]["use_latent"] = False
     assert member_mismatch(card, other) == "its use of the latent z differs"
+    other = json.loads(json.dumps(card))                                 # a run names its classes after the data
+    other["classes"][1]["name"] = "Foreground"
+    why = member_mismatch(card, other)
+    assert why.startswith("its classes differ (Background, Foreground, Posterior against the model's Background, "
+                          "Anterior, Posterior)")
+    assert "model.json" in why
 
 
 def test_a_model_trained_without_latent_is_sampled_without_it(tiny_model, synthetic_dir, tmp_path):
