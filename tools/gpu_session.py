@@ -44,6 +44,7 @@ Runs (hippocampus recipe: ``configs/hippocampus_gpu.json``):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -84,18 +85,22 @@ HIPPO_RUNS = {**{f"cv{k}": dict(seed=100 + k, exclude_fold=k) for k in range(4)}
               **{f"all{k}": dict(seed=200 + k, exclude_fold=None) for k in range(4)},
               # session 12: sagittal members (configs/hippocampus_sagittal_mirror_cv0.json's slicing), to join the axial
               # ensemble with their own axis (tools/add_member.py records it)
-              "sag_cv0": dict(seed=120, exclude_fold=0, sagittal=True),
-              "sag_all": dict(seed=220, exclude_fold=None, sagittal=True),
+              "sag_cv0": dict(seed=120, exclude_fold=0, view="sagittal"),
+              "sag_all": dict(seed=220, exclude_fold=None, view="sagittal"),
               # session 15: coronal members (configs/hippocampus_coronal_nodice_cv0.json's slicing and loss)
-              "cor_cv0": dict(seed=130, exclude_fold=0, coronal=True),
-              "cor_all": dict(seed=230, exclude_fold=None, coronal=True)}
-# Slicing along array axis 2 (sagittal): slices are (Z, Y); no in-plane flips, since each swaps anterior and
-# posterior or up and down, but the left-right mirror of the head, which reverses the context slices (session 13:
-# without it the member learnt one side only, see configs/hippocampus_sagittal_mirror_cv0.json).
-SAGITTAL = dict(slice_axis=2, train_size=[48, 56])
-# Slicing along array axis 1 (coronal): slices are (Z, X), so in-plane flip_axis 1 is the left-right mirror. Without
-# the soft-Dice term: with it every coronal run collapsed onto the background by step 800 (session 14).
-CORONAL = dict(slice_axis=1, train_size=[48, 40], dice_weight=0.0)
+              "cor_cv0": dict(seed=130, exclude_fold=0, view="coronal"),
+              "cor_all": dict(seed=230, exclude_fold=None, view="coronal")}
+# What a member slicing another way changes in the axial recipe (its augmentation settings are merged in).
+VIEWS = {
+    # array axis 2: slices are (Z, Y); no in-plane flips, since each swaps anterior and posterior or up and down,
+    # but the left-right mirror of the head, which reverses the context slices (session 13: without it the member
+    # learnt one side only, see configs/hippocampus_sagittal_mirror_cv0.json)
+    "sagittal": dict(slice_axis=2, train_size=[48, 56], augmentation=dict(flip_axis=None, flip_across_slices=True)),
+    # array axis 1: slices are (Z, X), so in-plane flip_axis 1 is the left-right mirror; without the soft-Dice
+    # term, with which every coronal run collapsed onto the background by step 800 (session 14)
+    "coronal": dict(slice_axis=1, train_size=[48, 40], dice_weight=0.0,
+                    augmentation=dict(flip_axis=1, flip_across_slices=False)),
+}
 TWO_D_RUNS = {"cxr": dict(seed=0, config="configs/cxr_gpu.json", val="configs/cxr_val.txt"),
               "cxr128": dict(seed=0, config="configs/cxr.json", val="configs/cxr_val.txt"),
               "monuseg": dict(seed=0, config="configs/monuseg_gpu.json", val="configs/monuseg_val.txt")}
@@ -283,13 +288,8 @@ def run_config(run: str):
         cfg.seed = spec["seed"]
         folds = json.loads((ROOT / "configs/hippocampus_folds.json").read_text())["folds"]
         exclude = folds[spec["exclude_fold"]] if spec["exclude_fold"] is not None else []
-        if spec.get("sagittal"):
-            cfg.slice_axis, cfg.train_size = SAGITTAL["slice_axis"], list(SAGITTAL["train_size"])
-            cfg.augmentation = dict(cfg.augmentation or {}, flip_axis=None, flip_across_slices=True)
-        if spec.get("coronal"):
-            cfg.slice_axis, cfg.train_size = CORONAL["slice_axis"], list(CORONAL["train_size"])
-            cfg.dice_weight = CORONAL["dice_weight"]
-            cfg.augmentation = dict(cfg.augmentation or {}, flip_axis=1, flip_across_slices=False)
+        for key, value in VIEWS.get(spec.get("view"), {}).items():
+            setattr(cfg, key, dict(cfg.augmentation or {}, **value) if key == "augmentation" else copy.deepcopy(value))
     cfg.lr_schedule, cfg.val_cases, cfg.val_fraction = "cosine", None, 0.0
     cfg.val_every = cfg.checkpoint_every = 10**9
     return cfg, exclude
