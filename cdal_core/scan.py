@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from .data import check_volume
 from .errors import CDALError
 from .inference import VolumeResult, parallel_map, resolve_device, segment_image
-from .localise import Region, RegionSpec, hippocampus_regions, locate, needs_localisation
+from .localise import Region, RegionSpec, dip_degrees, hippocampus_regions, locate, needs_localisation
 from .model_io import LoadedModel
 from .quality import mark_for_review
 
@@ -51,7 +51,8 @@ def region_specs(card: Dict) -> Optional[List[RegionSpec]]:
     without that field (older cards, fine-tuned copies) get the hippocampus boxes; other models none."""
     spec = card.get("localisation")
     if spec:
-        return [RegionSpec(r["side"], tuple(r["centre_mni"]), tuple(r["size_mm"])) for r in spec["regions"]]
+        return [RegionSpec(r["side"], tuple(r["centre_mni"]), tuple(r["size_mm"]), float(r.get("pitch_deg", 0.0)),
+                           r.get("dip_deg")) for r in spec["regions"]]
     names = [c["name"].lower() for c in card.get("classes", [])]
     return hippocampus_regions() if names[1:] == ["anterior", "posterior"] else None
 
@@ -107,6 +108,9 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
     labels, sides = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
     uncertainty, attention = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     fill = float(np.percentile(sitk.GetArrayViewFromImage(image)[::3, ::3, ::3], 0.5))  # dark level; a sample will do
+    _report(progress, 0.08, "turning the boxes to the hippocampi's long axes")
+    with parallel_map(len(loc.regions), resolve_device(run["device"])) as (_, mapped):
+        loc.regions = list(mapped(lambda region: _turned_to_dip(region, image, fill, model, run), loc.regions))
     removed = {}
     crops = [region.crop(image, fill=fill) for region in loc.regions]
     for region, crop, res in zip(loc.regions, crops, _segment_sides(loc.regions, crops, model, run, progress)):
@@ -123,6 +127,18 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
     result = _assemble(image, model, labels, uncertainty, attention, sides, info, [])
     _check_sides(result.report, [r.side for r in loc.regions])
     return result
+
+
+def _turned_to_dip(region: Region, image: sitk.Image, fill: float, model: LoadedModel, run: Dict) -> Region:
+    """The box turned about left-right so that the structure in it dips as in the crops the model learnt from
+    (``RegionSpec.dip_deg``). A quick look (one step, one sample: about a tenth of the full run) finds it; the
+    model segments worse when the dip differs (docs/RESULTS.md, "Session 16")."""
+    if region.dip_deg is None:
+        return region
+    quick = segment_image(region.crop(image, fill=fill), model, steps=1, samples=1, seed=run["seed"],
+                          device=run["device"], precision=run["precision"], with_attention=False)
+    found = dip_degrees(sitk.GetArrayViewFromImage(quick.labels) > 0)
+    return region if found is None else region.turned_to_dip(found)
 
 
 def _segment_sides(regions, crops, model, run, progress) -> List[VolumeResult]:

@@ -302,3 +302,39 @@ def test_a_large_piece_cut_off_by_one_voxel_stays_and_islands_go():
     small[2:10, 11:15, 2:10] = 0
     small[2:4, 11, 2:4] = 1                      # near but small (4 voxels)
     assert _outside_largest_component(small)[2, 11, 2]
+
+
+
+def _rod_scan(centre_lps: np.ndarray, dip_degrees: float) -> sitk.Image:
+    """A 90 mm cube (1 mm, LPS axes) around ``centre_lps`` holding a bright rod that dips anteriorly."""
+    z, y, x = np.mgrid[:90, :90, :90].astype(float)
+    points = np.stack([x, y, z], -1) - 44.5                     # LPS mm from the centre
+    dip = np.deg2rad(-dip_degrees)
+    axis = np.array([0.0, -np.cos(dip), -np.sin(dip)])          # anterior and down, in LPS
+    off_axis = points - (points @ axis)[..., None] * axis
+    scan = sitk.GetImageFromArray((np.linalg.norm(off_axis, axis=-1) < 2.5).astype(np.float32) * 100)
+    scan.SetOrigin((centre_lps - 44.5).tolist())
+    return scan
+
+
+def test_the_box_turns_so_that_the_hippocampus_dips_as_in_msd_crops():
+    """In template-aligned boxes of real heads the hippocampus' long axis dips about 34.5 degrees below the axial
+    plane, in MSD's crops 23.6: the default box turns nose-down, then a quick look turns it the rest of the way."""
+    from cdal_core.localise import HIPPOCAMPUS_PITCH_DEG, MAX_PITCH_DEG, MSD_DIP_DEG, Region, dip_degrees, hippocampus_regions
+    assert all(spec.pitch_deg == HIPPOCAMPUS_PITCH_DEG < 0 and spec.dip_deg == MSD_DIP_DEG
+               for spec in hippocampus_regions())
+    centre = np.asarray(_lps(LEFT_RAS))
+    for dip in (-34.5, -29.0, -40.0):
+        scan = _rod_scan(centre, dip)
+        box = Region("left", sitk.Transform(3, sitk.sitkIdentity), centre, (40.0, 56.0, 40.0), 0.0, MSD_DIP_DEG)
+        assert dip_degrees(sitk.GetArrayFromImage(box.crop(scan)) > 50) == pytest.approx(dip, abs=1.0)
+        box = Region("left", sitk.Transform(3, sitk.sitkIdentity), centre, (40.0, 56.0, 40.0), HIPPOCAMPUS_PITCH_DEG,
+                     MSD_DIP_DEG)
+        seen = dip_degrees(sitk.GetArrayFromImage(box.crop(scan)) > 50)
+        assert seen == pytest.approx(dip - HIPPOCAMPUS_PITCH_DEG, abs=1.0)
+        turned = box.turned_to_dip(seen)
+        assert dip_degrees(sitk.GetArrayFromImage(turned.crop(scan)) > 50) == pytest.approx(MSD_DIP_DEG, abs=1.0)
+    assert box.turned_to_dip(-80.0).pitch_deg == -MAX_PITCH_DEG              # a wild estimate turns no further
+    fixed = Region("left", sitk.Transform(3, sitk.sitkIdentity), centre, (40.0, 56.0, 40.0), 0.0, None)
+    assert fixed.turned_to_dip(-40.0) is fixed                                # regions without a dip stay put
+    assert dip_degrees(np.zeros((40, 56, 40), bool)) is None
