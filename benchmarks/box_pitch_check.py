@@ -22,7 +22,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -69,23 +69,36 @@ def turned(image: sitk.Image, degrees: float) -> sitk.Euler3DTransform:
     return t
 
 
-def scored_turned(model, image: sitk.Image, labels: np.ndarray, degrees: float) -> Dict[str, float]:
-    """Segment the crop turned by ``degrees``, map the probabilities back, Dice per class on the valid part."""
-    t = turned(image, degrees)
-    moved = sitk.Resample(image, image, t, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+def probabilities_back(model, moved: sitk.Image, grid: sitk.Image,
+                       transform: Optional[sitk.Transform]) -> np.ndarray:
+    """Segment ``moved`` (``grid``'s image resampled through ``transform``, or ``grid``'s own when None) and
+    map its class probabilities back onto ``grid``: (C, Z, Y, X), -1 where the moved image had no data."""
     res = segment_image(moved, model, samples=5, seed=0, with_attention=False)
+    if transform is None:
+        return np.stack(res.probabilities)
     back = []
     for probs in res.probabilities:
         p = sitk.GetImageFromArray(probs)
-        p.CopyInformation(image)
-        back.append(sitk.GetArrayFromImage(sitk.Resample(p, image, t.GetInverse(), sitk.sitkLinear, -1.0)))
-    back = np.stack(back)
-    found, valid = back.argmax(axis=0), back[0] >= 0
+        p.CopyInformation(grid)
+        back.append(sitk.GetArrayFromImage(sitk.Resample(p, grid, transform.GetInverse(), sitk.sitkLinear, -1.0)))
+    return np.stack(back)
+
+
+def class_scores(found: np.ndarray, labels: np.ndarray, valid: np.ndarray) -> Dict[int, Tuple[float, float]]:
+    """Label 1 (anterior) and 2 (posterior): Dice and found / true voxel ratio, counted on ``valid`` voxels."""
     scores = {}
-    for label, name in ((1, "anterior"), (2, "posterior")):
+    for label in (1, 2):
         a, b = (found == label) & valid, (labels == label) & valid
-        scores[name] = float(2 * np.sum(a & b) / max(a.sum() + b.sum(), 1))
+        scores[label] = (float(2 * np.sum(a & b) / max(a.sum() + b.sum(), 1)), float(a.sum() / max(b.sum(), 1)))
     return scores
+
+
+def scored_turned(model, image: sitk.Image, labels: np.ndarray, degrees: float) -> Dict[str, float]:
+    """Segment the crop turned by ``degrees``, map the probabilities back, Dice per class on the valid part."""
+    t = turned(image, degrees)
+    back = probabilities_back(model, sitk.Resample(image, image, t, sitk.sitkLinear, 0.0, sitk.sitkFloat32), image, t)
+    scores = class_scores(back.argmax(axis=0), labels, back[0] >= 0)
+    return {"anterior": scores[1][0], "posterior": scores[2][0]}
 
 
 def paired(rows: List[Dict], a: str, b: str, name: str) -> str:

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.chdir(REPO)
 from cdal_core.model_io import load_model
-from cdal_core.inference import segment_image
+from box_pitch_check import class_scores, probabilities_back, turned  # noqa: E402
 model = load_model(sys.argv[1]); pitches = [float(v) for v in sys.argv[2].split(',')]
 cases = [l.strip() for l in open('configs/hippocampus_val.txt') if l.strip() and not l.startswith('#')]
 D = '../shared/data/Task04_Hippocampus'
@@ -22,19 +22,12 @@ for c in cases:
     r = sitk.GetArrayFromImage(sitk.ReadImage(f'{D}/labelsTr/{c}.nii.gz'))
     row = {'case': c}
     for d in pitches:
-        t = sitk.Euler3DTransform(); t.SetCenter(img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in img.GetSize()]))
-        t.SetRotation(np.deg2rad(d), 0, 0)
+        t = turned(img, d)
         x = sitk.Resample(img, img, t, sitk.sitkLinear, 0.0, sitk.sitkFloat32) if d else img
-        res = segment_image(x, model, samples=5, seed=0, with_attention=False)
-        back = []
-        for pr in res.probabilities:
-            pi = sitk.GetImageFromArray(pr); pi.CopyInformation(img)
-            back.append(sitk.GetArrayFromImage(sitk.Resample(pi, img, t.GetInverse(), sitk.sitkLinear, -1.0)) if d else pr)
-        back = np.stack(back); p = back.argmax(0); valid = back[0] >= 0
+        back = probabilities_back(model, x, img, t if d else None)
+        scores = class_scores(back.argmax(0), r, back[0] >= 0)
         for k, name in ((1, 'ant'), (2, 'post')):
-            pk, rk = (p == k) & valid, (r == k) & valid
-            row[f'{d:g}_{name}_dice'] = 2 * np.sum(pk & rk) / max(pk.sum() + rk.sum(), 1)
-            row[f'{d:g}_{name}_ratio'] = pk.sum() / max(rk.sum(), 1)
+            row[f'{d:g}_{name}_dice'], row[f'{d:g}_{name}_ratio'] = scores[k]
     rows.append(row); print(json.dumps(row), flush=True)
 json.dump(rows, open(sys.argv[3], 'w'), indent=0)
 for d in pitches:

@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO))
 os.chdir(REPO)
 from cdal_core.model_io import load_model
 from cdal_core.inference import segment_image
+from box_pitch_check import class_scores, probabilities_back  # noqa: E402
 model = load_model(sys.argv[1])
 modes = sys.argv[2].split(',')
 cases = [l.strip() for l in open('configs/hippocampus_val.txt') if l.strip() and not l.startswith('#')]
@@ -47,28 +48,18 @@ for c in cases:
             x, y = sitk.Resample(img, img, ts, INTERP[m[6:]], 0.0, sitk.sitkFloat32), ref_lab
         else:
             x, y = sitk.Resample(img, img, t, INTERP[m], 0.0, sitk.sitkFloat32), ref_lab
-        res = segment_image(x, model, samples=5, seed=0, with_attention=False)
-        p, r = sitk.GetArrayFromImage(res.labels), sitk.GetArrayFromImage(y)
         tt = sitk.TranslationTransform(3, shift.tolist()) if m.startswith('shift_') else t
-        if m != 'native' and BACK:
-            back = []
-            for pr in res.probabilities:
-                pi = sitk.GetImageFromArray(pr); pi.CopyInformation(img)
-                back.append(sitk.GetArrayFromImage(sitk.Resample(pi, img, tt.GetInverse(), sitk.sitkLinear, -1.0)))
-            back = np.stack(back); p = back.argmax(0); r = sitk.GetArrayFromImage(lab)
-            valid = back[0] >= 0
-            for k, name in ((1, 'ant'), (2, 'post')):
-                pk, rk = (p == k) & valid, (r == k) & valid
-                row[f'{m}_{name}_dice'] = 2 * np.sum(pk & rk) / max(pk.sum() + rk.sum(), 1)
-                row[f'{m}_{name}_ratio'] = pk.sum() / max(rk.sum(), 1)
-            continue
-        # the rotated field of view loses corners: score only where the rotated image has data
-        ones = sitk.Image(img.GetSize(), sitk.sitkUInt8) + 1; ones.CopyInformation(img)
-        valid = sitk.GetArrayFromImage(sitk.Resample(ones, img, t, sitk.sitkNearestNeighbor, 0)) > 0 if m != 'native' else np.ones_like(p, bool)
+        if m != 'native' and BACK:  # probabilities back onto the crop's own grid, its own labels
+            back = probabilities_back(model, x, img, tt)
+            p, r, valid = back.argmax(0), sitk.GetArrayFromImage(lab), back[0] >= 0
+        else:
+            p, r = sitk.GetArrayFromImage(segment_image(x, model, samples=5, seed=0, with_attention=False).labels), sitk.GetArrayFromImage(y)
+            # the rotated field of view loses corners: score only where the rotated image has data
+            ones = sitk.Image(img.GetSize(), sitk.sitkUInt8) + 1; ones.CopyInformation(img)
+            valid = sitk.GetArrayFromImage(sitk.Resample(ones, img, t, sitk.sitkNearestNeighbor, 0)) > 0 if m != 'native' else np.ones_like(p, bool)
+        scores = class_scores(p, r, valid)
         for k, name in ((1, 'ant'), (2, 'post')):
-            pk, rk = (p == k) & valid, (r == k) & valid
-            row[f'{m}_{name}_dice'] = 2 * np.sum(pk & rk) / max(pk.sum() + rk.sum(), 1)
-            row[f'{m}_{name}_ratio'] = pk.sum() / max(rk.sum(), 1)
+            row[f'{m}_{name}_dice'], row[f'{m}_{name}_ratio'] = scores[k]
     rows.append(row); print(json.dumps(row), flush=True)
 json.dump(rows, open(sys.argv[3], 'w'), indent=0)
 for m in modes:
