@@ -1,4 +1,4 @@
-"""tools/compare_reports.py (paired report differences) and tools/add_member.py (normalisation check)."""
+"""tools/compare_reports.py (paired differences), tools/cross_validation.py (pooled folds), tools/add_member.py."""
 
 import pytest
 
@@ -40,3 +40,31 @@ def test_a_member_adopts_landmarks_that_differ_within_the_tolerance_and_records_
 def test_a_member_with_another_intensity_scale_is_refused(member, why):
     with pytest.raises(SystemExit, match=why):
         load_tool("add_member").adopt_normalisation(_card([0.1, 0.5, 0.9]), member)
+
+
+def _fold_report(cases, dice):
+    return {"per_volume": [{"case": c, "Anterior_dice": d} for c, d in zip(cases, dice)],
+            "uncertainty": {"auroc": 0.9}}
+
+
+def test_cross_validation_pools_every_case_once_and_keeps_the_fold_means():
+    folds = [["a", "b"], ["c", "d"]]
+    pooled = load_tool("cross_validation").pool([_fold_report(folds[0], [0.80, 0.90]),
+                                                 _fold_report(folds[1], [0.60, 0.70])], folds)
+    s = pooled["summary"]["Anterior_dice"]
+    assert [r["case"] for r in pooled["per_volume"]] == ["a", "b", "c", "d"]
+    assert s["mean"] == pytest.approx(75.0) and s["fold_means"] == [85.0, 65.0]
+    assert s["se_folds"] == pytest.approx(10.0)  # sd of (85, 65) over sqrt(2)
+    # the pooled report pairs with another recipe's, case by case
+    other = load_tool("cross_validation").pool([_fold_report(folds[0], [0.81, 0.91]),
+                                                _fold_report(folds[1], [0.61, 0.71])], folds)
+    assert load_tool("compare_reports").compare(pooled, other)["Anterior_dice"]["paired_diff"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("reports, why", [
+    ([_fold_report(["a", "b"], [0.8, 0.9]), _fold_report(["b", "c"], [0.8, 0.9])], "more than one fold"),
+    ([_fold_report(["a", "b"], [0.8, 0.9]), _fold_report(["c"], [0.8])], "does not cover fold 1"),
+    ([_fold_report(["a", "b"], [0.8, 0.9])], "1 reports for 2 folds")])
+def test_cross_validation_refuses_reports_that_do_not_match_the_folds(reports, why):
+    with pytest.raises(SystemExit, match=why):
+        load_tool("cross_validation").pool(reports, [["a", "b"], ["c", "d"]])
