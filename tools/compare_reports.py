@@ -46,6 +46,12 @@ def compare(baseline: Dict, candidate: Dict) -> Dict:
         md, sd = _mean_se([q - p for p, q in zip(x, y)])
         out[key] = {"baseline": round(mx, 2), "baseline_se": round(sx, 2), "candidate": round(my, 2),
                     "candidate_se": round(sy, 2), "paired_diff": round(md, 2), "paired_se": round(sd, 2)}
+        folds = sorted({a[c]["fold"] for c in cases}) if all("fold" in a[c] for c in cases) else []
+        if len(folds) > 1:  # pooled cross-validations: one model per fold, so folds also differ by training noise
+            by_fold = [_mean_se([100 * (b[c][key] - a[c][key]) for c in cases if a[c]["fold"] == k])[0]
+                       for k in folds]
+            out[key].update(paired_by_fold=[round(d, 2) for d in by_fold],
+                            paired_se_folds=round(_mean_se(by_fold)[1], 2))
     return out
 
 
@@ -60,7 +66,9 @@ def main(argv=None) -> None:
     for key, r in result.items():
         if key != "cases":
             print(f"  {key:22s} {r['baseline']:6.2f} ± {r['baseline_se']:.2f} -> {r['candidate']:6.2f} ± "
-                  f"{r['candidate_se']:.2f}   paired {r['paired_diff']:+.2f} ± {r['paired_se']:.2f}")
+                  f"{r['candidate_se']:.2f}   paired {r['paired_diff']:+.2f} ± {r['paired_se']:.2f}"
+                  + (f" (cases) ± {r['paired_se_folds']:.2f} (folds); by fold "
+                     + ", ".join(f"{d:+.2f}" for d in r["paired_by_fold"]) if "paired_by_fold" in r else ""))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -3,10 +3,12 @@
     python tools/cross_validation.py FOLD0.json FOLD1.json ... [--folds configs/hippocampus_folds.json] --json OUT
 
 Each report scores the model that held that fold out, on that fold. The pooled report has every case once
-(``per_volume``), so ``tools/compare_reports.py`` compares two pooled recipes case by case, and its summary
-gives per class the mean Dice over all cases with its standard error (between cases), the fold means, and the
-standard error from the spread of the fold means (the one that also holds the model-to-model spread, since each
-fold has its own model). ``--folds`` checks that the reports cover exactly the folds' cases, each once.
+(``per_volume``), so ``tools/compare_reports.py`` compares two pooled recipes case by case. Its summary gives, per
+class, the mean Dice over all cases with its standard error (between cases), the fold means, and the standard
+error from the spread of the fold means (which also holds the model-to-model spread: each fold has its own model).
+``--folds`` checks that the reports cover exactly the folds' cases, each once. Each row keeps its ``fold``, so
+``compare_reports`` also gives the paired difference fold by fold: its spread holds the run-to-run noise of
+training that the per-case standard error misses (one model per fold and recipe).
 """
 import argparse
 import json
@@ -25,7 +27,7 @@ def _mean_se(values: List[float]):
 
 def pool(reports: List[Dict], folds: Optional[List[List[str]]] = None) -> Dict:
     """One report from per-fold reports: ``per_volume`` concatenated, ``summary`` per class (Dice in %)."""
-    rows = [row for report in reports for row in report["per_volume"]]
+    rows = [dict(row, fold=k) for k, report in enumerate(reports) for row in report["per_volume"]]
     cases = [row["case"] for row in rows]
     repeated = sorted({c for c in cases if cases.count(c) > 1})
     if repeated:

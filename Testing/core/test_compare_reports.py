@@ -68,3 +68,15 @@ def test_cross_validation_pools_every_case_once_and_keeps_the_fold_means():
 def test_cross_validation_refuses_reports_that_do_not_match_the_folds(reports, why):
     with pytest.raises(SystemExit, match=why):
         load_tool("cross_validation").pool(reports, [["a", "b"], ["c", "d"]])
+
+
+def test_pooled_recipes_are_also_compared_fold_by_fold():
+    folds = [["a", "b"], ["c", "d"]]
+    cv = load_tool("cross_validation")
+    base = cv.pool([_fold_report(folds[0], [0.80, 0.90]), _fold_report(folds[1], [0.60, 0.70])], folds)
+    # the new recipe gains 3 points in fold 0 and nothing in fold 1: one lucky run, not a steady gain
+    cand = cv.pool([_fold_report(folds[0], [0.83, 0.93]), _fold_report(folds[1], [0.60, 0.70])], folds)
+    r = load_tool("compare_reports").compare(base, cand)["Anterior_dice"]
+    assert r["paired_by_fold"] == [3.0, 0.0]
+    assert r["paired_se_folds"] == pytest.approx(1.5)
+    assert r["paired_se"] < r["paired_se_folds"]  # the per-case s.e. misses the run-to-run spread
