@@ -215,8 +215,9 @@ def modelNames(imageModels, channels=None):
 def modelSummary(modelPath):
     # type: (str) -> Tuple[str, str]
     """(one line, tooltip) that tell a user what a model is before they run it: its sampling, ensemble size and
-    validation Dice per class (± the standard error over the validation cases), read from its card. A card that
-    cannot be read gives its error as both."""
+    validation Dice per class (± the standard error over the validation cases), and the Dice to expect on new
+    scans where the card has a cross-validated estimate, read from its card. A card that cannot be read gives its
+    error as both."""
     try:
         card = readModelCard(modelPath)
     except CDALError as exc:
@@ -240,7 +241,14 @@ def modelSummary(modelPath):
                                                    "images" if validation.get("images") else "volumes")
     else:
         line += "; no validation recorded in its card"
-    tooltip = "\n".join(part for part in (card.get("description"), line, validation.get("note")) if part)
+    estimate = validation.get("estimate") or {}
+    expected = ["%s %.1f ± %.1f" % (name, 100.0 * row["dice"], 100.0 * row["se"])
+                for name, row in (estimate.get("per_class") or {}).items()
+                if isinstance(row, dict) and row.get("dice") is not None and row.get("se") is not None]
+    if expected:  # a cross-validated estimate says what to expect on new scans better than one split does
+        line += "; expected on new scans %s (%s)" % (", ".join(expected), estimate.get("basis", "estimate"))
+    tooltip = "\n".join(part for part in (card.get("description"), line, validation.get("note"),
+                                           estimate.get("note")) if part)
     return line, tooltip
 
 

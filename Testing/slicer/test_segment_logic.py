@@ -233,6 +233,15 @@ def test_model_summary_tells_sampling_ensemble_and_dice_with_standard_error(tmp_
                     "(10 volumes)")
     assert tooltip.splitlines() == ["Two ellipsoids", line, "fold 0"]
 
+    card["validation"]["estimate"] = {"basis": "4-fold cross-validation", "note": "fold 0 is easy",
+                                      "per_class": {"Left": {"dice": 0.883, "se": 0.003},
+                                                    "Right": {"dice": 0.866, "se": 0.004}}}
+    (folder / "model.json").write_text(json.dumps(card))
+    line, tooltip = modelSummary(str(folder))
+    assert line.endswith("(10 volumes); expected on new scans Left 88.3 ± 0.3, Right 86.6 ± 0.4 "
+                         "(4-fold cross-validation)")
+    assert tooltip.splitlines()[-1] == "fold 0 is easy"
+
     del card["validation"], card["members"]
     (folder / "model.json").write_text(json.dumps(card))
     assert modelSummary(str(folder))[0] == "2 denoising steps x 5 samples; no validation recorded in its card"
