@@ -25,7 +25,10 @@ back afterwards (session 14):
     git reset -q; sed -i '/safetensors/d' .git/info/exclude
 
 Session 14 (one H200): ``--runs sag_cv0,sag_all --batch 256 --budget-s 530 --bench-steps 0`` gave 2,984 steps x 256
-per run in 474 s (6.3 steps/s each, two runs sharing the GPU).
+per run in 474 s (6.3 steps/s each, two runs sharing the GPU). Session 17 (one H200): ``--runs cv0,cv1,cv2,cv3
+--batch 256 --budget-s 530 --bench-steps 0`` gave 2,202-2,231 steps x 256 per run in 468 s (4.7 steps/s each,
+4,840 slices/s together), then ``--runs cv0_ft,cv1_ft,cv2_ft,cv3_ft --budget-s 240 --init-root .gpu/s17/init``
+(after ``pack-init cv0=runs/gpu17/cv0/model ...``) 814-826 more steps each.
 
 Runs (hippocampus recipe: ``configs/hippocampus_gpu.json``):
 - ``cv0``..``cv3``: fold k of ``configs/hippocampus_folds.json`` held out (fold 0 is the old validation list),
@@ -123,8 +126,9 @@ FINETUNE_RUNS = {
                          source=f"runs/gpu17/cv{k} (session 17, from scratch)") for k in range(4)},
 }
 # a shipped model's primary keeps D for its attention maps; each run is packed in its own tar (< 16 MiB cap)
+# (session 17: the fold models keep theirs too, so a later restart goes on with the discriminator it trained with)
 WITH_DISCRIMINATOR = {"all0", "cxr", "cxr128", "monuseg", "monuseg_ft", "cxr128_ft", "monuseg_ft2", "cxr128_ft2",
-                      "h1_all", "h1_cv0"}
+                      "h1_all", "h1_cv0", *(f"cv{k}" for k in range(4)), *(f"cv{k}_ft" for k in range(4))}
 
 
 # --- prepare (here) -------------------------------------------------------------------------------------------
