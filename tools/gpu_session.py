@@ -121,7 +121,8 @@ FINETUNE_RUNS = {
     "monuseg_ft2": dict(base="monuseg", init="monuseg_ft", seed=2, source="runs/gpu9/monuseg_ft (session 9)"),
     "cxr128_ft2": dict(base="cxr128", init="cxr128_ft", seed=2, batch=32, source="runs/gpu9/cxr128_ft (session 9)"),
     # session 17: longer training, checked by 4-fold cross-validation: each fold model trained from scratch (cv0..cv3)
-    # goes on with its own fold held out, half the peak learning rate and a new discriminator (none was packed)
+    # goes on with its own fold held out and half the peak learning rate (with a new discriminator: session 17's
+    # fold models were packed without theirs)
     **{f"cv{k}_ft": dict(base=f"cv{k}", init=f"cv{k}", seed=400 + k, lr_scale=0.5,
                          source=f"runs/gpu17/cv{k} (session 17, from scratch)") for k in range(4)},
 }
