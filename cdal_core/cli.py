@@ -30,19 +30,14 @@ def _add_common_sampling(p: argparse.ArgumentParser) -> None:
                    help="run every denoising step on every slice (default: slices that are surely background "
                         "after the first step stop there)")
     p.add_argument("--symmetries", default="auto", choices=("auto", "on", "off"),
-                   help="2D images: spread the samples over flips and transposes of the image (auto: as the model "
-                        "card says; on for tissue, whose orientation carries no meaning)")
+                   help="2D images: spread the samples over flips and transposes of the image (on for tissue, "
+                        "whose orientation carries no meaning); volumes: part of the samples see the scan's "
+                        "left-right mirror (for models trained on mirrored slices); auto: as the model card says")
 
 
 def symmetries_choice(args) -> Optional[bool]:
-    """``--symmetries`` as segment_image_2d takes it (None = the model card's default)."""
+    """``--symmetries`` as segment_image_2d and segment_image (``mirror``) take it (None = the card's default)."""
     return {"auto": None, "on": True, "off": False}[getattr(args, "symmetries", "auto")]
-
-
-def _volumes_take_no_symmetries(args) -> None:
-    if getattr(args, "symmetries", "auto") == "on":
-        raise CDALError("--symmetries on applies to 2D images (tissue has no preferred orientation); a brain "
-                        "volume has one: leave --symmetries out for volumes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,8 +140,7 @@ def cmd_predict(args) -> int:
     if _is_2d_request(args.input):
         from .predict2d import predict_images
         return predict_images(args)
-    _volumes_take_no_symmetries(args)
-    from .inference import resolve_device
+    from .inference import mirror_axis_for, resolve_device
     from .inputs import list_inputs
     from .model_io import load_model
     from .scan import parse_roi
@@ -168,6 +162,7 @@ def cmd_predict(args) -> int:
         raise CDALError(f"{existing[0]} already exists ({len(existing)} outputs would be replaced): "
                         "pass --overwrite or choose another --output")
     model = load_model(args.model, device=str(device))
+    mirror_axis_for(model, symmetries_choice(args))  # refuses a mirror the model cannot take, before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     run_each(inputs, lambda item, bar: _predict_one(item, model, planned[item.stem], roi, str(device), args,
                                                    progress_bar=bar), device, item_name=lambda item: item.stem)
@@ -224,7 +219,8 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
             bar.set_postfix_str(message[:40], refresh=True)
         result = segment_scan(scan.image, model, roi=roi, localise=args.localise, steps=args.steps,
                               samples=args.samples, seed=args.seed, device=device, progress=progress,
-                              precision=args.precision, early_exit=not args.full_sampling)
+                              precision=args.precision, early_exit=not args.full_sampling,
+                              mirror=symmetries_choice(args))
     write_image_atomic(result.labels, files["seg"])
     write_image_atomic(result.uncertainty, files["uncertainty"])
     if result.attention is not None:
@@ -256,22 +252,23 @@ def cmd_evaluate(args) -> int:
     if _is_2d_request(args.data) and not (Path(args.data) / "imagesTr").is_dir():
         from .predict2d import evaluate_images
         return evaluate_images(args)
-    _volumes_take_no_symmetries(args)
     from tqdm import tqdm
     from .data import read_case_list, read_msd_cases, select_cases
     from .evaluation import evaluate_cases, format_table
-    from .inference import resolve_device
+    from .inference import mirror_axis_for, resolve_device
     from .model_io import load_model
 
     device = resolve_device(args.device)
     model = load_model(args.model, device=str(device), with_discriminator=False)
+    mirror_axis_for(model, symmetries_choice(args))  # refuses a mirror the model cannot take, before any work
     cases, _ = read_msd_cases(args.data)
     if args.cases:
         cases = select_cases(cases, read_case_list(args.cases), args.cases, args.data)
     bar = tqdm(total=len(cases), desc="evaluating", unit="vol")
     report = evaluate_cases(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
                             device=str(device), on_volume=lambda i, n, name: bar.update(1),
-                            precision=args.precision, early_exit=not args.full_sampling, parallel=True)
+                            precision=args.precision, early_exit=not args.full_sampling, parallel=True,
+                            mirror=symmetries_choice(args))
     bar.close()
     return finish_evaluation(report, model, args, format_table)
 

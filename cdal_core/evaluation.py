@@ -19,7 +19,7 @@ from .quality import needs_review, review_limits
 def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[int] = None, samples: int = 5,
                    seed: Optional[int] = 0, device: str = "cpu", with_uncertainty: bool = True,
                    on_volume: Optional[Callable[[int, int, str], None]] = None, precision: str = "auto",
-                   early_exit: bool = True, parallel: bool = False) -> Dict:
+                   early_exit: bool = True, parallel: bool = False, mirror: Optional[bool] = None) -> Dict:
     """Segment every case and compare with its label on the input grid (the user's geometry).
 
     ``parallel``: segment several volumes at once on the CPU (``inference.parallel_map``; same results up to
@@ -29,17 +29,18 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
 
     Returns ``{"per_class": {name: {dice, iou, precision, recall, hd95, *_std}}, "uncertainty": {...},
     "volumes": N, "seconds_per_volume": s, "per_volume": [...], "precision": "float32" or "bfloat16",
-    "early_exit": bool}``;
-    metrics are fractions, HD95 in mm.
+    "early_exit": bool, "mirror": bool}``;
+    metrics are fractions, HD95 in mm. ``mirror``: see ``segment_image``.
     """
     names = model.class_names
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)  # also refuses a bad name before any work
+    mirror = model.test_time_mirror if mirror is None else bool(mirror)
     start = time.perf_counter()
 
     def one(i: int):
         return _evaluate_case(model, cases[i], names, steps, samples, None if seed is None else seed + i, device,
-                              with_uncertainty, precision, early_exit)
+                              with_uncertainty, precision, early_exit, mirror)
 
     per_volume, unc, rows = [], [], []
     with parallel_map(len(cases) if parallel else 1, dev) as (workers, mapped):
@@ -57,6 +58,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
         "per_volume": rows,
         "precision": str(dtype).replace("torch.", ""),
         "early_exit": bool(early_exit),
+        "mirror": mirror,
     }
     if workers > 1:
         report.update(volumes_at_once=workers, wall_seconds=round(time.perf_counter() - start, 2))
@@ -86,11 +88,11 @@ def review_summary(rows: Sequence[Dict], class_names: Sequence[str], card: Dict)
 
 
 def _evaluate_case(model: LoadedModel, case: Case, names, steps, samples, seed, device, with_uncertainty: bool,
-                   precision: str, early_exit: bool):
+                   precision: str, early_exit: bool, mirror: Optional[bool] = None):
     """One case: (segmentation metrics, uncertainty metrics or None, per-volume row)."""
     image = read_image(case.image)
     result = segment_image(image, model, steps=steps, samples=samples, seed=seed, device=device,
-                           with_attention=False, precision=precision, early_exit=early_exit)
+                           with_attention=False, precision=precision, early_exit=early_exit, mirror=mirror)
     truth_img = read_image(case.label)
     truth = sitk.GetArrayFromImage(truth_img).astype(np.int64)
     if truth.shape != sitk.GetArrayViewFromImage(image).shape:

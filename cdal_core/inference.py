@@ -21,7 +21,7 @@ import torch
 from .data import check_volume, pad_to, round_up, slice_stack
 from .errors import CDALError
 from .geometry import GridMapping
-from .model_io import LoadedModel
+from .model_io import LoadedModel, trained_mirrored
 from .sampler import sample
 
 ProgressFn = Callable[[float, str], None]
@@ -194,18 +194,22 @@ def adapted_threads(device: torch.device):
 def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = None, samples: int = 5,
                   seed: Optional[int] = None, device: str = "cpu", batch_slices: Optional[int] = None,
                   with_attention: bool = True, progress: Optional[ProgressFn] = None,
-                  precision: str = "auto", early_exit: bool = True) -> VolumeResult:
+                  precision: str = "auto", early_exit: bool = True,
+                  mirror: Optional[bool] = None) -> VolumeResult:
     """Segment one 3D volume. ``progress(fraction, message)`` may raise CancelledError to stop.
 
     ``precision``: the networks' arithmetic, 'auto' (bf16 where the hardware has it), 'fp32' or 'bf16';
     sampling statistics and outputs are float32 either way. ``early_exit``: slices that are surely
-    background after the first step skip the others (``EARLY_EXIT``); False runs every step everywhere."""
+    background after the first step skip the others (``EARLY_EXIT``); False runs every step everywhere.
+    ``mirror``: part of the samples see the scan's left-right mirror, mapped back (None: the card's
+    ``input.test_time_mirror``); True needs a model trained on mirrored slices (``trained_mirrored``)."""
     start = time.perf_counter()
     if samples < 1:
         raise CDALError(f"samples must be >= 1, got {samples}")
     if steps is not None and not 1 <= steps <= MAX_STEPS:
         raise CDALError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
     check_volume(image, model.config.image_channels)
+    mirror_axis = mirror_axis_for(model, mirror)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     model.to(dev)
@@ -216,7 +220,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     with adapted_threads(dev), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         probs, variance, attention = _segment_array(array, model, steps, samples, seed, dev, batch_slices,
                                                     with_attention, progress,
-                                                    EARLY_EXIT if early_exit else None)
+                                                    EARLY_EXIT if early_exit else None, mirror_axis)
     # Back to the input grid: probabilities are interpolated, then the labels are their argmax.
     prob_in = np.stack([sitk.GetArrayFromImage(mapping.to_input(p)) for p in probs])
     if mapping.resampled:
@@ -229,6 +233,21 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
                         list(mapping.notes))
 
 
+def mirror_axis_for(model: LoadedModel, mirror: Optional[bool]) -> Optional[int]:
+    """The array axis test-time mirroring flips on the model grid (``mirror``: None = the card's default), or
+    None when it is off. Refuses a mirror the model cannot take."""
+    if not (model.test_time_mirror if mirror is None else mirror):
+        return None
+    if model.mirror_axis is None:
+        raise CDALError(f"the model grid's orientation '{model.grid.orientation}' names no left-right axis to "
+                        "mirror: segment without the mirror (--symmetries off)")
+    if not trained_mirrored(model.card):
+        raise CDALError("this model was not trained on left-right mirrored slices (a generator's training config "
+                        "has no left-right flip), so its classes may differ by side: segment without the mirror "
+                        "(--symmetries off)")
+    return model.mirror_axis
+
+
 def split_evenly(total: int, parts: int) -> List[int]:
     """``total`` samples over ``parts`` runs, the first ones taking the remainder: 5 over 3 -> [2, 2, 1]."""
     return [total // parts + (i < total % parts) for i in range(parts)]
@@ -236,22 +255,27 @@ def split_evenly(total: int, parts: int) -> List[int]:
 
 def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], samples: int,
                    seed: Optional[int], device: torch.device, batch_slices: Optional[int],
-                   with_attention: bool, progress: Optional[ProgressFn], early_exit: Optional[float] = None):
+                   with_attention: bool, progress: Optional[ProgressFn], early_exit: Optional[float] = None,
+                   mirror_axis: Optional[int] = None):
     """Normalised (Z, Y, X) array on the model grid -> probabilities (C, Z, Y, X), variance, attention.
 
     The ``samples`` are spread over every (generator, slicing axis) pair of the model (``model.runs``), in turn:
     an ensemble of 2 generators draws 3 + 2 of 5 samples, a model with 2 views likewise, and one sample comes
-    from the primary generator alone. The mean and the variance are those of all samples pooled, so disagreement
-    between members or views counts as uncertainty. Attention comes from the primary's discriminator for all of
-    them. Slices the first run stopped early on (surely background) are not sampled again by the other generators
+    from the primary generator alone. With ``mirror_axis``, every pair is also run on the array mirrored along
+    that axis, after all the plain ones (one generator: 3 samples on the scan, 2 on its mirror), and the result
+    is mirrored back. The mean and the variance are those of all samples pooled, so disagreement between members,
+    views or mirror images counts as uncertainty. Attention comes from the primary's discriminator for all of
+    them. Slices the first run stopped early on (surely background) are not sampled again by the other runs
     along the same axis: the first run's samples stand for them there.
     """
-    runs = model.runs
+    runs = [(generator, axis, False) for generator, axis in model.runs]
+    if mirror_axis is not None:
+        runs += [(generator, axis, True) for generator, axis, _ in runs]
     counts = split_evenly(samples, len(runs))
     schedule = model.schedule(steps)
     rng = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
     views, primary = [], None
-    for i, ((generator, axis), k) in enumerate(zip(runs, counts)):
+    for i, ((generator, axis, mirrored), k) in enumerate(zip(runs, counts)):
         if k == 0:
             continue
         view_progress = None
@@ -260,8 +284,15 @@ def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], 
         # Later members skip the slices the first run found surely background (early exit): there the
         # first run's samples stand in for theirs. Only along the first run's axis, where slices coincide.
         skip = primary[3] if primary is not None and axis == model.slice_axis else None
-        view = _segment_view(array, axis, model, generator, schedule, k, rng, device, batch_slices,
-                             with_attention, view_progress, early_exit, skip)
+        if mirrored:  # the same run on the mirror image; its slices, and which to skip, mirrored along with it
+            own_skip = skip[::-1].copy() if skip is not None and axis == mirror_axis else skip
+            view = _segment_view(np.ascontiguousarray(np.flip(array, mirror_axis)), axis, model, generator,
+                                 schedule, k, rng, device, batch_slices, with_attention, view_progress,
+                                 early_exit, own_skip)
+            view = _mirrored_back(view, mirror_axis, axis)
+        else:
+            view = _segment_view(array, axis, model, generator, schedule, k, rng, device, batch_slices,
+                                 with_attention, view_progress, early_exit, skip)
         if skip is not None and skip.any():
             view = _fill_slices(view, primary, axis, skip)
         if primary is None:
@@ -270,6 +301,15 @@ def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], 
     if progress is not None:
         progress(1.0, "done")
     return pool_views(views)
+
+
+def _mirrored_back(view, mirror_axis: int, slice_axis: int):
+    """A view segmented on the mirror image (``_segment_view``'s outputs) mapped back onto the scan."""
+    probs, variance, attention, early = view
+    back = lambda a, axis: np.ascontiguousarray(np.flip(a, axis))  # noqa: E731
+    return (back(probs, mirror_axis + 1), back(variance, mirror_axis),
+            None if attention is None else back(attention, mirror_axis),
+            back(early, 0) if slice_axis == mirror_axis else early)
 
 
 def pool_views(views):

@@ -115,6 +115,16 @@ class LoadedModel:
         return pairs
 
     @property
+    def mirror_axis(self) -> Optional[int]:
+        """The model grid's left-right array axis (the axis test-time mirroring flips), or None."""
+        return lr_array_axis(self.grid.orientation)
+
+    @property
+    def test_time_mirror(self) -> bool:
+        """The card's default: part of the samples see the scan's left-right mirror (``input.test_time_mirror``)."""
+        return bool(self.card.get("input", {}).get("test_time_mirror", False))
+
+    @property
     def uses_latent(self) -> bool:
         """False for a model trained with z = 0 (the paper's "without latent" ablation): sample it the same way."""
         return uses_latent(self.card)
@@ -238,8 +248,22 @@ def uses_latent(card: Dict) -> bool:
 
 SLICING_KEYS = ("slice_axis", "extra_views", "train_size")   # how a model cuts the volume into slices
 # input keys a member need not share: its slicing (recorded in its entry) and what the ensemble's own card decides
-# for inference (2D test-time symmetries)
-MEMBER_FREE_INPUT_KEYS = SLICING_KEYS + ("test_time_symmetries",)
+# for inference (2D test-time symmetries, the volumes' left-right mirror)
+MEMBER_FREE_INPUT_KEYS = SLICING_KEYS + ("test_time_symmetries", "test_time_mirror")
+
+
+def lr_array_axis(orientation: str) -> Optional[int]:
+    """The axis of a (Z, Y, X) array on a grid of this orientation code ('RAS', 'LPS', ...) along which left and
+    right lie (2 - the position of R or L in the code), or None when the code names neither or both."""
+    side = [i for i, letter in enumerate(str(orientation).upper()) if letter in "RL"]
+    return 2 - side[0] if len(side) == 1 else None
+
+
+def trained_mirrored(card: Dict) -> bool:
+    """Every generator of the model of ``card`` was trained on left-right mirrored heads too
+    (``learns_left_right_mirror``), so it may be shown a scan's mirror image at test time."""
+    members = [{"input": card.get("input", {}), "training": m.get("training", {})} for m in card.get("members") or []]
+    return all(learns_left_right_mirror(c) is True for c in [card] + members)
 
 
 def card_slice_axes(card: Dict) -> List[int]:
@@ -288,11 +312,9 @@ def learns_left_right_mirror(card: Dict) -> Optional[bool]:
     context slices) mirrors; slicing along another axis, an in-plane ``flip_axis`` that is the left-right axis.
     A generator without it learns the side most training crops come from (session 13's sagittal member)."""
     config = card.get("training", {}).get("config")
-    orientation = str(card.get("input", {}).get("orientation", ""))
-    side = [i for i, letter in enumerate(orientation.upper()) if letter in "RL"]
-    if not isinstance(config, dict) or len(side) != 1:
+    left_right = lr_array_axis(str(card.get("input", {}).get("orientation", "")))
+    if not isinstance(config, dict) or left_right is None:
         return None
-    left_right = 2 - side[0]
     return left_right in mirrored_volume_axes(config.get("augmentation"), int(config.get("slice_axis", 0)))
 
 

@@ -72,14 +72,16 @@ def parse_roi(text: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
 def segment_scan(image: sitk.Image, model: LoadedModel, roi=None, localise: str = "auto",
                  steps: Optional[int] = None, samples: int = 5, seed: Optional[int] = None, device: str = "cpu",
                  precision: str = "auto", early_exit: bool = True,
-                 progress: Optional[ProgressFn] = None) -> ScanResult:
+                 progress: Optional[ProgressFn] = None, mirror: Optional[bool] = None) -> ScanResult:
     """Segment one 3D scan. ``roi``: two RAS corners (mm) or None. ``localise``: 'auto' (locate when the scan is
-    a brain rather than a crop), 'on' (always) or 'off' (segment the whole scan as it is)."""
+    a brain rather than a crop), 'on' (always) or 'off' (segment the whole scan as it is). ``mirror``: see
+    ``segment_image``."""
     start = time.perf_counter()
     if localise not in LOCALISE_MODES:
         raise CDALError(f"unknown localisation mode '{localise}': use auto, on or off")
     check_volume(image, model.config.image_channels)
-    run = dict(steps=steps, samples=samples, seed=seed, device=device, precision=precision, early_exit=early_exit)
+    run = dict(steps=steps, samples=samples, seed=seed, device=device, precision=precision, early_exit=early_exit,
+               mirror=mirror)
     specs = region_specs(model.card)
     if roi is not None:
         result = _segment_roi(image, model, roi, run, progress)

@@ -35,7 +35,7 @@ from .errors import CDALError
 from .evaluation import evaluate_cases, mean_foreground_dice
 from .geometry import ModelGrid, in_plane_axes, mirrored_volume_axes
 from .inference import resolve_device
-from .model_io import LoadedModel, atomic_write_bytes, load_model, make_card, save_model
+from .model_io import LoadedModel, atomic_write_bytes, learns_left_right_mirror, load_model, make_card, save_model
 from .networks import Discriminator, Generator, NetworkConfig, attention_map, normalise_attention
 from .schedule import DiffusionSchedule
 
@@ -219,6 +219,10 @@ class Trainer:
         if self.is_2d:  # predict2d resizes inputs to this and slides train_size windows over it
             card["input"]["image_size"] = list(cfg.image_size or cfg.train_size)
             card["normalisation"] = dict(NORMALISATION_2D)
+        elif learns_left_right_mirror(card):
+            # one generator that learnt left and right alike: 2 of its 5 samples see the scan's mirror (4-fold
+            # cross-validation, session 17: +0.26 / +0.23 Dice on the hippocampus at the same cost)
+            card["input"]["test_time_mirror"] = True
         return card
 
     # -- one step ------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))  # ship_model, also when imported as a module (tests)
 
 from cdal_core.model_io import (CARD_NAME, atomic_write_bytes, learns_left_right_mirror, load_model,  # noqa: E402
-                                member_mismatch, member_slice_axes, resolve_model, save_member)
+                                member_mismatch, member_slice_axes, resolve_model, save_member, trained_mirrored)
 from ship_model import validation_block  # noqa: E402
 
 # intensity landmarks are on the [0, 1] scale of the lower..upper percentiles; 0.01 is 1 % of that range
@@ -95,10 +95,13 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(dst, tmp)
     entry = save_member(tmp, member.generator, info)
+    card = json.loads((tmp / CARD_NAME).read_text())
     if args.validation:
-        card = json.loads((tmp / CARD_NAME).read_text())
         card["validation"] = validation_block(args.validation, args.cases)
-        atomic_write_bytes(tmp / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
+    if card.get("input", {}).get("test_time_mirror") and not trained_mirrored(card):
+        card["input"]["test_time_mirror"] = False  # a one-sided member must not be shown the mirror image
+        print(f"{dst}: test-time mirror turned off ({args.member} never saw a mirrored head)")
+    atomic_write_bytes(tmp / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
     load_model(tmp)  # refuse to ship anything that does not load
     old = dst.with_name("." + dst.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
