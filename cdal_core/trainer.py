@@ -221,7 +221,7 @@ class Trainer:
             card["normalisation"] = dict(NORMALISATION_2D)
         elif learns_left_right_mirror(card):
             # one generator that learnt left and right alike: 2 of its 5 samples see the scan's mirror (4-fold
-            # cross-validation, session 17: +0.26 / +0.23 Dice on the hippocampus at the same cost)
+            # cross-validation, session 17: +0.20 / +0.22 Dice on the hippocampus at the same cost)
             card["input"]["test_time_mirror"] = True
         return card
 
