@@ -223,9 +223,10 @@ def modelSummary(modelPath):
     except CDALError as exc:
         return str(exc), str(exc)
     generators = 1 + len(card.get("members") or [])
-    line = "%s%d denoising steps x %d samples" % (
+    line = "%s%d denoising steps x %d samples%s" % (
         "%d generators, " % generators if generators > 1 else "", int(card.get("num_steps", 2)),
-        int(card.get("samples", 5)))
+        int(card.get("samples", 5)),
+        " (some on the left-right mirror)" if card.get("input", {}).get("test_time_mirror") else "")
     validation = card.get("validation") or {}
     count = validation.get("images") or validation.get("volumes")
     scores = []
