@@ -233,6 +233,9 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
                         list(mapping.notes))
 
 
+MIRROR_OFF = "--symmetries off, or \"test_time_mirror\": false under \"input\" in its model.json"
+
+
 def mirror_axis_for(model: LoadedModel, mirror: Optional[bool]) -> Optional[int]:
     """The array axis test-time mirroring flips on the model grid (``mirror``: None = the card's default), or
     None when it is off. Refuses a mirror the model cannot take."""
@@ -240,11 +243,11 @@ def mirror_axis_for(model: LoadedModel, mirror: Optional[bool]) -> Optional[int]
         return None
     if model.mirror_axis is None:
         raise CDALError(f"the model grid's orientation '{model.grid.orientation}' names no left-right axis to "
-                        "mirror: segment without the mirror (--symmetries off)")
+                        f"mirror: segment without the mirror ({MIRROR_OFF})")
     if not trained_mirrored(model.card):
         raise CDALError("this model was not trained on left-right mirrored slices (a generator's training config "
-                        "has no left-right flip), so its classes may differ by side: segment without the mirror "
-                        "(--symmetries off)")
+                        f"has no left-right flip), so its classes may differ by side: segment without the mirror "
+                        f"({MIRROR_OFF})")
     return model.mirror_axis
 
 
