@@ -21,7 +21,7 @@ def _per_case(report: Dict) -> Dict[str, Dict[str, float]]:
     return {row["case"]: row for row in rows}
 
 
-def _mean_se(values: List[float]):
+def mean_se(values: List[float]):
     n = len(values)
     mean = sum(values) / n
     if n < 2:
@@ -42,16 +42,16 @@ def compare(baseline: Dict, candidate: Dict) -> Dict:
     for key in keys:
         x = [100 * a[c][key] for c in cases]
         y = [100 * b[c][key] for c in cases]
-        (mx, sx), (my, sy) = _mean_se(x), _mean_se(y)
-        md, sd = _mean_se([q - p for p, q in zip(x, y)])
+        (mx, sx), (my, sy) = mean_se(x), mean_se(y)
+        md, sd = mean_se([q - p for p, q in zip(x, y)])
         out[key] = {"baseline": round(mx, 2), "baseline_se": round(sx, 2), "candidate": round(my, 2),
                     "candidate_se": round(sy, 2), "paired_diff": round(md, 2), "paired_se": round(sd, 2)}
         folds = sorted({a[c]["fold"] for c in cases}) if all("fold" in a[c] for c in cases) else []
         if len(folds) > 1:  # pooled cross-validations: one model per fold, so folds also differ by training noise
-            by_fold = [_mean_se([100 * (b[c][key] - a[c][key]) for c in cases if a[c]["fold"] == k])[0]
+            by_fold = [mean_se([100 * (b[c][key] - a[c][key]) for c in cases if a[c]["fold"] == k])[0]
                        for k in folds]
             out[key].update(paired_by_fold=[round(d, 2) for d in by_fold],
-                            paired_se_folds=round(_mean_se(by_fold)[1], 2))
+                            paired_se_folds=round(mean_se(by_fold)[1], 2))
     return out
 
 

@@ -12,17 +12,12 @@ training that the per-case standard error misses (one model per fold and recipe)
 """
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-
-def _mean_se(values: List[float]):
-    n = len(values)
-    mean = sum(values) / n
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
-    return mean, se
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_reports, also when imported as a module (tests)
+from compare_reports import mean_se  # noqa: E402
 
 
 def pool(reports: List[Dict], folds: Optional[List[List[str]]] = None) -> Dict:
@@ -43,11 +38,11 @@ def pool(reports: List[Dict], folds: Optional[List[List[str]]] = None) -> Dict:
     keys = sorted(k for k in rows[0] if k.endswith("_dice"))
     summary = {"cases": len(rows), "folds": len(reports)}
     for key in keys:
-        mean, se = _mean_se([100 * row[key] for row in rows])
-        fold_means = [_mean_se([100 * row[key] for row in report["per_volume"]])[0] for report in reports]
+        mean, se = mean_se([100 * row[key] for row in rows])
+        fold_means = [mean_se([100 * row[key] for row in report["per_volume"]])[0] for report in reports]
         summary[key] = {"mean": round(mean, 2), "se_cases": round(se, 2),
                         "fold_means": [round(m, 2) for m in fold_means],
-                        "se_folds": round(_mean_se(fold_means)[1], 2)}
+                        "se_folds": round(mean_se(fold_means)[1], 2)}
     uncertainty = [r["uncertainty"] for r in reports if r.get("uncertainty")]
     if len(uncertainty) == len(reports):
         summary["uncertainty_fold_mean"] = {k: round(sum(u[k] for u in uncertainty) / len(uncertainty), 4)
