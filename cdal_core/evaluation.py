@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from .data import Case, read_image
 from .errors import CDALError
-from .inference import parallel_map, resolve_device, resolve_precision, segment_image
+from .inference import mirror_axis_for, parallel_map, resolve_device, resolve_precision, segment_image
 from .metrics import nanmean, segmentation_metrics, summarise, uncertainty_metrics
 from .model_io import LoadedModel
 from .quality import needs_review, review_limits
@@ -35,7 +35,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
     names = model.class_names
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)  # also refuses a bad name before any work
-    mirror = model.test_time_mirror if mirror is None else bool(mirror)
+    mirror = mirror_axis_for(model, mirror) is not None  # the card's default resolved, a bad request refused
     start = time.perf_counter()
 
     def one(i: int):
