@@ -224,20 +224,38 @@ def _write_weights(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
         raise
 
 
-def save_member(directory: os.PathLike, generator: Generator, info: Optional[Dict] = None) -> Dict:
+def save_member(directory: os.PathLike, generator: Generator, info: Optional[Dict] = None,
+                replace: Optional[int] = None) -> Dict:
     """Add ``generator`` to the model in ``directory`` as a further ensemble member: its weights file first,
     then the card that lists it (each written atomically). ``info`` (e.g. its training summary) goes into the
-    card's entry. Returns that entry."""
+    card's entry. Returns that entry.
+
+    ``replace`` = N puts it in the place of member N (1 = the first after the primary) instead: same position,
+    so the same share of the samples. Its weights get a file name no entry uses, the card switches to it, and
+    only then is the old file removed, so the folder never lists weights that are not there."""
     directory = Path(directory)
     card = read_card(directory)
     if NetworkConfig.from_dict(card["network"]).to_dict() != generator.cfg.to_dict():
         raise CDALError(f"{directory}: the new member's network differs from the model's: members must share it")
     members = list(card.get("members", []))
-    entry = {"weights": f"member{len(members) + 1}.safetensors", **(info or {})}
+    if replace is not None and not 1 <= replace <= len(members):
+        raise CDALError(f"{directory} has {len(members)} member(s) besides its primary generator, so there is no "
+                        f"member {replace} to replace: pick one from 1 to {len(members)}")
+    taken = {m["weights"] for m in members}
+    number = len(members) + 1
+    while f"member{number}.safetensors" in taken:
+        number += 1
+    entry = {"weights": f"member{number}.safetensors", **(info or {})}
     _write_weights(directory / entry["weights"], _tensors("generator", generator))
-    card["members"] = members + [entry]
+    if replace is None:
+        card["members"] = members + [entry]
+    else:
+        old = members[replace - 1]["weights"]
+        card["members"] = members[:replace - 1] + [entry] + members[replace:]
     card.pop("quality", None)  # review limits belong to the weights they were measured with (cdal_core.quality)
     atomic_write_bytes(directory / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
+    if replace is not None:
+        (directory / old).unlink(missing_ok=True)
     return entry
 
 

@@ -7,7 +7,8 @@ The member must have been trained for the same input, classes and network (`mode
 slice along other axes than the model (e.g. a sagittal member beside axial ones), which its entry then records
 (`slice_axes`) so that inference cuts the volume its way. Its generator is written as `member<N>.safetensors`
 next to the model's weights and listed, with its training summary and recipe, in the card's `members`. The
-shipped folder is replaced only once the result loads. `--validation REPORT.json` replaces the card's validation
+shipped folder is replaced only once the result loads. `--replace N` puts the new generator in the place of member N
+(its share of the samples kept) instead of adding one. `--validation REPORT.json` replaces the card's validation
 block with the ensemble's own evaluation.
 
 `--adopt-normalisation` lets a member trained on a different case set (e.g. all 195 volumes where the model's
@@ -65,6 +66,9 @@ def main() -> None:
     p.add_argument("--cases", default=None, help="the case list that report was measured on")
     p.add_argument("--one-sided", action="store_true",
                    help="accept a member trained without left-right mirrors (checked on both sides yourself)")
+    p.add_argument("--replace", type=int, default=None, metavar="N",
+                   help="put the member in the place of member N (1 = the first after the primary), keeping its "
+                        "share of the samples, instead of adding it")
     p.add_argument("--adopt-normalisation", action="store_true",
                    help="let a member whose intensity landmarks differ slightly (another case set) use the model's")
     args = p.parse_args()
@@ -77,6 +81,9 @@ def main() -> None:
         sys.exit(f"{args.member} cannot join {dst}: {why}")
     if member.members:
         sys.exit(f"{args.member} is itself an ensemble: add its members one by one")
+    if args.replace is not None and not 1 <= args.replace <= len(base.members):
+        sys.exit(f"{dst} has {len(base.members)} member(s) besides its primary generator, so there is no member "
+                 f"{args.replace} to replace: pick one from 1 to {len(base.members)}")
     if learns_left_right_mirror(base.card) and learns_left_right_mirror(member.card) is False and not args.one_sided:
         sys.exit(f"{args.member} never saw a left-right mirrored head (its augmentation has no left-right flip; "
                  "slicing sagittally that is \"flip_across_slices\": true) while the model does: it would be "
@@ -94,7 +101,7 @@ def main() -> None:
     tmp = dst.with_name("." + dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(dst, tmp)
-    entry = save_member(tmp, member.generator, info)
+    entry = save_member(tmp, member.generator, info, replace=args.replace)
     card = json.loads((tmp / CARD_NAME).read_text())
     if args.validation:
         card["validation"] = validation_block(args.validation, args.cases)
@@ -108,7 +115,8 @@ def main() -> None:
     dst.rename(old)
     tmp.rename(dst)
     shutil.rmtree(old)
-    print(f"{dst}: added {entry['weights']} ({len(base.generators) + 1} generators)")
+    what = f"member {args.replace} replaced by" if args.replace else "added"
+    print(f"{dst}: {what} {entry['weights']} ({len(load_model(dst).generators)} generators)")
 
 
 if __name__ == "__main__":

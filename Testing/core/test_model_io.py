@@ -98,6 +98,29 @@ def test_ensemble_members_share_the_samples(tiny_model, synthetic_dir, tmp_path)
         assert variance.max() == pytest.approx(2 * anterior * (1 - anterior), abs=1e-3)
 
 
+def test_a_member_replaced_keeps_its_place_and_its_share_of_the_samples(tiny_model, synthetic_dir, tmp_path):
+    """``replace``: the new generator takes member N's position (so its samples), the old weights file goes, and
+    a member number the ensemble does not have is refused before anything is written."""
+    import SimpleITK as sitk
+    from cdal_core.inference import segment_image
+    from cdal_core.model_io import save_member
+    base = load_model(tiny_model)
+    ensemble = save_model(tmp_path / "ensemble", base.card, _constant_generator(base, 1), base.discriminator)
+    save_member(ensemble, _constant_generator(base, 0), {"note": "background"})
+    save_member(ensemble, _constant_generator(base, 1), {"note": "anterior"})
+    entry = save_member(ensemble, _constant_generator(base, 2), {"note": "posterior"}, replace=1)
+    saved = json.loads((ensemble / "model.json").read_text())
+    assert [m["note"] for m in saved["members"]] == ["posterior", "anterior"]
+    assert entry["weights"] == "member3.safetensors" and not (ensemble / "member1.safetensors").exists()
+    image = sitk.ReadImage(str(next((synthetic_dir / "imagesTr").glob("*.nii.gz"))))
+    # 2 samples: the primary's and the first member's; appended last, the new one would draw none
+    result = segment_image(image, load_model(ensemble), samples=2, seed=0, with_attention=False, early_exit=False)
+    assert result.probabilities[2].min() == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(CDALError, match="no member 3 to replace"):
+        save_member(ensemble, _constant_generator(base, 0), replace=3)
+    assert sorted(p.name for p in ensemble.glob("member*")) == ["member2.safetensors", "member3.safetensors"]
+
+
 def test_members_skip_slices_the_primary_found_surely_background(tiny_model, synthetic_dir, tmp_path):
     """Early exit across members: where the primary's first step is surely background, the others' samples
     are not drawn and the primary's stand in for them; with every step run, the members count again."""
