@@ -616,6 +616,7 @@ class CDALSegmentationLogic(object):
         for columnName, text in (descriptions or {}).items():
             table.SetColumnDescription(columnName, text)
         useColumnNamesAsHeaders(table)
+        table.SetLocked(True)  # a result, not a form: an edited cell would mislead the slice jumps and the plot
         return table
 
     def _createSliceTable(self, scene, name, labels, uncertainty, classes):

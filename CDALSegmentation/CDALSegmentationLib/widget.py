@@ -120,23 +120,40 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
                 self._parameterNode.inputVolume = volumes[0]
 
     def setParameterNode(self, parameterNode):
-        if self._parameterNode is not None and self._guiTag is not None:
-            self._parameterNode.disconnectGui(self._guiTag)
+        if self._parameterNode is not None:
+            if self._guiTag is not None:
+                self._parameterNode.disconnectGui(self._guiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode, self._guiTag = parameterNode, None
-        if parameterNode is not None:
-            self._guiTag = parameterNode.connectGui(self.ui)
+        if parameterNode is None:  # e.g. the scene closes: its tables go with it
+            self.ui.sliceTableView.setMRMLTableNode(None)
+            self.ui.volumeTableView.setMRMLTableNode(None)
+        else:
+            # connectGui returns no tag in Slicer 5.8 (Slicer PR #8667), so its widgets could never be
+            # disconnected: each enter() would stack another connection, and a stale combo-box connector resets
+            # the device choice. connectParametersToGui does the same mapping and returns the tag.
+            self._guiTag = parameterNode.connectParametersToGui(self._parameterWidgets())
             self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.selectModel(parameterNode.model)
             self.onParameterNodeModified()
         self.updateButtons()
 
+    def _parameterWidgets(self):
+        """{parameter name: widget} for every widget of the .ui that names a parameter (as connectGui finds them)."""
+        widgets = {}
+        for widget in vars(self.ui).values():
+            name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+            if name:
+                widgets[name] = widget
+        return widgets
+
     def onParameterNodeModified(self, caller=None, event=None):
         p = self._parameterNode
         if p is None:
             return
-        self.ui.sliceTableView.setMRMLTableNode(p.sliceTable)
-        self.ui.volumeTableView.setMRMLTableNode(p.volumeTable)
+        for view, table in ((self.ui.sliceTableView, p.sliceTable), (self.ui.volumeTableView, p.volumeTable)):
+            if view.mrmlTableNode() != table:  # setting it rebuilds the whole table model; not on every slider step
+                view.setMRMLTableNode(table)
         self.updateOverlays()
         self.updateButtons()
 

@@ -92,6 +92,26 @@ class CDALSegmentationDesktopTest(unittest.TestCase):
         self.assertFalse(os.path.exists(job.workDir))
         self.assertEqual(job.state, "cancelled")
 
+    def test_leaving_and_coming_back_keeps_the_choices(self):
+        """Each visit connects the widgets anew; the last visit's connection must be gone by then, or its
+        combo-box connector resets "Device" to Auto when the new one refills the list (Slicer 5.8's connectGui
+        returns no tag to disconnect with)."""
+        from CDALSegmentationLib.parameters import Device
+
+        self._configure(_volume())
+        self.widget.ui.deviceComboBox.currentIndex = self.widget.ui.deviceComboBox.findText(Device.CPU.label())
+        self.assertEqual(self.widget._parameterNode.device, Device.CPU)
+        for _ in range(3):
+            slicer.util.selectModule("Data")
+            slicer.util.selectModule("CDALSegmentation")
+        self.assertEqual(self.widget._parameterNode.device, Device.CPU)
+        self.assertEqual(self.widget.ui.deviceComboBox.currentText, Device.CPU.label())
+        tables = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode")
+        self.widget._parameterNode.sliceTable = tables
+        slicer.mrmlScene.StartState(slicer.mrmlScene.BatchProcessState)  # as loading a scene or DICOM does
+        slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
+        self.assertIs(self.widget.ui.sliceTableView.mrmlTableNode(), tables)
+
     def _loadPng(self, pixels, name):
         """A PNG read by Slicer's own reader (one slice; RGB becomes a vector volume)."""
         import os

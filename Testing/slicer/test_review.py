@@ -52,6 +52,8 @@ def test_per_side_segments_keep_model_colours_and_volume_table(app, logic):
     text = tableAsTSV(table)
     assert text.splitlines()[0] == "Side\tStructure\tVoxels\tVolume mm3\tMean uncertainty"
     assert text.splitlines()[1].startswith("left\tAnterior\t54\t54\t")
+    # results, not forms: the table views must not let a double-click change what the slice jumps read
+    assert table.GetLocked() and result.sliceTableNode.GetLocked()
     # fine-tuning reads the per-side segments back as model classes
     assert np.array_equal(result.labelArray(), arrays["labels"])
 
