@@ -35,6 +35,32 @@ def _add_common_sampling(p: argparse.ArgumentParser) -> None:
                         "left-right mirror (for models trained on mirrored slices); auto: as the model card says")
 
 
+def ensure_writable_folder(folder: Path, option: str) -> None:
+    """Create ``folder`` if needed and write a probe file there: an output folder that cannot be written is
+    refused before any work, not after minutes of segmenting or training."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CDALError(f"{folder}: exists and is not a folder: choose another {option}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".cdal-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CDALError(f"{folder}: cannot write there ({exc.strerror or exc}): choose another {option}") from None
+
+
+def check_output_file(path: Path, option: str, overwrite: bool) -> None:
+    """A file the command will write: not a folder, not an existing file unless ``overwrite``, and its folder
+    writable (created if needed), all checked before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise CDALError(f"{path}: is a folder: give {option} a file name, e.g. {path / 'report.json'}")
+    if path.exists() and not overwrite:
+        raise CDALError(f"{path}: already exists: pass --overwrite to replace it, or choose another {option}")
+    ensure_writable_folder(path.parent, option)
+
+
 def symmetries_choice(args) -> Optional[bool]:
     """``--symmetries`` as segment_image_2d and segment_image (``mirror``) take it (None = the card's default)."""
     return {"auto": None, "on": True, "off": False}[getattr(args, "symmetries", "auto")]
@@ -80,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="MSD-style folder with labels")
     p.add_argument("--cases", default=None, help="text file of case names to evaluate (default: all)")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json report")
     _add_common_sampling(p)
 
     p = sub.add_parser("info", help="print a model card")
@@ -87,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="segment the demo MRI (both hippocampi of the ICBM152 template)")
     p.add_argument("--output", default="cdal-demo", help="output folder (default ./cdal-demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo run there")
     p.add_argument("--device", default="auto")
     return parser
 
@@ -101,8 +129,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"cdal: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cdal: interrupted (a training run saved its checkpoint: re-run the same command to resume)",
-              file=sys.stderr)
+        if args.command in ("train", "finetune"):
+            print("cdal: interrupted (the run saved its checkpoint: re-run the same command to resume)",
+                  file=sys.stderr)
+        else:
+            print("cdal: interrupted (outputs are written whole or not at all: re-run to finish)", file=sys.stderr)
         return 130
 
 
@@ -115,6 +146,7 @@ def cmd_train(args) -> int:
         config = TrainConfig.for_finetuning(read_card(resolve_model(init)))
     else:
         config = TrainConfig.load(args.config)
+    ensure_writable_folder(Path(args.out), "--out")
     model_dir = train(args.data, args.out, config, max_steps=args.max_steps, max_minutes=args.max_minutes,
                       device=args.device, init_model=init, json_progress=args.json_progress,
                       init_generator=getattr(args, "generator", 1) - 1)
@@ -163,7 +195,7 @@ def cmd_predict(args) -> int:
                         "pass --overwrite or choose another --output")
     model = load_model(args.model, device=str(device))
     mirror_axis_for(model, symmetries_choice(args))  # refuses a mirror the model cannot take, before any work
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_folder(out_dir, "--output")
     run_each(inputs, lambda item, bar: _predict_one(item, model, planned[item.stem], roi, str(device), args,
                                                    progress_bar=bar), device, item_name=lambda item: item.stem)
     return 0
@@ -204,6 +236,7 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
     to stderr at once."""
     from tqdm import tqdm
     from .data import check_volume
+    from .inference import check_takes_volumes
     from .inputs import read_scan
     from .model_io import atomic_write_bytes
     from .scan import format_report, segment_scan
@@ -211,7 +244,8 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
     scan = read_scan(item, allow_thick_slices=args.allow_thick_slices)
     for warning in scan.warnings:
         print(f"cdal: warning: {warning}", file=sys.stderr)
-    # segment_scan checks again; this one runs before the progress bar opens, so a bad scan gets one clean line
+    # segment_scan checks again; these run before the progress bar opens, so a bad scan gets one clean line
+    check_takes_volumes(model, str(item.path))
     check_volume(scan.image, model.config.image_channels, name=str(item.path))
     with tqdm(total=100, desc=item.stem, unit="%", leave=False, disable=not progress_bar) as bar:
         def progress(fraction, message):
@@ -221,15 +255,40 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
                               samples=args.samples, seed=args.seed, device=device, progress=progress,
                               precision=args.precision, early_exit=not args.full_sampling,
                               mirror=symmetries_choice(args))
-    write_image_atomic(result.labels, files["seg"])
-    write_image_atomic(result.uncertainty, files["uncertainty"])
-    if result.attention is not None:
-        write_image_atomic(result.attention, files["attention"])
     report = {"input": str(item.path), "model": str(model.path), "warnings": scan.warnings, **result.report}
-    atomic_write_bytes(files["report"], (json.dumps(report, indent=1) + "\n").encode())
+    images = [(result.labels, files["seg"]), (result.uncertainty, files["uncertainty"])]
+    if result.attention is not None:
+        images.append((result.attention, files["attention"]))
+    write_outputs_together(images, {files["report"]: (json.dumps(report, indent=1) + "\n").encode()})
     notes = f" ({'; '.join(result.report['notes'])})" if result.report["notes"] else ""  # review notes: after the table
     return (f"{item.path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name}, "
             f"{files['report'].name} in {result.seconds:.2f} s{notes}\n{format_report(result.report)}")
+
+
+def write_outputs_together(images, texts) -> None:
+    """Write one input's outputs as a set: every file under a temporary name first, then all renamed. An
+    interrupt or a full disk while writing leaves none of them (and the previous set, if any, untouched), so a
+    re-run never meets half a set."""
+    import SimpleITK as sitk
+    from .model_io import make_readable
+    staged = []  # (temporary, final)
+    try:
+        for content, path in [*images, *((text, path) for path, text in texts.items())]:
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="-" + path.name)
+            os.close(fd)
+            staged.append((tmp, path))
+            if isinstance(content, bytes):
+                Path(tmp).write_bytes(content)
+            else:
+                sitk.WriteImage(content, tmp, True)
+            make_readable(tmp)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_image_atomic(image, path: Path) -> None:
@@ -249,6 +308,8 @@ def write_image_atomic(image, path: Path) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    if args.json:
+        check_output_file(Path(args.json), "--json", args.overwrite)
     if _is_2d_request(args.data) and not (Path(args.data) / "imagesTr").is_dir():
         from .predict2d import evaluate_images
         return evaluate_images(args)
@@ -264,12 +325,18 @@ def cmd_evaluate(args) -> int:
     cases, _ = read_msd_cases(args.data)
     if args.cases:
         cases = select_cases(cases, read_case_list(args.cases), args.cases, args.data)
-    bar = tqdm(total=len(cases), desc="evaluating", unit="vol")
+    bars = []  # opened with the first finished volume: a refusal before any work stays one clean line
+
+    def on_volume(i, n, name):
+        if not bars:
+            bars.append(tqdm(total=n, desc="evaluating", unit="vol"))
+        bars[0].update(1)
     report = evaluate_cases(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
-                            device=str(device), on_volume=lambda i, n, name: bar.update(1),
+                            device=str(device), on_volume=on_volume,
                             precision=args.precision, early_exit=not args.full_sampling, parallel=True,
                             mirror=symmetries_choice(args))
-    bar.close()
+    for bar in bars:
+        bar.close()
     return finish_evaluation(report, model, args, format_table)
 
 
@@ -293,7 +360,7 @@ def cmd_info(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(Path(args.output), device=args.device)
+    return run_demo(Path(args.output), device=args.device, overwrite=args.overwrite)
 
 
 COMMANDS = {"train": cmd_train, "finetune": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate,

@@ -11,6 +11,54 @@ from .data import read_case_list
 from .errors import CDALError
 
 
+# settings that must be above zero (a zero or negative value fails deep inside training, or trains nothing)
+POSITIVE_SETTINGS = ("batch_size", "max_steps", "lr_g", "lr_d", "train_num_steps", "num_steps", "checkpoint_every",
+                     "log_every", "val_every", "r1_every", "base_channels", "latent_dim", "disc_channels",
+                     "num_classes", "image_channels", "num_res_blocks")
+
+
+def check_setting_types(defaults: Any, settings: Dict[str, Any], what: str) -> None:
+    """Refuse a setting whose JSON type differs from its default's (a number given as text, a list as a number)
+    and non-positive sizes, with the setting's name, before it fails somewhere inside training."""
+    for key, value in settings.items():
+        default = getattr(defaults, key, None)
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, (list, tuple)):
+            ok = isinstance(value, (list, tuple))
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise CDALError(f"{what} {key} is {value!r} but must be a {_kind(default)} like {_json(default)}: "
+                            "fix it in the config")
+        if key in POSITIVE_SETTINGS and isinstance(value, (int, float)) and value <= 0:
+            raise CDALError(f"{what} {key} is {value!r} but must be above 0: fix it in the config")
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true/false value"
+    if isinstance(default, int):
+        return "whole number"
+    if isinstance(default, float):
+        return "number"
+    if isinstance(default, (list, tuple)):
+        return "list"
+    return "text"
+
+
+def _json(default: Any) -> str:
+    return json.dumps(list(default) if isinstance(default, tuple) else default)
+
+
 @dataclass
 class TrainConfig:
     name: str = "model"
@@ -71,6 +119,16 @@ class TrainConfig:
             raise CDALError(f"unknown training settings {unknown}: check the spelling (known: {sorted(known)})")
         if d.get("lr_schedule", "constant") not in ("constant", "cosine"):
             raise CDALError(f"lr_schedule {d['lr_schedule']!r} is not known: use \"constant\" or \"cosine\"")
+        check_setting_types(cls(), d, "training setting")
+        if not isinstance(d.get("network", {}), dict):
+            raise CDALError("training setting network must be an object of network settings, e.g. "
+                            "{\"base_channels\": 16}")
+        from .networks import NetworkConfig
+        net = d.get("network", {})
+        unknown_net = sorted(set(net) - {f.name for f in fields(NetworkConfig)})
+        if unknown_net:
+            raise CDALError(f"unknown network settings {unknown_net}: check the spelling")
+        check_setting_types(NetworkConfig(), net, "network setting")
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         cfg.check_views()
         return cfg

@@ -40,8 +40,8 @@ def read_image(path: os.PathLike) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unknown error"
-        raise CDALError(f"{path}: cannot be read as an image ({first}): is it a complete .nii.gz/.nrrd/.mha file?")
+        from .inputs import unreadable  # inputs imports this module
+        raise unreadable(path, str(exc)) from None
 
 
 def check_volume(image: sitk.Image, image_channels: int = 1, name: str = "input") -> None:
@@ -141,13 +141,29 @@ class Normalisation:
         return cls(lower=float(d.get("lower", 0.5)), upper=float(d.get("upper", 99.5)), landmarks=d.get("landmarks"))
 
 
+@dataclass(frozen=True)
+class DeclaredClasses:
+    """The class names a dataset.json gives label values 0..C-1, and which file says so."""
+
+    source: Path
+    names: Tuple[str, ...]
+
+    def check(self, model_names: Sequence[str]) -> None:
+        """Refuse labels that mean other classes than the model's (background/Background alike)."""
+        if [n.strip().lower() for n in self.names] != [n.strip().lower() for n in model_names]:
+            raise CDALError(f"{self.source}: its labels name the classes {list(self.names)} but the model's are "
+                            f"{list(model_names)}: fix \"labels\" (and the label maps) to the model's classes, "
+                            "or use a model trained on these classes")
+
+
 @dataclass
 class Case:
-    """One labelled example from a dataset: paths plus its identifier."""
+    """One labelled example from a dataset: paths plus its identifier (and its dataset.json's class names)."""
 
     name: str
     image: Path
     label: Optional[Path]
+    classes: Optional[DeclaredClasses] = None
 
 
 def read_msd_cases(data_dir: os.PathLike, require_labels: bool = True) -> Tuple[List[Case], Dict[int, str]]:
@@ -163,7 +179,7 @@ def read_msd_cases(data_dir: os.PathLike, require_labels: bool = True) -> Tuple[
         return _cases_without_json(root, require_labels)
     try:
         meta = json.loads(meta_path.read_text())
-        labels = {int(k): str(v) for k, v in meta["labels"].items()}
+        labels = _label_names(meta["labels"])
         entries = meta.get("training") or []
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CDALError(f"{meta_path}: is not a valid MSD dataset.json ({exc}): it needs 'labels' and 'training'")
@@ -172,6 +188,7 @@ def read_msd_cases(data_dir: os.PathLike, require_labels: bool = True) -> Tuple[
     declared = meta.get("numTraining")
     if declared is not None and int(declared) != len(entries):
         raise CDALError(f"{meta_path}: says numTraining={declared} but lists {len(entries)} cases: fix dataset.json")
+    classes = DeclaredClasses(meta_path, tuple(labels[i] for i in sorted(labels)))
     cases, missing = [], []
     for entry in entries:
         image = (root / entry["image"]).resolve()
@@ -179,7 +196,7 @@ def read_msd_cases(data_dir: os.PathLike, require_labels: bool = True) -> Tuple[
         for p in (image, label):
             if p is not None and not p.exists():
                 missing.append(str(p.relative_to(root.resolve())) if p.is_relative_to(root.resolve()) else str(p))
-        cases.append(Case(stem_of(image), image, label))
+        cases.append(Case(stem_of(image), image, label, classes))
     if missing:
         raise CDALError(f"{meta_path}: lists {len(missing)} files that do not exist (first: {missing[0]}): "
                         "fix dataset.json or restore the files")
@@ -188,6 +205,13 @@ def read_msd_cases(data_dir: os.PathLike, require_labels: bool = True) -> Tuple[
     if require_labels and any(c.label is None for c in cases):
         raise CDALError(f"{meta_path}: some training cases have no label")
     return cases, labels
+
+
+def _label_names(raw: Dict) -> Dict[int, str]:
+    """MSD's {"1": "Anterior"} or nnU-Net v2's {"Anterior": 1} -> {1: "Anterior"}."""
+    if all(str(k).strip().isdigit() for k in raw):
+        return {int(k): str(v) for k, v in raw.items()}
+    return {int(v): str(k) for k, v in raw.items()}  # a value that is not an int: ValueError/TypeError
 
 
 def _cases_without_json(root: Path, require_labels: bool) -> Tuple[List[Case], Dict[int, str]]:
@@ -206,12 +230,23 @@ def _cases_without_json(root: Path, require_labels: bool) -> Tuple[List[Case], D
 
 def read_case_list(path: os.PathLike) -> List[str]:
     """Case names from a text file: one per line; blank lines and ``#`` comments are skipped."""
-    lines = Path(path).read_text().splitlines()
+    path = Path(path)
+    if not path.is_file():
+        raise CDALError(f"{path}: case list {'is a folder' if path.is_dir() else 'not found'}: "
+                        "give a text file with one case name per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CDALError(f"{path}: case list cannot be read as text ({exc}): give a text file with one case name "
+                        "per line")
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
 def select_cases(cases: Sequence[Case], names: Sequence[str], source: str, data_dir: str) -> List[Case]:
     """The cases named by ``names`` (read from ``source``), in that order; a name not in ``data_dir`` is an error."""
+    if not names:
+        raise CDALError(f"{source}: lists no cases: put one case name per line (file stems from {data_dir}), "
+                        "or leave the list out to use every case")
     by_name = {c.name: c for c in cases}
     missing = [n for n in names if n not in by_name]
     if missing:
@@ -255,18 +290,7 @@ def load_volume(case: Case, grid: ModelGrid, norm: Normalisation, num_classes: i
     array = norm.apply(mapping.model_array(), params)
     label = None
     if case.label is not None:
-        lab_img = read_image(case.label)
-        if lab_img.GetSize() != image.GetSize():
-            raise CDALError(f"{case.label}: label size {lab_img.GetSize()} differs from image size "
-                            f"{image.GetSize()}: the pair does not match")
-        lab = sitk.GetArrayFromImage(lab_img)
-        if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
-            raise CDALError(f"{case.label}: label values must be integers 0..{num_classes - 1}")
-        values = np.unique(lab)
-        if values.min() < 0 or values.max() >= num_classes:
-            raise CDALError(f"{case.label}: has label values {values.tolist()} but the model has classes "
-                            f"0..{num_classes - 1}: remap the labels or train a model with more classes")
-        lab_img = sitk.Cast(lab_img, sitk.sitkUInt8)
+        lab_img = sitk.GetImageFromArray(read_label_map(case.label, image, num_classes).astype(np.uint8))
         lab_img.CopyInformation(image)
         lab_map = GridMapping(lab_img, grid)
         if mapping.resampled:
@@ -275,6 +299,60 @@ def load_volume(case: Case, grid: ModelGrid, norm: Normalisation, num_classes: i
         else:
             label = sitk.GetArrayFromImage(lab_map.model_image).astype(np.int64)
     return Volume(case.name, array, label, tuple(mapping.model_image.GetSpacing()))
+
+
+def read_label_map(path: os.PathLike, image: sitk.Image, num_classes: int) -> np.ndarray:
+    """The label map of ``image`` as an int64 array (Z, Y, X), or CDALError naming what is wrong with it."""
+    lab_img = read_image(path)
+    _check_label_layout(lab_img, image, path)
+    _check_label_geometry(lab_img, image, path)
+    lab = sitk.GetArrayFromImage(lab_img)
+    if np.issubdtype(lab.dtype, np.floating) and not np.all(np.isfinite(lab) & (lab == np.round(lab))):
+        odd = np.unique(lab[~(np.isfinite(lab) & (lab == np.round(lab)))])
+        raise CDALError(f"{path}: label values must be integers 0..{num_classes - 1}, found {_few(odd)}: save the "
+                        "label map with integer values (resample labels with nearest neighbour, not linear)")
+    values = np.unique(lab)
+    outside = values[(values < 0) | (values >= num_classes)]
+    if outside.size:
+        raise CDALError(f"{path}: has label values {_few(outside)} outside the model's classes 0..{num_classes - 1}: "
+                        f"remap the labels to 0..{num_classes - 1} (or use a model with more classes)")
+    return lab.astype(np.int64)
+
+
+def _check_label_layout(lab_img: sitk.Image, image: sitk.Image, path) -> None:
+    """One integer component per voxel, on as many voxels as the image has."""
+    rule = "a label map must be one integer component per voxel on its image's grid"
+    if lab_img.GetNumberOfComponentsPerPixel() > 1:
+        raise CDALError(f"{path}: is a colour/vector label map ({lab_img.GetNumberOfComponentsPerPixel()} "
+                        f"components per voxel): {rule}: save it as a scalar label image (e.g. uint8)")
+    if lab_img.GetDimension() > image.GetDimension():
+        raise CDALError(f"{path}: is a {lab_img.GetDimension()}D label map (size {lab_img.GetSize()}): {rule}: "
+                        f"save one {image.GetDimension()}D label volume")
+    if lab_img.GetSize() != image.GetSize():
+        raise CDALError(f"{path}: label size {lab_img.GetSize()} differs from its image's {image.GetSize()}: "
+                        "the pair does not match: give the label map made for this image")
+
+
+def _check_label_geometry(lab_img: sitk.Image, image: sitk.Image, path) -> None:
+    """Same voxels in space: a shifted or rescaled label map would score the wrong voxels without a word."""
+    spacing_ok = np.allclose(lab_img.GetSpacing(), image.GetSpacing(), rtol=1e-3, atol=0)
+    origin_ok = np.allclose(lab_img.GetOrigin(), image.GetOrigin(), rtol=0, atol=1e-2)
+    direction_ok = np.allclose(lab_img.GetDirection(), image.GetDirection(), rtol=0, atol=1e-3)
+    if not (spacing_ok and origin_ok and direction_ok):
+        turned = "" if direction_ok else ", and its axes point another way"
+        raise CDALError(f"{path}: label geometry ({_geometry(lab_img)}) differs from its image's "
+                        f"({_geometry(image)}){turned}: resample the label map onto the image (nearest neighbour) "
+                        "or fix its header")
+
+
+def _geometry(image: sitk.Image) -> str:
+    fmt = lambda values: ", ".join(f"{v:.4g}" for v in values)  # noqa: E731
+    return f"origin ({fmt(image.GetOrigin())}) mm, spacing ({fmt(image.GetSpacing())}) mm"
+
+
+def _few(values: np.ndarray) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:6].tolist())
+    return f"[{shown}{', ...' if len(values) > 6 else ''}]"
 
 
 def slice_stack(volume: np.ndarray, axis: int, context: int) -> np.ndarray:
@@ -342,7 +420,8 @@ def _fit(array: np.ndarray, size: Sequence[int]) -> Tuple[np.ndarray, None]:
 
 def read_png_pairs(data_dir: os.PathLike) -> List[Case]:
     root = Path(data_dir)
-    images = sorted(p for p in (root / "images").glob("*") if p.suffix.lower() in PNG_SUFFIXES)
+    images = sorted(p for p in (root / "images").glob("*")  # not macOS "._x.png" resource-fork files
+                    if p.suffix.lower() in PNG_SUFFIXES and not p.name.startswith("."))
     if not images:
         raise CDALError(f"{root}: no images/*.png found: a 2D dataset needs images/ and masks/ with matching names")
     cases = []
@@ -364,9 +443,8 @@ def load_png_case(case: Case, size: Sequence[int], image_channels: int) -> Volum
     if image_channels == 3 and ch == 1:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     arr = arr[..., :image_channels] if image_channels > 1 else arr
-    mask = sitk.GetArrayFromImage(read_image(case.label))
-    if mask.ndim == 3:
-        mask = mask[..., 0]
+    from .predict2d import read_mask_2d  # the mask rules of `cdal evaluate` (predict2d imports this module)
+    mask = read_mask_2d(case.label, arr.shape[:2], num_classes=2)
     arr, mask = _resize2d(arr, size, linear=True), _resize2d(mask.astype(np.float32), size, linear=False)
     check_intensities(arr, str(case.image))
     arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6)

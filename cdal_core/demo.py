@@ -37,14 +37,23 @@ def template_path() -> Path:
     return path
 
 
-def run_demo(out_dir: Path, device: str = "auto") -> int:
+DEMO_OUTPUTS = ("icbm152_seg.nii.gz", "icbm152_uncertainty.nii.gz", "icbm152_attention.nii.gz",
+                "icbm152_report.json", "icbm152_hippocampus.png")
+
+
+def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False) -> int:
     from tqdm import tqdm
-    from .cli import write_image_atomic
+    from .cli import ensure_writable_folder, write_outputs_together
     from .inference import resolve_device
-    from .model_io import atomic_write_bytes, list_models, load_model
+    from .model_io import list_models, load_model
     from .scan import format_report, segment_scan
 
     out_dir = Path(out_dir)
+    existing = [name for name in DEMO_OUTPUTS if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise CDALError(f"{out_dir / existing[0]}: already exists (an earlier demo run): pass --overwrite to "
+                        "replace it, or choose another --output")
+    ensure_writable_folder(out_dir, "--output")
     if "hippocampus" not in list_models():
         return _synthetic_demo(out_dir, device)
     start = time.perf_counter()
@@ -56,12 +65,10 @@ def run_demo(out_dir: Path, device: str = "auto") -> int:
             bar.n = int(100 * fraction)
             bar.set_postfix_str(message[:40], refresh=True)
         result = segment_scan(image, model, samples=5, seed=0, device=dev, progress=progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {"seg": result.labels, "uncertainty": result.uncertainty, "attention": result.attention}
-    for name, output in outputs.items():
-        write_image_atomic(output, out_dir / f"icbm152_{name}.nii.gz")
+    images = [(output, out_dir / f"icbm152_{name}.nii.gz") for name, output in
+              (("seg", result.labels), ("uncertainty", result.uncertainty), ("attention", result.attention))]
     report = {"input": str(template_path()), "model": str(model.path), **result.report}
-    atomic_write_bytes(out_dir / "icbm152_report.json", (json.dumps(report, indent=1) + "\n").encode())
+    write_outputs_together(images, {out_dir / "icbm152_report.json": (json.dumps(report, indent=1) + "\n").encode()})
     figure = out_dir / "icbm152_hippocampus.png"
     _figure(_side_crops(image, result), model.class_names, figure)
     total = time.perf_counter() - start

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from .data import Case, read_image
-from .errors import CDALError
+from .data import Case, check_volume, read_label_map, stem_of
 from .inference import mirror_axis_for, parallel_map, resolve_device, resolve_precision, segment_image
+from .inputs import ScanInput, read_scan
 from .metrics import nanmean, segmentation_metrics, summarise, uncertainty_metrics
 from .model_io import LoadedModel
 from .quality import needs_review, review_limits
@@ -29,10 +30,12 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
 
     Returns ``{"per_class": {name: {dice, iou, precision, recall, hd95, *_std}}, "uncertainty": {...},
     "volumes": N, "seconds_per_volume": s, "per_volume": [...], "precision": "float32" or "bfloat16",
-    "early_exit": bool, "mirror": bool}``;
-    metrics are fractions, HD95 in mm. ``mirror``: see ``segment_image``.
+    "early_exit": bool, "mirror": bool}``, plus ``"warnings": [...]`` when a case needs a word (e.g. a label map
+    with no structure); metrics are fractions, HD95 in mm. ``mirror``: see ``segment_image``.
     """
     names = model.class_names
+    for declared in {c.classes for c in cases if c.classes is not None}:
+        declared.check(names)  # a dataset.json whose labels mean other classes: refused before any work
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)  # also refuses a bad name before any work
     mirror = mirror_axis_for(model, mirror) is not None  # the card's default resolved, a bad request refused
@@ -42,14 +45,15 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
         return _evaluate_case(model, cases[i], names, steps, samples, None if seed is None else seed + i, device,
                               with_uncertainty, precision, early_exit, mirror)
 
-    per_volume, unc, rows = [], [], []
+    per_volume, unc, rows, warnings = [], [], [], []
     with parallel_map(len(cases) if parallel else 1, dev) as (workers, mapped):
-        for i, (m, u, row) in enumerate(mapped(one, range(len(cases)))):
+        for i, (m, u, row, notes) in enumerate(mapped(one, range(len(cases)))):
             if on_volume is not None:
                 on_volume(i, len(cases), cases[i].name)
             per_volume.append(m)
             unc.append(u)
             rows.append(row)
+            warnings.extend(notes)
     seconds = [r["seconds"] for r in rows]
     report = {
         "per_class": summarise(per_volume, names),
@@ -60,6 +64,8 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
         "early_exit": bool(early_exit),
         "mirror": mirror,
     }
+    if warnings:
+        report["warnings"] = warnings
     if workers > 1:
         report.update(volumes_at_once=workers, wall_seconds=round(time.perf_counter() - start, 2))
     if with_uncertainty:
@@ -89,16 +95,14 @@ def review_summary(rows: Sequence[Dict], class_names: Sequence[str], card: Dict)
 
 def _evaluate_case(model: LoadedModel, case: Case, names, steps, samples, seed, device, with_uncertainty: bool,
                    precision: str, early_exit: bool, mirror: Optional[bool] = None):
-    """One case: (segmentation metrics, uncertainty metrics or None, per-volume row)."""
-    image = read_image(case.image)
+    """One case: (segmentation metrics, uncertainty metrics or None, per-volume row, warnings)."""
+    image, warnings = _read_case_image(case.image, model.config.image_channels)
+    truth = read_label_map(case.label, image, len(names))  # checked before the slow part
+    if not truth.any():
+        warnings.append(f"{case.label}: has no labelled structure (every voxel is background), so this case's "
+                        "Dice is 0 or undefined and not meaningful: check the label map or leave the case out")
     result = segment_image(image, model, steps=steps, samples=samples, seed=seed, device=device,
                            with_attention=False, precision=precision, early_exit=early_exit, mirror=mirror)
-    truth_img = read_image(case.label)
-    truth = sitk.GetArrayFromImage(truth_img).astype(np.int64)
-    if truth.shape != sitk.GetArrayViewFromImage(image).shape:
-        raise CDALError(f"{case.label}: label size differs from its image: the pair does not match")
-    if truth.min() < 0 or truth.max() >= len(names):
-        raise CDALError(f"{case.label}: has label values outside the model's classes 0..{len(names) - 1}")
     pred = sitk.GetArrayFromImage(result.labels).astype(np.int64)
     spacing = tuple(reversed(image.GetSpacing()))  # array order (z, y, x)
     m = segmentation_metrics(pred, truth, len(names), spacing)
@@ -110,7 +114,15 @@ def _evaluate_case(model: LoadedModel, case: Case, names, steps, samples, seed, 
         # what the model's review limits are set from (cdal_core.quality)
         row.update({f"{names[c]}_mean_uncertainty": float(variance[pred == c].mean()) if (pred == c).any() else None
                     for c in m})
-    return m, u, row
+    return m, u, row, warnings
+
+
+def _read_case_image(path: Path, image_channels: int) -> Tuple[sitk.Image, List[str]]:
+    """Read and check an image as ``cdal predict`` does, naming the file: a damaged file or a mostly NaN/inf scan
+    is refused (SimpleITK alone reads NaN as 0); a few NaN/inf voxels become background with a warning."""
+    scan = read_scan(ScanInput(Path(path), stem_of(path)), allow_thick_slices=True)  # evaluate scores any spacing
+    check_volume(scan.image, image_channels, name=str(path))
+    return scan.image, list(scan.warnings)
 
 
 def _input_slice_axis(image: sitk.Image, model: LoadedModel) -> int:
@@ -154,4 +166,4 @@ def format_table(report: Dict) -> str:
         line += (f" ({report['volumes_at_once']} at a time: {report['wall_seconds'] / report['volumes']:.2f} s "
                  "per volume of wall clock)")
     lines.append(line)
-    return "\n".join(lines)
+    return "\n".join(lines + [f"cdal: warning: {w}" for w in report.get("warnings", [])])  # as scan.format_report

@@ -21,6 +21,7 @@ import torch
 from .data import check_volume, pad_to, round_up, slice_stack
 from .errors import CDALError
 from .geometry import GridMapping
+from .inputs import check_real_valued, source_name
 from .model_io import LoadedModel, trained_mirrored
 from .sampler import sample
 
@@ -195,20 +196,24 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
                   seed: Optional[int] = None, device: str = "cpu", batch_slices: Optional[int] = None,
                   with_attention: bool = True, progress: Optional[ProgressFn] = None,
                   precision: str = "auto", early_exit: bool = True,
-                  mirror: Optional[bool] = None) -> VolumeResult:
+                  mirror: Optional[bool] = None, name: Optional[str] = None) -> VolumeResult:
     """Segment one 3D volume. ``progress(fraction, message)`` may raise CancelledError to stop.
 
     ``precision``: the networks' arithmetic, 'auto' (bf16 where the hardware has it), 'fp32' or 'bf16';
     sampling statistics and outputs are float32 either way. ``early_exit``: slices that are surely
     background after the first step skip the others (``EARLY_EXIT``); False runs every step everywhere.
     ``mirror``: part of the samples see the scan's left-right mirror, mapped back (None: the card's
-    ``input.test_time_mirror``); True needs a model trained on mirrored slices (``trained_mirrored``)."""
+    ``input.test_time_mirror``); True needs a model trained on mirrored slices (``trained_mirrored``).
+    ``name`` starts error messages (default: the file ``inputs.read_scan`` read the image from)."""
     start = time.perf_counter()
     if samples < 1:
         raise CDALError(f"samples must be >= 1, got {samples}")
     if steps is not None and not 1 <= steps <= MAX_STEPS:
         raise CDALError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
-    check_volume(image, model.config.image_channels)
+    name = name or source_name(image)
+    check_takes_volumes(model, name)
+    check_real_valued(image, name)
+    check_volume(image, model.config.image_channels, name=name)
     mirror_axis = mirror_axis_for(model, mirror)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
@@ -216,6 +221,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     norm = model.normalisation
     params = norm.fit(sitk.GetArrayViewFromImage(image))
     mapping = GridMapping(image, model.grid, fill=params.lo)  # outside the scan: its dark level, not 0
+    check_grid_size(mapping, model, with_attention, name)
     array = norm.apply(mapping.model_array(), params)
     with adapted_threads(dev), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         probs, variance, attention = _segment_array(array, model, steps, samples, seed, dev, batch_slices,
@@ -231,6 +237,47 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     att = mapping.to_input(_scale_attention(attention)) if attention is not None else None
     return VolumeResult(labels, unc, att, prob_in.astype(np.float32), time.perf_counter() - start,
                         list(mapping.notes))
+
+
+def check_takes_volumes(model: LoadedModel, name: str) -> None:
+    """A 2D model run on a volume would segment its slices as if they were X-rays or tiles: refuse it."""
+    if model.is_2d:
+        raise CDALError(f"{name}: a 3D volume, but {model.title} is a 2D model (PNG/JPEG/TIFF images): give it 2D "
+                        "images, or segment volumes with a 3D model such as hippocampus")
+
+
+AXIS_NAMES = {"R": "left-right", "L": "left-right", "A": "front-back", "P": "front-back", "S": "up-down",
+              "I": "up-down"}
+
+
+def min_slice_size(model: LoadedModel, with_attention: bool = True) -> int:
+    """Fewest model-grid voxels a slice needs along each of its axes: slices are padded to the generator's size
+    multiple, and every discriminator block halves them (one voxel cannot be halved)."""
+    cfg = model.config
+    need = 2 ** len(cfg.disc_mults) if with_attention and model.discriminator is not None else 1
+    return max(1, need - cfg.size_multiple + 1)
+
+
+def check_grid_size(mapping: GridMapping, model: LoadedModel, with_attention: bool, name: str) -> None:
+    """Refuse a scan too small on the model grid (tiny, or its header's voxels far too small) before the
+    networks fail on it."""
+    least = min_slice_size(model, with_attention)
+    size, spacing = mapping.model_image.GetSize(), mapping.model_image.GetSpacing()  # (x, y, z)
+    in_plane = {2 - a for _, slicing in model.runs for a in range(3) if a != slicing}  # array axis -> ITK axis
+    short = sorted(i for i in in_plane if size[i] < least)
+    if not short:
+        return
+    code = str(mapping.grid.orientation).upper()
+    axes = " and ".join(AXIS_NAMES.get(code[i:i + 1], f"array {2 - i}") for i in short)
+    extent = " x ".join(f"{n * d:.3g}" for n, d in zip(size, spacing))
+    raise CDALError(f"{name}: too small for this model: on its {_fmt(spacing)} mm grid the scan spans {extent} mm "
+                    f"({_fmt(size)} voxels), but the model needs at least {least} voxels "
+                    f"({least * min(spacing[i] for i in short):.3g} mm) {axes}: give a larger scan or crop, and "
+                    f"check that the header's voxel size ({_fmt(mapping.input.GetSpacing())} mm) is right")
+
+
+def _fmt(values) -> str:
+    return "x".join(f"{v:.3g}" for v in values)
 
 
 MIRROR_OFF = "--symmetries off, or \"test_time_mirror\": false under \"input\" in its model.json"

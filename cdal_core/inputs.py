@@ -20,11 +20,14 @@ from typing import List, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .data import VOLUME_SUFFIXES, stem_of
+from .data import PNG_SUFFIXES, VOLUME_SUFFIXES, stem_of
 from .errors import CDALError
 
 MAX_SLICE_MM = 2.0           # the model was trained at 1 mm; beyond ~2 mm a hippocampus spans too few slices
 MAX_NONFINITE_FRACTION = 0.01
+# read_scan tags each image with its file, so that checks which only see the image (segment_scan) can name it
+SOURCE_KEY = "cdal:source"
+COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
 @dataclass
@@ -65,7 +68,20 @@ def read_scan(item: ScanInput, allow_thick_slices: bool = False) -> Scan:
     """Read, verify and sanitise one input (see the module docstring)."""
     scan = _read_dicom(item.path) if item.dicom else _read_file(item.path)
     check_slice_thickness(scan, item.path, allow_thick_slices)
+    scan.image.SetMetaData(SOURCE_KEY, str(item.path))
     return scan
+
+
+def source_name(image: sitk.Image, default: str = "input") -> str:
+    """The file ``read_scan`` read ``image`` from, else ``default``: what messages about it start with."""
+    return image.GetMetaData(SOURCE_KEY) if image.HasMetaDataKey(SOURCE_KEY) else default
+
+
+def check_real_valued(image: sitk.Image, name) -> None:
+    """Complex voxels (raw MR phase/magnitude data) have no intensity order to normalise or segment."""
+    if image.GetPixelID() in COMPLEX_PIXELS:
+        raise CDALError(f"{name}: holds complex-valued voxels ({image.GetPixelIDTypeAsString()}): take the "
+                        "magnitude first (e.g. numpy.abs, or fslcomplex -realabs) and save it as a real-valued image")
 
 
 def check_slice_thickness(scan: Scan, name, allow: bool) -> None:
@@ -97,8 +113,8 @@ def _read_file(path: Path) -> Scan:
             raise CDALError(f"{path}: its header's orientation matrix is singular or not a rotation (no valid "
                             "qform/sform), so the scan has no geometry to put results on: fix the header (e.g. "
                             "re-export from the scanner or with dcm2niix)")
-        first = text.strip().splitlines()[-1][:200] if text.strip() else "unknown error"
-        raise CDALError(f"{path}: cannot be read as an image ({first}): is it a complete .nii.gz/.nrrd/.mha file?")
+        raise unreadable(path, text)
+    check_real_valued(image, path)
     scan = Scan(image)
     if nifti:
         _check_nifti(path, scan, header, raw)
@@ -106,6 +122,20 @@ def _read_file(path: Path) -> Scan:
     if replaced:
         scan.warnings.append(replaced)
     return scan
+
+
+def unreadable(path: Path, text: str) -> CDALError:
+    """Why ITK could not read an existing file, worded for its extension."""
+    name = path.name.lower()
+    if not name.endswith(VOLUME_SUFFIXES + PNG_SUFFIXES):
+        suffix = "".join(path.suffixes[-2:]) if name.endswith(".gz") else path.suffix
+        return CDALError(f"{path}: {suffix or 'a file without extension'} is not a supported format: save 3D volumes "
+                         "as .nii.gz/.nrrd/.mha, or 2D images as PNG/JPEG/TIFF")
+    formats = "PNG/JPEG/TIFF image" if name.endswith(PNG_SUFFIXES) else ".nii.gz/.nrrd/.mha volume"
+    if "No such file or directory" in text and path.is_file():  # ITK's stale errno for data that end early
+        return CDALError(f"{path}: is truncated or damaged (its data end early): copy or download it again")
+    first = text.strip().splitlines()[-1][:200] if text.strip() else "unknown error"
+    return CDALError(f"{path}: cannot be read as an image ({first}): is it a complete {formats}?")
 
 
 def _verify_gzip(path: Path) -> None:
@@ -165,9 +195,19 @@ def replace_nonfinite(image: sitk.Image, name: str = "input") -> Tuple[sitk.Imag
 # -- DICOM --------------------------------------------------------------------------------------------------
 def _dicom_series(folder: Path) -> List[str]:
     try:
+        if not any(p.is_file() for p in folder.iterdir()):
+            return []
+    except OSError:  # unreadable: not a series we could read either
+        return []
+    # GDCM prints a multi-line "No Series were found" warning for a folder of other files: a plain no here
+    shown = sitk.ProcessObject_GetGlobalWarningDisplay()
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    try:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
     except RuntimeError:
         return []
+    finally:
+        sitk.ProcessObject_SetGlobalWarningDisplay(shown)
 
 
 def _read_dicom(folder: Path) -> Scan:
@@ -185,6 +225,7 @@ def _read_dicom(folder: Path) -> Scan:
     except RuntimeError as exc:
         raise CDALError(f"{folder}: the DICOM series cannot be read ({str(exc).strip().splitlines()[-1][:160]}): "
                         "check that the files are complete")
+    check_real_valued(image, folder)
     scan = Scan(image)
     scan.image, replaced = replace_nonfinite(image, name=str(folder))
     if replaced:

@@ -87,6 +87,16 @@ class LoadedModel:
         return [c["name"] for c in self.card["classes"]]
 
     @property
+    def title(self) -> str:
+        """What messages call the model: its card's name, else its folder's."""
+        return self.card.get("name") or (self.path.name if self.path else "this model")
+
+    @property
+    def is_2d(self) -> bool:
+        """Trained on 2D images (PNG/JPEG/TIFF): its card has ``input.image_size`` (``predict2d.model_sizes``)."""
+        return "image_size" in self.card.get("input", {})
+
+    @property
     def grid(self) -> ModelGrid:
         inp = self.card["input"]
         return ModelGrid(inp.get("orientation", "RAS"), inp.get("spacing"))
@@ -365,6 +375,7 @@ def load_model(name_or_path: os.PathLike, device: str = "cpu", with_discriminato
     except (KeyError, TypeError, ValueError) as exc:
         raise CDALError(f"{directory / CARD_NAME}: incomplete or incompatible model card ({exc}): "
                         "re-export the model with this version of cdal")
+    _check_classes(directory / CARD_NAME, card, config)
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         raise CDALError(f"{directory}: {WEIGHTS_NAME} is missing: the model folder is incomplete")
@@ -380,11 +391,28 @@ def load_model(name_or_path: os.PathLike, device: str = "cpu", with_discriminato
     return model.to(torch.device(device))
 
 
+def _check_classes(card_path: Path, card: Dict, config: NetworkConfig) -> None:
+    """The card must name every class the network outputs: an unnamed label would be written to the label map
+    but left out of the report and the volume table."""
+    classes = card["classes"]
+    if not isinstance(classes, list) or len(classes) != config.num_classes:
+        count = len(classes) if isinstance(classes, list) else "no"
+        raise CDALError(f"{card_path}: lists {count} classes but its network outputs {config.num_classes} "
+                        "(network.num_classes): give the card one class entry per network output (background "
+                        "first), or use the model.json that came with these weights")
+
+
 def _read_weights(weights: Path) -> Dict[str, torch.Tensor]:
     try:
-        return load_file(str(weights))
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CDALError(f"{weights}: is corrupt or truncated ({str(exc)[:80]}): re-download or re-train the model")
+    # NaN/inf weights run without error but segment nothing (every label 0): refuse them at load
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CDALError(f"{weights}: weights contain NaN/inf ({name}): the file is damaged; re-download or "
+                            "re-train the model")
+    return tensors
 
 
 def _load_member(directory: Path, entry: Dict, config: NetworkConfig) -> Generator:

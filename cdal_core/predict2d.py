@@ -23,8 +23,9 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .data import PNG_SUFFIXES, _resize2d, check_intensities, read_image, read_png_pairs, stem_of
+from .data import PNG_SUFFIXES, VOLUME_SUFFIXES, _resize2d, check_intensities, read_image, read_png_pairs, stem_of
 from .errors import CDALError
+from .inputs import unreadable
 from .model_io import LoadedModel
 
 WINDOW_OVERLAP = 0.5      # fraction of a window shared with its neighbour (MoNuSeg 512 / 256: 3 x 3 windows)
@@ -61,7 +62,17 @@ def read_image_2d(path: Path, image_channels: int) -> np.ndarray:
     """A 2D image file -> ``(image_channels, H, W)`` float32 raw intensities; refuses what the model cannot read.
 
     A grey image stored as RGB (three equal channels) counts as grey; an alpha channel is dropped."""
-    return image_array_2d(read_image(path), image_channels, str(path))
+    return image_array_2d(_read_2d(path), image_channels, str(path))
+
+
+def _read_2d(path: Path) -> sitk.Image:
+    """``data.read_image`` with the failure of an existing file worded for images (PNG/JPEG/TIFF)."""
+    if not Path(path).is_file():
+        return read_image(path)  # its messages for a missing path or a folder
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise unreadable(Path(path), str(exc))
 
 
 def image_array_2d(image: sitk.Image, image_channels: int, name: str) -> np.ndarray:
@@ -96,7 +107,7 @@ def image_array_2d(image: sitk.Image, image_channels: int, name: str) -> np.ndar
 
 def read_mask_2d(path: Path, shape: Tuple[int, int], num_classes: int) -> np.ndarray:
     """A mask file -> ``(H, W)`` int64 class indices. Binary models take 0/255 or 0/1; others 0..C-1."""
-    image = read_image(path)
+    image = _read_2d(path)
     mask = sitk.GetArrayFromImage(image)
     if mask.ndim == 3 and image.GetNumberOfComponentsPerPixel() > 1:
         if not all(np.array_equal(mask[..., 0], mask[..., c]) for c in range(1, min(mask.shape[-1], 3))):
@@ -134,16 +145,41 @@ def prepare_image(array: np.ndarray, size: Tuple[int, int], context_slices: int 
 
 
 def list_images(path: Path) -> List[Path]:
-    """A 2D image file, a folder of them, or a folder with images/ -> the image files, sorted."""
+    """A 2D image file, a folder of them, or a folder with images/ -> the image files, sorted, then any 3D
+    volumes in that folder (``predict_images`` refuses each by name rather than skipping it unseen). Dot-files
+    (macOS ``._x.png`` resource forks) are not images."""
     if not path.exists():
         raise CDALError(f"{path}: not found: check the --input path")
     if path.is_file():
         return [path]
     folder = path / "images" if (path / "images").is_dir() else path
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(PNG_SUFFIXES))
-    if not files:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.name.lower().endswith(PNG_SUFFIXES)]
+    if not images:
         raise CDALError(f"{folder}: holds no .png/.jpg/.tif images")
-    return files
+    return images + [p for p in files if is_volume(p)]
+
+
+def is_volume(path: Path) -> bool:
+    return path.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def refuse_3d_model(model: LoadedModel, inputs: Sequence[Path]) -> None:
+    """A 3D model cannot segment images; in a folder that mixes both, name what would be refused."""
+    if model.is_2d:
+        return
+    volumes = [p.name for p in inputs if is_volume(p)]
+    if not volumes:
+        model_sizes(model)  # raises its one-line refusal
+    images = [p.name for p in inputs if not is_volume(p)]
+    raise CDALError(f"{inputs[0].parent}: holds 2D images ({_names(images)}) beside 3D volumes ({_names(volumes)}), "
+                    f"and {model.title} was trained on 3D volumes, not on 2D images: nothing was segmented; put the "
+                    "volumes in a folder of their own and give that folder")
+
+
+def _names(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 # -- segmentation ------------------------------------------------------------------------------------------
@@ -296,24 +332,30 @@ def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int)
 def predict_images(args) -> int:
     """``cdal predict`` for 2D images: writes the five outputs of every input into ``--output`` (a folder a few
     images at a time on the CPU, see ``cli.run_each``)."""
-    from .cli import run_each, symmetries_choice
-    from .inference import resolve_device
+    from .cli import ensure_writable_folder, run_each, symmetries_choice
+    from .inference import check_takes_volumes, resolve_device
     from .model_io import load_model
     inputs = list_images(Path(args.input))
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise CDALError(f"{out_dir}: exists and is not a folder: choose another --output")
-    planned = {p: output_paths(out_dir, stem_of(p)) for p in inputs}
+    planned = {p: output_paths(out_dir, stem_of(p)) for p in inputs if not is_volume(p)}
+    stems = [stem_of(p) for p in planned]
+    if len(set(stems)) != len(stems):  # e.g. a.png and a.jpg: the second would replace the first's outputs
+        twice = sorted({s for s in stems if stems.count(s) > 1})[0]
+        raise CDALError(f"two inputs would both write {twice}_seg.png: rename one, or run them separately")
     existing = [str(f) for files in planned.values() for f in files.values() if f.exists()]
     if existing and not args.overwrite:
         raise CDALError(f"{existing[0]} already exists ({len(existing)} outputs would be replaced): "
                         "pass --overwrite or choose another --output")
     device = resolve_device(args.device)
     model = load_model(args.model, device=str(device))
-    model_sizes(model)  # a 3D model is refused before any output folder appears
-    out_dir.mkdir(parents=True, exist_ok=True)
+    refuse_3d_model(model, inputs)  # before any output folder appears
+    ensure_writable_folder(out_dir, "--output")
 
     def one(path: Path, progress_bar: bool) -> str:
+        if is_volume(path):
+            check_takes_volumes(model, str(path))  # a 2D model: refused by name, the images go on
         array = read_image_2d(path, model.config.image_channels)
         result = segment_image_2d(array, model, steps=args.steps, samples=args.samples, seed=args.seed,
                                   device=str(device), precision=args.precision, early_exit=not args.full_sampling,

@@ -22,7 +22,8 @@ import SimpleITK as sitk
 
 from .data import check_volume
 from .errors import CDALError
-from .inference import VolumeResult, parallel_map, resolve_device, segment_image
+from .inference import VolumeResult, check_takes_volumes, parallel_map, resolve_device, segment_image
+from .inputs import check_real_valued, source_name
 from .localise import Region, RegionSpec, dip_degrees, hippocampus_regions, locate, needs_localisation
 from .model_io import LoadedModel
 from .quality import mark_for_review
@@ -72,16 +73,20 @@ def parse_roi(text: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
 def segment_scan(image: sitk.Image, model: LoadedModel, roi=None, localise: str = "auto",
                  steps: Optional[int] = None, samples: int = 5, seed: Optional[int] = None, device: str = "cpu",
                  precision: str = "auto", early_exit: bool = True,
-                 progress: Optional[ProgressFn] = None, mirror: Optional[bool] = None) -> ScanResult:
+                 progress: Optional[ProgressFn] = None, mirror: Optional[bool] = None,
+                 name: Optional[str] = None) -> ScanResult:
     """Segment one 3D scan. ``roi``: two RAS corners (mm) or None. ``localise``: 'auto' (locate when the scan is
     a brain rather than a crop), 'on' (always) or 'off' (segment the whole scan as it is). ``mirror``: see
-    ``segment_image``."""
+    ``segment_image``. ``name`` starts error messages (default: the file ``inputs.read_scan`` read)."""
     start = time.perf_counter()
     if localise not in LOCALISE_MODES:
         raise CDALError(f"unknown localisation mode '{localise}': use auto, on or off")
-    check_volume(image, model.config.image_channels)
+    name = name or source_name(image)
+    check_takes_volumes(model, name)
+    check_real_valued(image, name)
+    check_volume(image, model.config.image_channels, name=name)
     run = dict(steps=steps, samples=samples, seed=seed, device=device, precision=precision, early_exit=early_exit,
-               mirror=mirror)
+               mirror=mirror, name=name)
     specs = region_specs(model.card)
     if roi is not None:
         result = _segment_roi(image, model, roi, run, progress)
@@ -290,9 +295,18 @@ def _assemble(image, model, labels, uncertainty, attention, sides, localisation,
 
     rows = volume_table(labels, sides, uncertainty, model.class_names, float(np.prod(image.GetSpacing())))
     review = mark_for_review(rows, model.card)
+    if not labels.any():  # an empty table would pass for a result: say that nothing was found, and what to check
+        review.append(_nothing_found(model, image))
     report = {"structures": rows, "localisation": localisation, "notes": list(notes), "review": review}
     return ScanResult(as_image(labels), as_image(uncertainty), None if attention is None else as_image(attention),
                       as_image(sides), report, list(notes) + review)
+
+
+def _nothing_found(model: LoadedModel, image: sitk.Image) -> str:
+    """The note for a result without any labelled voxel."""
+    voxel = "x".join(f"{v:.3g}" for v in image.GetSpacing())
+    return (f"nothing was found: no voxel was labelled {' or '.join(model.class_names[1:])}; check that the scan "
+            f"shows the structure and that its header's voxel size ({voxel} mm) is right")
 
 
 def volume_table(labels: np.ndarray, sides: np.ndarray, uncertainty: np.ndarray, class_names: Sequence[str],

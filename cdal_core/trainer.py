@@ -59,12 +59,13 @@ class Trainer:
         self.init_generator = init_generator
         self.device_noise = self.device.type == "cuda"
         self.net_cfg, self.class_names, self.grid, self.norm = self._model_settings(data_dir)
-        self._prepare_run_dir()  # after the settings are known to fit: a refused run leaves no folder behind
+        self._check_run_dir()  # a folder holding another run is refused before the data loads
         if self.init is not None and self.init.members:
             self._emit({"event": "note", "message": f"{self.init_model} is an ensemble of "
                         f"{len(self.init.generators)} generators: fine-tuning starts from generator "
                         f"{init_generator + 1}, and the result is a single-generator model"})
         self._load_data(data_dir)
+        self._prepare_run_dir()  # after settings and data are known to fit: a refused run writes nothing
         torch.manual_seed(config.seed)
         self.G = Generator(self.net_cfg).to(self.device)
         self.D = Discriminator(self.net_cfg).to(self.device)
@@ -88,24 +89,31 @@ class Trainer:
         self._resume()
 
     # -- setup ---------------------------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        saved = self.out / "config.json"
+    def _run_record(self) -> Dict:
         mine = {"config": self.cfg.to_dict(), "init_model": str(self.init_model) if self.init_model else None}
         if self.init_generator:  # absent for the primary, so runs saved before this setting resume
             mine["init_generator"] = self.init_generator
-        if saved.exists():
-            prev = json.loads(saved.read_text())
-            # a setting the saved run predates had its default value there
-            a, b = {**TrainConfig().to_dict(), **prev["config"]}, dict(mine["config"])
-            a.pop("max_steps", None), b.pop("max_steps", None)
-            if a != b or prev.get("init_model") != mine["init_model"] or \
-                    prev.get("init_generator", 0) != self.init_generator:
-                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-                raise CDALError(f"{self.out}: holds a run with different settings ({', '.join(diff) or 'model'}): "
-                                "use a new --out folder, or the same config to resume")
+        return mine
+
+    def _check_run_dir(self) -> None:
+        """Refuses an ``out`` folder that holds a different run (the same one resumes)."""
+        saved = self.out / "config.json"
+        if not saved.exists():
+            return
+        prev, mine = json.loads(saved.read_text()), self._run_record()
+        # a setting the saved run predates had its default value there
+        a, b = {**TrainConfig().to_dict(), **prev["config"]}, dict(mine["config"])
+        a.pop("max_steps", None), b.pop("max_steps", None)
+        if a != b or prev.get("init_model") != mine["init_model"] or \
+                prev.get("init_generator", 0) != self.init_generator:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise CDALError(f"{self.out}: holds a run with different settings ({', '.join(diff) or 'model'}): "
+                            "use a new --out folder, or the same config to resume")
+
+    def _prepare_run_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
-            atomic_write_bytes(saved, (json.dumps(mine, indent=2) + "\n").encode())
+            atomic_write_bytes(self.out / "config.json", (json.dumps(self._run_record(), indent=2) + "\n").encode())
 
     def _model_settings(self, data_dir: str):
         cfg = self.cfg

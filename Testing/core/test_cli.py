@@ -215,3 +215,73 @@ def test_evaluate_in_parallel_scores_what_one_at_a_time_scores(tiny_model, synth
             if key.endswith("_dice"):
                 assert a[key] == pytest.approx(b[key], abs=1e-3)
     assert serial["uncertainty"]["auroc"] == pytest.approx(both["uncertainty"]["auroc"], abs=1e-3)
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tiny_model, volume_file, synthetic_dir,
+                                                                      tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert_clean_error(cdal("predict", "--model", tiny_model, "--input", volume_file, "--output", blocker / "out",
+                            check=False), "cannot write there", "choose another --output")
+    assert_clean_error(cdal("train", "--data", synthetic_dir, "--out", blocker, check=False),
+                       "not a folder", "--out")
+    report = tmp_path / "report.json"
+    report.write_text("my notes")
+    for target, words in ((tmp_path, ("is a folder",)), (report, ("already exists", "--overwrite")),
+                          (blocker / "r.json", ("cannot write there",))):
+        assert_clean_error(cdal("evaluate", "--model", tiny_model, "--data", synthetic_dir, "--json", target,
+                                check=False), *words)
+    assert report.read_text() == "my notes"
+
+
+def test_a_demo_run_never_replaces_an_earlier_one_silently(tmp_path):
+    from cdal_core.demo import run_demo
+    from cdal_core.errors import CDALError
+    (tmp_path / "icbm152_report.json").write_text("an earlier run")
+    with pytest.raises(CDALError, match="already exists.*--overwrite"):
+        run_demo(tmp_path)
+    assert (tmp_path / "icbm152_report.json").read_text() == "an earlier run"
+
+
+def test_outputs_of_one_input_are_written_all_or_none(tmp_path):
+    """An error (or Ctrl-C) while writing leaves neither new files nor temporaries, and keeps the old set."""
+    from cdal_core.cli import write_outputs_together
+    image = to_image(np.zeros((4, 5, 6), np.float32))
+    (tmp_path / "a_seg.nii.gz").write_bytes(b"previous run")
+    with pytest.raises(Exception):
+        write_outputs_together([(image, tmp_path / "a_seg.nii.gz"), (object(), tmp_path / "a_unc.nii.gz")],
+                               {tmp_path / "a_report.json": b"{}"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_seg.nii.gz"]
+    assert (tmp_path / "a_seg.nii.gz").read_bytes() == b"previous run"
+    write_outputs_together([(image, tmp_path / "a_seg.nii.gz")], {tmp_path / "a_report.json": b"{}"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_report.json", "a_seg.nii.gz"]
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a_seg.nii.gz"))).shape == (4, 5, 6)
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"batch_size": -3}, ["batch_size", "above 0"]),
+    ({"network": {"base_channels": "x"}}, ["base_channels", "whole number"]),
+    ({"lr_g": "1e-4"}, ["lr_g", "number"]),
+])
+def test_training_settings_of_the_wrong_kind_are_named(tmp_path, synthetic_dir, settings, words):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(settings))
+    assert_clean_error(cdal("train", "--data", synthetic_dir, "--out", tmp_path / "run", "--config", config,
+                            check=False), *words)
+
+
+def test_a_refused_training_start_leaves_no_run_behind(tmp_path, tiny_config_file):
+    """Data refused after the settings were read: nothing in --out that a corrected re-run would call
+    'a run with different settings'."""
+    data = tmp_path / "d"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    image = make_volume(np.random.default_rng(0))[0]
+    sitk.WriteImage(to_image(image), str(data / "imagesTr" / "c0.nii.gz"))
+    sitk.WriteImage(to_image(np.full(image.shape, 7, np.uint8)), str(data / "labelsTr" / "c0.nii.gz"))
+    (data / "dataset.json").write_text(json.dumps({
+        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "training": [{"image": "./imagesTr/c0.nii.gz", "label": "./labelsTr/c0.nii.gz"}]}))
+    assert_clean_error(cdal("train", "--data", data, "--out", tmp_path / "run", "--config", tiny_config_file,
+                            check=False), "label")
+    assert not (tmp_path / "run" / "config.json").exists()

@@ -7,6 +7,7 @@ Two tiny models (grey and RGB) are trained for two steps on synthetic discs: use
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from PIL import Image
 
 from core_settings import TINY_CONFIG
 
@@ -246,6 +248,16 @@ def test_no_overwrite_without_the_flag(grey_model, grey_data, tmp_path, capsys):
     assert run("predict", "--model", grey_model, "--input", src, "--output", out, "--overwrite",
                "--samples", 1) == 0
     assert (out / "img0_attention.tif").read_bytes() != b"precious"
+
+
+def test_two_images_with_one_stem_are_refused_before_either_is_written(grey_model, grey_data, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(grey_data / "images" / "img0.png", folder / "a.png")
+    Image.open(grey_data / "images" / "img1.png").save(folder / "a.tif")
+    assert_error(run("predict", "--model", grey_model, "--input", folder, "--output", tmp_path / "out"), capsys,
+                 "both write a_seg.png", "rename one")
+    assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_json_has_per_class_dice_and_iou(grey_model, grey_data, tmp_path, capsys):
