@@ -162,7 +162,9 @@ class Trainer:
                             "patches are cut from the resized image, make image_size at least train_size")
         loader = (lambda c: load_png_case(c, image_size, net.image_channels)) if self.is_2d else \
             (lambda c: load_volume(c, self.grid, self.norm, n_cls, net.image_channels))
-        volumes = [loader(c) for c in tqdm(train_cases, desc="loading", disable=self._quiet(), leave=False)]
+        # on a terminal only: in a log or a pipe the bar's remains would run into a refused case's error line
+        with tqdm(train_cases, desc="loading", disable=self._quiet() or not sys.stderr.isatty(), leave=False) as bar:
+            volumes = [loader(c) for c in bar]
         if self.is_2d and cfg.extra_views:
             raise CDALError(f"{root}: 2D images have one view only: remove extra_views from the config")
         self.views = [(0, image_size)] if self.is_2d else cfg.views

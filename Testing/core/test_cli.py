@@ -228,7 +228,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tiny_model, 
     report = tmp_path / "report.json"
     report.write_text("my notes")
     for target, words in ((tmp_path, ("is a folder",)), (report, ("already exists", "--overwrite")),
-                          (blocker / "r.json", ("cannot write there",))):
+                          (blocker / "r.json", ("a_file: exists and is not a folder",))):
         assert_clean_error(cdal("evaluate", "--model", tiny_model, "--data", synthetic_dir, "--json", target,
                                 check=False), *words)
     assert report.read_text() == "my notes"
