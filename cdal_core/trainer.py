@@ -60,12 +60,12 @@ class Trainer:
         self.device_noise = self.device.type == "cuda"
         self.net_cfg, self.class_names, self.grid, self.norm = self._model_settings(data_dir)
         self._check_run_dir()  # a folder holding another run is refused before the data loads
+        self._load_data(data_dir)
+        self._prepare_run_dir()  # after settings and data are known to fit: a refused run writes nothing
         if self.init is not None and self.init.members:
             self._emit({"event": "note", "message": f"{self.init_model} is an ensemble of "
                         f"{len(self.init.generators)} generators: fine-tuning starts from generator "
                         f"{init_generator + 1}, and the result is a single-generator model"})
-        self._load_data(data_dir)
-        self._prepare_run_dir()  # after settings and data are known to fit: a refused run writes nothing
         torch.manual_seed(config.seed)
         self.G = Generator(self.net_cfg).to(self.device)
         self.D = Discriminator(self.net_cfg).to(self.device)
