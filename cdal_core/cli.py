@@ -293,18 +293,7 @@ def write_outputs_together(images, texts) -> None:
 
 def write_image_atomic(image, path: Path) -> None:
     """Write next to the target under a temporary name, then rename: readers never see a partial file."""
-    import SimpleITK as sitk
-    from .model_io import make_readable
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="-" + path.name)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, True)
-        make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_outputs_together([(image, path)], {})
 
 
 def cmd_evaluate(args) -> int:

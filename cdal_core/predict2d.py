@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from .data import PNG_SUFFIXES, VOLUME_SUFFIXES, _resize2d, check_intensities, read_image, read_png_pairs, stem_of
 from .errors import CDALError
-from .inputs import unreadable
 from .model_io import LoadedModel
 
 WINDOW_OVERLAP = 0.5      # fraction of a window shared with its neighbour (MoNuSeg 512 / 256: 3 x 3 windows)
@@ -62,17 +61,7 @@ def read_image_2d(path: Path, image_channels: int) -> np.ndarray:
     """A 2D image file -> ``(image_channels, H, W)`` float32 raw intensities; refuses what the model cannot read.
 
     A grey image stored as RGB (three equal channels) counts as grey; an alpha channel is dropped."""
-    return image_array_2d(_read_2d(path), image_channels, str(path))
-
-
-def _read_2d(path: Path) -> sitk.Image:
-    """``data.read_image`` with the failure of an existing file worded for images (PNG/JPEG/TIFF)."""
-    if not Path(path).is_file():
-        return read_image(path)  # its messages for a missing path or a folder
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise unreadable(Path(path), str(exc))
+    return image_array_2d(read_image(path), image_channels, str(path))
 
 
 def image_array_2d(image: sitk.Image, image_channels: int, name: str) -> np.ndarray:
@@ -107,7 +96,7 @@ def image_array_2d(image: sitk.Image, image_channels: int, name: str) -> np.ndar
 
 def read_mask_2d(path: Path, shape: Tuple[int, int], num_classes: int) -> np.ndarray:
     """A mask file -> ``(H, W)`` int64 class indices. Binary models take 0/255 or 0/1; others 0..C-1."""
-    image = _read_2d(path)
+    image = read_image(path)
     mask = sitk.GetArrayFromImage(image)
     if mask.ndim == 3 and image.GetNumberOfComponentsPerPixel() > 1:
         if not all(np.array_equal(mask[..., 0], mask[..., c]) for c in range(1, min(mask.shape[-1], 3))):
