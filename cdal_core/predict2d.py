@@ -6,7 +6,7 @@ windows (MONAI's sliding-window inference, gaussian blending), each sampled by `
 samples) -> mean probabilities, variance and discriminator attention at ``image_size`` -> bilinear back to
 ``(H, W)`` -> labels = argmax. A model trained on whole images (``image_size`` = ``train_size``) sees one window.
 
-Outputs per input ``<stem>``, all ``(H, W)`` like the input, each written atomically:
+Outputs per input ``<stem>``, all ``(H, W)`` like the input, written together as one set:
 ``_seg.png`` (uint8 labels; 0/255 for a binary model), ``_uncertainty.png`` / ``_attention.png`` (colour heat
 maps) and ``_uncertainty.tif`` / ``_attention.tif`` (float32 values).
 """
@@ -301,8 +301,9 @@ def output_paths(out_dir: Path, stem: str) -> Dict[str, Path]:
 
 
 def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int) -> None:
-    """Label PNG (0/255 when binary, else class indices), heat-map PNGs and float32 TIFFs, each atomically."""
-    from .cli import write_image_atomic
+    """Label PNG (0/255 when binary, else class indices), heat-map PNGs and float32 TIFFs, written as one set
+    (``cli.write_outputs_together``): an interrupt leaves none of them, so a re-run never meets a lone label."""
+    from .cli import write_outputs_together
     labels = result.labels * np.uint8(255) if num_classes == 2 else result.labels
     images = {"seg.png": sitk.GetImageFromArray(labels.astype(np.uint8)),
               # largest possible summed variance of C class probabilities: 1 - 1/C
@@ -312,8 +313,7 @@ def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int)
     attention = result.attention if result.attention is not None else np.zeros_like(result.uncertainty)
     images["attention.png"] = sitk.GetImageFromArray(heat_map(attention, 1.0, "viridis"), isVector=True)
     images["attention.tif"] = sitk.GetImageFromArray(attention.astype(np.float32))
-    for name, image in images.items():
-        write_image_atomic(image, paths[name])
+    write_outputs_together([(image, paths[name]) for name, image in images.items()], {})
 
 
 # -- commands ----------------------------------------------------------------------------------------------

@@ -28,7 +28,10 @@ Session 14 (one H200): ``--runs sag_cv0,sag_all --batch 256 --budget-s 530 --ben
 per run in 474 s (6.3 steps/s each, two runs sharing the GPU). Session 17 (one H200): ``--runs cv0,cv1,cv2,cv3
 --batch 256 --budget-s 530 --bench-steps 0`` gave 2,202-2,231 steps x 256 per run in 468 s (4.7 steps/s each,
 4,840 slices/s together), then ``--runs cv0_ft,cv1_ft,cv2_ft,cv3_ft --budget-s 240 --init-root .gpu/s17/init``
-(after ``pack-init cv0=runs/gpu17/cv0/model ...``) 814-826 more steps each.
+(after ``pack-init cv0=runs/gpu17/cv0/model ...``) 814-826 more steps each. Session 19 (one H200): ``--runs
+r1_cv0,r2_cv0,r3_cv0,h5_cv0,h5_all --batch 128 --budget-s 515 --init-root .gpu/s19/init`` (after ``pack-init
+s7=runs/s7 member5_cv0=runs/member5_cv0/model member5_all=runs/member5_all/model``) gave 2,273-2,336 steps x 128
+in 458 s (5.0 steps/s each, 3,200 slices/s together), then six runs of ``--budget-s 250`` 827-850 more steps each.
 
 Runs (hippocampus recipe: ``configs/hippocampus_gpu.json``):
 - ``cv0``..``cv3``: fold k of ``configs/hippocampus_folds.json`` held out (fold 0 is the old validation list),
@@ -125,11 +128,27 @@ FINETUNE_RUNS = {
     # fold models were packed without theirs)
     **{f"cv{k}_ft": dict(base=f"cv{k}", init=f"cv{k}", seed=400 + k, lr_scale=0.5,
                          source=f"runs/gpu17/cv{k} (session 17, from scratch)") for k in range(4)},
+    # session 19: the fold-0 replicas of the shipped restarts, re-made (sessions 9-10's h1_cv0..h3_cv0 were lost),
+    # started from the session-7 ensemble packed as ``s7`` (its generators trained with fold 0 held out)
+    **{f"r{m + 1}_cv0": dict(base="cv0", init="s7", member=m, seed=300 + m, lr_scale=0.625,
+                             source="runs/s7 (the session-7 ensemble, fold 0 held out)") for m in range(3)},
+    # session 19: an all-data fifth start for the fourth member's place: session 18's CPU member (seed 4, 3,600
+    # steps x 32, no selection) restarted like the others, with its fold-0 twin to decide it
+    "h5_cv0": dict(base="cv0", init="member5_cv0", seed=304, lr_scale=0.625,
+                   source="runs/member5_cv0/model (session 18, CPU, 3,600 steps x 32, fold 0 held out)"),
+    "h5_all": dict(base="all0", init="member5_all", seed=304, lr_scale=0.625,
+                   source="runs/member5_all/model (session 18, CPU, 3,600 steps x 32, all 195 volumes)"),
+    # session 19, second call: do more steps help the restarted members? The fold-0 replicas go on at half their
+    # learning rate (as session 17's cvk_ft did), and so do the shipped restarts (all data), to ship if fold 0 says so
+    **{f"r{m + 1}_cv0_ft": dict(base="cv0", init=f"r{m + 1}_cv0", seed=310 + m, lr_scale=0.3125,
+                                source=f"runs/gpu19/r{m + 1}_cv0 (session 19)") for m in range(3)},
+    **{f"h{m + 1}_all_ft": dict(base="all0", init="hippocampus", member=m, seed=310 + m, lr_scale=0.3125,
+                                source="Resources/Models/hippocampus (session 18's shipped ensemble)") for m in range(3)},
 }
 # a shipped model's primary keeps D for its attention maps; each run is packed in its own tar (< 16 MiB cap)
 # (session 17: the fold models keep theirs too, so a later restart goes on with the discriminator it trained with)
 WITH_DISCRIMINATOR = {"all0", "cxr", "cxr128", "monuseg", "monuseg_ft", "cxr128_ft", "monuseg_ft2", "cxr128_ft2",
-                      "h1_all", "h1_cv0", *(f"cv{k}" for k in range(4)), *(f"cv{k}_ft" for k in range(4))}
+                      "h1_all", "h1_cv0", "r1_cv0", "r1_cv0_ft", "h1_all_ft", *(f"cv{k}" for k in range(4)), *(f"cv{k}_ft" for k in range(4))}
 
 
 # --- prepare (here) -------------------------------------------------------------------------------------------

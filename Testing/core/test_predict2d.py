@@ -432,3 +432,27 @@ def test_evaluate_images_in_parallel_scores_what_one_at_a_time_scores(grey_model
     for a, b in zip(serial["per_image"], both["per_image"]):
         assert a["Foreground_dice"] == pytest.approx(b["Foreground_dice"], abs=1e-3)
     assert serial["uncertainty"]["auroc"] == pytest.approx(both["uncertainty"]["auroc"], abs=1e-3)
+
+
+def test_an_interrupted_write_leaves_none_of_the_image_outputs(tmp_path, monkeypatch):
+    """The five outputs of one image are a set: Ctrl-C while writing the third leaves no lone label PNG, which
+    would otherwise make the re-run refuse (without --overwrite) or mix two runs' outputs."""
+    from cdal_core import predict2d
+    result = predict2d.ImageResult(labels=np.zeros((8, 8), np.uint8), probabilities=np.zeros((2, 8, 8), np.float32),
+                                   uncertainty=np.zeros((8, 8), np.float32), attention=None)
+    paths = predict2d.output_paths(tmp_path, "a")
+    real_write, calls = sitk.WriteImage, []
+
+    def interrupted(image, path, *rest):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_write(image, path, *rest)
+
+    monkeypatch.setattr(sitk, "WriteImage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        predict2d.write_outputs(result, paths, num_classes=2)
+    assert len(calls) == 3 and sorted(os.listdir(tmp_path)) == []
+    monkeypatch.setattr(sitk, "WriteImage", real_write)
+    predict2d.write_outputs(result, paths, num_classes=2)
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths.values())
