@@ -218,7 +218,7 @@ def run_each(inputs: Sequence, segment_one: Callable, device, item_name: Callabl
                 raise
             return False, f"cdal: error: {exc}"
 
-    bar = tqdm(total=len(inputs), desc="inputs", unit="file", disable=len(inputs) < 2)
+    bar = tqdm(total=len(inputs), desc="inputs", unit="file", disable=len(inputs) < 2 or not on_terminal())
     with parallel_map(len(inputs), device) as (workers, mapped):
         for item, (ok, message) in zip(inputs, mapped(lambda item: one(item, workers == 1), inputs)):
             if not ok:
@@ -247,7 +247,7 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
     # segment_scan checks again; these run before the progress bar opens, so a bad scan gets one clean line
     check_takes_volumes(model, str(item.path))
     check_volume(scan.image, model.config.image_channels, name=str(item.path))
-    with tqdm(total=100, desc=item.stem, unit="%", leave=False, disable=not progress_bar) as bar:
+    with tqdm(total=100, desc=item.stem, unit="%", leave=False, disable=not progress_bar or not on_terminal()) as bar:
         def progress(fraction, message):
             bar.n = int(100 * fraction)
             bar.set_postfix_str(message[:40], refresh=True)
@@ -263,6 +263,12 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
     notes = f" ({'; '.join(result.report['notes'])})" if result.report["notes"] else ""  # review notes: after the table
     return (f"{item.path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name}, "
             f"{files['report'].name} in {result.seconds:.2f} s{notes}\n{format_report(result.report)}")
+
+
+def on_terminal() -> bool:
+    """Progress bars only where someone watches them: in a log file (``> run.log``, CI) a redrawn bar leaves
+    hundreds of carriage-return frames, so there each command prints a few plain lines instead, or none."""
+    return sys.stderr.isatty()
 
 
 def write_outputs_together(images, texts) -> None:
@@ -314,18 +320,23 @@ def cmd_evaluate(args) -> int:
     cases, _ = read_msd_cases(args.data)
     if args.cases:
         cases = select_cases(cases, read_case_list(args.cases), args.cases, args.data)
-    bars = []  # opened with the first finished volume: a refusal before any work stays one clean line
+    progress = {"bar": None, "done": 0}  # the bar opens with the first finished volume: a refusal before any
+    # work stays one clean line
 
     def on_volume(i, n, name):
-        if not bars:
-            bars.append(tqdm(total=n, desc="evaluating", unit="vol"))
-        bars[0].update(1)
+        if progress["bar"] is None:
+            progress["bar"] = tqdm(total=n, desc="evaluating", unit="vol", disable=not on_terminal())
+        progress["bar"].update(1)
+        progress["done"] += 1
+        done = progress["done"]
+        if not on_terminal() and done * 10 // n > (done - 1) * 10 // n:  # in a log: a line every tenth
+            print(f"evaluating: {done}/{n} volumes", file=sys.stderr, flush=True)
     report = evaluate_cases(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
                             device=str(device), on_volume=on_volume,
                             precision=args.precision, early_exit=not args.full_sampling, parallel=True,
                             mirror=symmetries_choice(args))
-    for bar in bars:
-        bar.close()
+    if progress["bar"] is not None:
+        progress["bar"].close()
     return finish_evaluation(report, model, args, format_table)
 
 

@@ -43,7 +43,7 @@ DEMO_OUTPUTS = ("icbm152_seg.nii.gz", "icbm152_uncertainty.nii.gz", "icbm152_att
 
 def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False) -> int:
     from tqdm import tqdm
-    from .cli import ensure_writable_folder, write_outputs_together
+    from .cli import ensure_writable_folder, on_terminal, write_outputs_together
     from .inference import resolve_device
     from .model_io import list_models, load_model
     from .scan import format_report, segment_scan
@@ -60,7 +60,7 @@ def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False) -> in
     dev = str(resolve_device(device))
     image = sitk.ReadImage(str(template_path()))
     model = load_model("hippocampus", device=dev)
-    with tqdm(total=100, desc="whole brain", unit="%", leave=False) as bar:
+    with tqdm(total=100, desc="whole brain", unit="%", leave=False, disable=not on_terminal()) as bar:
         def progress(fraction, message):
             bar.n = int(100 * fraction)
             bar.set_postfix_str(message[:40], refresh=True)

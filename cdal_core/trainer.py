@@ -40,6 +40,7 @@ from .networks import Discriminator, Generator, NetworkConfig, attention_map, no
 from .schedule import DiffusionSchedule
 
 CHECKPOINT = "checkpoint.pt"
+PLAIN_PROGRESS_LINES = 50  # lines a run prints when its progress goes to a log file rather than a terminal
 # what data.load_png_case and predict2d.prepare_image do to a 2D image (the percentile settings do not apply)
 NORMALISATION_2D = {"method": "min-max", "lower": 0.0, "upper": 100.0,
                     "note": "2D: min-max over the whole image after resizing to input.image_size"}
@@ -178,6 +179,12 @@ class Trainer:
 
     def _quiet(self) -> bool:
         return self.json_progress or self.rank != 0 or not sys.stderr.isatty() and os.environ.get("CI") == "true"
+
+    def _plain_progress(self) -> bool:
+        """Progress goes to a log file (``nohup ... > run.log``), not a terminal: a redrawn bar would fill it with
+        thousands of carriage-return frames, so it gets one readable line every ``PLAIN_PROGRESS_LINES``-th of
+        the run instead."""
+        return not self._quiet() and not sys.stderr.isatty()
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -380,8 +387,10 @@ class Trainer:
             return self.out / "model"
         deadline = time.time() + 60 * max_minutes if max_minutes else None
         restore = _raise_on_sigterm()
+        plain = self._plain_progress()
+        plain_every = max(cfg.log_every, (target // PLAIN_PROGRESS_LINES) // cfg.log_every * cfg.log_every)
         bar = tqdm(total=target, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
-                   disable=self._quiet())
+                   disable=self._quiet() or plain)
         self.G.train(), self.D.train()
         last_val = -1
         t_run, first_step = time.time(), self.step
@@ -398,6 +407,10 @@ class Trainer:
                            "steps_per_second": round(rate, 3), **{k: round(v, 5) for k, v in stats.items()}}
                     self._log(rec)
                     bar.set_postfix(mse=f"{stats['mse']:.4f}", d=f"{stats['loss_d']:.3f}")
+                    if plain and (self.step % plain_every == 0 or self.step == target):
+                        print(f"step {self.step}/{target}: {rate:.2f} steps/s, "
+                              f"{_hours_minutes(rec['eta_seconds'])} to go, mse {stats['mse']:.4f}, "
+                              f"d {stats['loss_d']:.3f}", file=sys.stderr, flush=True)
                     self._watch_for_collapse(stats["fg_found"])
                 if self.step % cfg.val_every == 0:
                     self._validate_and_keep_best()
@@ -563,6 +576,11 @@ def _init_distributed():
         dist.init_process_group("nccl")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return (dist.get_rank() if world > 1 else 0), world
+
+
+def _hours_minutes(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def _raise_on_sigterm():

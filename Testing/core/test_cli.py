@@ -82,6 +82,7 @@ def test_a_folder_segmented_volumes_in_parallel_matches_one_at_a_time(tiny_model
                               capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
                               env={**os.environ, "CDAL_THREADS": threads})
         assert proc.returncode == 2 and "1 of 4 inputs were not segmented (blank" in proc.stderr, proc.stderr
+        assert "%|" not in proc.stderr  # a pipe, as a log file: no progress-bar frames
         assert [ln.split(":")[0] for ln in proc.stdout.splitlines() if "_seg.nii.gz" in ln] == \
             [f"scan{i}.nii.gz" for i in range(3)]  # reported in input order
         outputs[threads] = {f.name: sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in out.glob("scan*.nii.gz")}
@@ -177,6 +178,8 @@ def test_evaluate_json_schema(tiny_model, synthetic_dir, tmp_path):
     proc = cdal("evaluate", "--model", tiny_model, "--data", synthetic_dir, "--samples", 2, "--json", report_path,
                 "--precision", "fp32", "--full-sampling")
     assert "Anterior" in proc.stdout and "AUROC" in proc.stdout
+    # stderr is a pipe here, as in a log file: plain progress lines, no redrawn bar
+    assert "%|" not in proc.stderr and "evaluating: 6/6 volumes" in proc.stderr
     report = json.loads(report_path.read_text())
     assert set(report["per_class"]) == {"Anterior", "Posterior"}
     for row in report["per_class"].values():

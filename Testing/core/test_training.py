@@ -193,3 +193,16 @@ def test_boundary_weight_trains(synthetic_dir, tmp_path):
     cfg = TrainConfig.from_dict({**TINY_CONFIG, "boundary_weight": 4.0})
     train(str(synthetic_dir), str(tmp_path / "run"), cfg, max_steps=2, device="cpu")
     assert _checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_progress_to_a_log_file_is_plain_lines(synthetic_dir, tiny_config_file, tmp_path):
+    """``nohup cdal train ... > run.log``: no redrawn bar frames in the log, readable step lines."""
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    cmd = [sys.executable, "-m", "cdal_core.cli", "train", "--data", str(synthetic_dir), "--out", str(tmp_path / "run"),
+           "--config", str(tiny_config_file), "--max-steps", "3", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "%|" not in done.stderr  # no progress-bar frames
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("step ")]
+    assert [ln.split(":")[0] for ln in lines] == ["step 1/3", "step 2/3", "step 3/3"], done.stderr[-2000:]
+    assert "steps/s" in lines[-1] and "to go" in lines[-1]
