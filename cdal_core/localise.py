@@ -267,3 +267,69 @@ def _nearest_rotation(matrix: np.ndarray) -> np.ndarray:
     """The rotation closest to ``matrix`` (polar decomposition): the affine's pose without its scaling."""
     u, _, vt = np.linalg.svd(matrix)
     return u @ vt
+
+
+def region_specs(card: Dict) -> Optional[List[RegionSpec]]:
+    """Template regions the model's card names (``"localisation": {"regions": [...]}``); hippocampus models
+    without that field (older cards, fine-tuned copies) get the hippocampus boxes; other models none."""
+    spec = card.get("localisation")
+    if spec:
+        return [RegionSpec(r["side"], tuple(r["centre_mni"]), tuple(r["size_mm"]), float(r.get("pitch_deg", 0.0)),
+                           r.get("dip_deg")) for r in spec["regions"]]
+    names = [c["name"].lower() for c in card.get("classes", [])]
+    return hippocampus_regions() if names[1:] == ["anterior", "posterior"] else None
+
+
+# -- training data from whole scans -------------------------------------------------------------------------
+@dataclass
+class TrainingCrop:
+    side: Optional[str]   # "left" / "right": a located box; None: the scan as it was given
+    image: sitk.Image     # Float32 on the box's 1 mm grid (linear), or the scan itself
+    labels: sitk.Image    # UInt8 on the same grid (nearest neighbour)
+
+
+# a box must keep this share of the labelled volume; less, and the labels are said to lie outside the boxes
+MIN_LABELS_IN_BOXES = 0.9
+
+
+def training_crops(image: sitk.Image, labels: sitk.Image, card: Dict,
+                   name: str = "scan") -> Tuple[List[TrainingCrop], List[str]]:
+    """What to train a volume model on from one labelled scan, so that training sees what inference segments.
+
+    A crop-sized scan (MSD-like) is used whole. A brain or head (``needs_localisation``), for a model with template
+    regions, is cut into the boxes inference cuts: located by registration, each turned to the labels' own dip
+    (``scan._turned_to_dip`` turns it to the predicted structure's), the image resampled linearly and the labels
+    by nearest neighbour. Without this the trainer would centre-crop the whole head and see no hippocampus at all.
+    Returns the crops and warnings (a side without labels is skipped; labels outside every box are named)."""
+    specs = region_specs(card)
+    if not specs or not needs_localisation(image):
+        return [TrainingCrop(None, image, labels)], []
+    loc = locate(image, specs)
+    if loc.status != "ok":
+        raise CDALError("{}: could not locate the hippocampi reliably ({}) to cut training crops: crop the scan "
+                        "around each hippocampus first (Crop Volume in Slicer), then fine-tune on the crops"
+                        .format(name, "; ".join(loc.reasons)))
+    fill = float(np.percentile(sitk.GetArrayViewFromImage(image)[::3, ::3, ::3], 0.5))
+    crops, warnings, kept_mm3 = [], [], 0.0
+    for region in loc.regions:
+        box_labels = _labels_in_box(labels, region)
+        found = dip_degrees(sitk.GetArrayViewFromImage(box_labels) > 0)
+        if found is not None:
+            region = region.turned_to_dip(found)
+            box_labels = _labels_in_box(labels, region)
+        voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(box_labels)))
+        if voxels == 0:
+            warnings.append(f"{name}: no labels in the {region.side} hippocampus box; that side is not trained on")
+            continue
+        kept_mm3 += voxels * float(np.prod(box_labels.GetSpacing()))
+        crops.append(TrainingCrop(region.side, region.crop(image, fill=fill), box_labels))
+    total_mm3 = np.count_nonzero(sitk.GetArrayViewFromImage(labels)) * float(np.prod(labels.GetSpacing()))
+    if total_mm3 > 0 and kept_mm3 < MIN_LABELS_IN_BOXES * total_mm3:
+        warnings.append(f"{name}: {100 * (1 - kept_mm3 / total_mm3):.0f} % of the labelled volume lies outside the "
+                        "boxes the model segments and is not trained on: check that the labels are the hippocampi")
+    return crops, warnings
+
+
+def _labels_in_box(labels: sitk.Image, region: Region) -> sitk.Image:
+    return sitk.Resample(labels, region.crop_reference(), region.to_scan, sitk.sitkNearestNeighbor, 0,
+                         sitk.sitkUInt8)

@@ -24,7 +24,7 @@ from .data import check_volume
 from .errors import CDALError
 from .inference import VolumeResult, check_takes_volumes, parallel_map, resolve_device, segment_image
 from .inputs import check_real_valued, source_name
-from .localise import Region, RegionSpec, dip_degrees, hippocampus_regions, locate, needs_localisation
+from .localise import Region, dip_degrees, locate, needs_localisation, region_specs
 from .model_io import LoadedModel
 from .quality import mark_for_review
 
@@ -45,17 +45,6 @@ class ScanResult:
     report: Dict
     notes: List[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def region_specs(card: Dict) -> Optional[List[RegionSpec]]:
-    """Template regions the model's card names (``"localisation": {"regions": [...]}``); hippocampus models
-    without that field (older cards, fine-tuned copies) get the hippocampus boxes; other models none."""
-    spec = card.get("localisation")
-    if spec:
-        return [RegionSpec(r["side"], tuple(r["centre_mni"]), tuple(r["size_mm"]), float(r.get("pitch_deg", 0.0)),
-                           r.get("dip_deg")) for r in spec["regions"]]
-    names = [c["name"].lower() for c in card.get("classes", [])]
-    return hippocampus_regions() if names[1:] == ["anterior", "posterior"] else None
 
 
 def parse_roi(text: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -17,6 +17,7 @@ from .paths import ensureCoreOnPath, subprocessEnvironment
 
 ensureCoreOnPath()
 from cdal_core.errors import CDALError  # noqa: E402
+from cdal_core.localise import TrainingCrop, training_crops  # noqa: E402
 
 
 def safeName(text):
@@ -87,7 +88,9 @@ def labelArrayForPair(volumeNode, segmentationNode, card):
 
 
 def exportTrainingData(pairs, outDir, card):
-    """Write ``dataset.json``, ``imagesTr/`` and ``labelsTr/`` (NIfTI) for the pairs. Returns (outDir, warnings)."""
+    """Write ``dataset.json``, ``imagesTr/`` and ``labelsTr/`` (NIfTI) for the pairs. A whole head becomes one
+    crop per labelled hippocampus (``cdal_core.localise.training_crops``: the boxes inference segments), named
+    ``<volume>_left`` / ``_right``. Returns (outDir, warnings)."""
     import SimpleITK as sitk
 
     if not pairs:
@@ -121,9 +124,15 @@ def exportTrainingData(pairs, outDir, card):
         label = sitk.GetImageFromArray(labels)
         label.CopyInformation(image if image.GetNumberOfComponentsPerPixel() == 1 else
                               sitk.VectorIndexSelectionCast(image, 0))
-        sitk.WriteImage(image, os.path.join(outDir, "imagesTr", stem + ".nii.gz"), True)
-        sitk.WriteImage(label, os.path.join(outDir, "labelsTr", stem + ".nii.gz"), True)
-        training.append({"image": "./imagesTr/%s.nii.gz" % stem, "label": "./labelsTr/%s.nii.gz" % stem})
+        # a whole head is cut into the boxes inference segments; a crop-sized volume is written as it is
+        crops, cropWarnings = training_crops(image, label, card, name=volumeNode.GetName()) if labels.any() else (
+            [TrainingCrop(None, image, label)], [])
+        warnings.extend(cropWarnings)
+        for crop in crops:
+            name = stem if crop.side is None else "%s_%s" % (stem, crop.side)
+            sitk.WriteImage(crop.image, os.path.join(outDir, "imagesTr", name + ".nii.gz"), True)
+            sitk.WriteImage(crop.labels, os.path.join(outDir, "labelsTr", name + ".nii.gz"), True)
+            training.append({"image": "./imagesTr/%s.nii.gz" % name, "label": "./labelsTr/%s.nii.gz" % name})
     meta = {
         "name": "CDALSegmentation fine-tuning data",
         "description": "exported from 3D Slicer by CDALSegmentation",

@@ -340,3 +340,70 @@ def test_the_box_turns_so_that_the_hippocampus_dips_as_in_msd_crops():
     fixed = Region("left", sitk.Transform(3, sitk.sitkIdentity), centre, (40.0, 56.0, 40.0), 0.0, None)
     assert fixed.turned_to_dip(-40.0) is fixed                                # regions without a dip stay put
     assert dip_degrees(np.zeros((40, 56, 40), bool)) is None
+
+
+def _ellipsoids(image, blobs):
+    """UInt8 labels on ``image``'s grid: for each (label, centre RAS, radii RAS mm), that label inside the ellipsoid."""
+    shape = sitk.GetArrayViewFromImage(image).shape
+    labels = np.zeros(shape, np.uint8)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    for value, centre, radii in blobs:
+        middle = np.asarray(image.TransformPhysicalPointToIndex(_lps(centre)))[::-1]  # (k, j, i)
+        lo = np.maximum(middle - 30, 0)
+        hi = np.minimum(middle + 30, shape)
+        k, j, i = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
+        index = np.stack([i, j, k], -1).reshape(-1, 3) * np.asarray(image.GetSpacing())
+        lps = np.asarray(image.GetOrigin()) + index @ direction.T
+        ras = lps * [-1, -1, 1]
+        inside = (((ras - centre) / radii) ** 2).sum(1) <= 1
+        box = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].reshape(-1)
+        box[inside] = value
+        labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = box.reshape(hi - lo)
+    out = sitk.GetImageFromArray(labels)
+    out.CopyInformation(image)
+    return out
+
+
+def _hippocampus_like(centre):
+    """Anterior (1) in front of posterior (2), long along anterior-posterior, as a hippocampus is."""
+    ahead, behind = np.add(centre, (0, 8, 0)), np.add(centre, (0, -8, 0))
+    return [(1, ahead, (5.0, 9.0, 5.0)), (2, behind, (5.0, 9.0, 5.0))]
+
+
+def test_training_crops_cut_a_labelled_head_where_inference_segments(template):
+    """Fine-tuning on a whole head: each side's box as inference cuts it, image and labels on one grid, the
+    labels near the box centre (the trainer centre-crops slices, so a whole head would show it no hippocampus)."""
+    from cdal_core.model_io import read_card, resolve_model
+    from cdal_core.localise import training_crops
+    card = read_card(resolve_model("hippocampus"))
+    labels = _ellipsoids(template, _hippocampus_like(LEFT_RAS) + _hippocampus_like(RIGHT_RAS))
+    crops, warnings = training_crops(template, labels, card, name="icbm")
+    assert warnings == [] and [c.side for c in crops] == ["left", "right"]
+    for crop in crops:
+        assert crop.image.GetSize() == (40, 56, 40) and crop.labels.GetSize() == crop.image.GetSize()
+        assert crop.labels.GetOrigin() == crop.image.GetOrigin()
+        assert crop.labels.GetDirection() == crop.image.GetDirection()
+        array = sitk.GetArrayFromImage(crop.labels)
+        assert set(np.unique(array)) == {0, 1, 2}
+        centroid = np.argwhere(array > 0).mean(0)
+        assert np.all(np.abs(centroid - (np.asarray(array.shape) - 1) / 2) < 8), (crop.side, centroid)
+        # anterior in front of posterior on the crop's RAS grid (array axis 1 runs posterior -> anterior)
+        assert np.argwhere(array == 1)[:, 1].mean() > np.argwhere(array == 2)[:, 1].mean()
+        assert float(sitk.GetArrayViewFromImage(crop.image)[array > 0].mean()) > 0  # brain, not the fill
+
+
+def test_training_crops_say_what_they_leave_out(template):
+    from cdal_core.model_io import read_card, resolve_model
+    from cdal_core.localise import training_crops
+    card = read_card(resolve_model("hippocampus"))
+    frontal = [(1, (0.0, 50.0, 20.0), (12.0, 12.0, 12.0))]  # far from both hippocampi
+    labels = _ellipsoids(template, _hippocampus_like(LEFT_RAS) + frontal)
+    crops, warnings = training_crops(template, labels, card, name="icbm")
+    assert [c.side for c in crops] == ["left"]
+    assert any("no labels in the right hippocampus box" in w for w in warnings), warnings
+    assert any("of the labelled volume lies outside the boxes" in w for w in warnings), warnings
+    crop_sized, _ = make_volume(np.random.default_rng(0))
+    small = to_image(crop_sized.astype(np.float32))
+    small_labels = sitk.Cast(small > float(np.median(crop_sized)), sitk.sitkUInt8)
+    crops, warnings = training_crops(small, small_labels, card)
+    assert warnings == [] and len(crops) == 1 and crops[0].side is None and crops[0].image is small

@@ -1,5 +1,6 @@
 """Real data: MSD Task04 hippocampus volumes loaded through MRML storage nodes, segmented with the shipped
 "hippocampus" model; Dice against their labels is reported (skipped when the data or the model is absent)."""
+import json
 import os
 
 import numpy as np
@@ -101,9 +102,10 @@ def test_real_hippocampus_dice(app, logic, hippocampus_model, capsys):
     assert min(mean.values()) > 0.6, mean
 
 
-def test_whole_brain_without_roi_through_the_worker(app, logic, hippocampus_model_only):
+def test_whole_brain_without_roi_through_the_worker(app, logic, hippocampus_model_only, tmp_path):
     """Segment on a whole brain (ICBM152 template) with no ROI: the worker localises both hippocampi
-    (cdal_core.scan), the segments are named per side, the volume table and the jumps know both sides."""
+    (cdal_core.scan), the segments are named per side, the volume table and the jumps know both sides; the
+    result exported for fine-tuning becomes one crop per side, where inference segments."""
     import glob
 
     import slicer.util
@@ -131,3 +133,18 @@ def test_whole_brain_without_roi_through_the_worker(app, logic, hippocampus_mode
     assert all(500 < v < 6000 for v in volumes), volumes
     left, right = logic.centreRAS(result.volumeTableNode, "left"), logic.centreRAS(result.volumeTableNode, "right")
     assert left[0] < 0 < right[0], (left, right)  # RAS: the subject's left has negative R
+    import SimpleITK as sitk
+    from CDALSegmentationLib import finetune
+    pairs = logic.trainingPairs(app.scene)
+    assert pairs == [(volume, result.segmentationNode)]
+    _, warnings = finetune.exportTrainingData(pairs, str(tmp_path / "msd"), result.card)
+    assert warnings == [], warnings
+    meta = json.loads((tmp_path / "msd" / "dataset.json").read_text())
+    assert [t["image"] for t in meta["training"]] == ["./imagesTr/ICBM152_left.nii.gz", "./imagesTr/ICBM152_right.nii.gz"]
+    for entry in meta["training"]:
+        labels = sitk.ReadImage(str(tmp_path / "msd" / entry["label"]))
+        assert labels.GetSize() == (40, 56, 40)
+        array = sitk.GetArrayFromImage(labels)
+        assert set(np.unique(array)) == {0, 1, 2}
+        centroid = np.argwhere(array > 0).mean(0)  # the trainer centre-crops slices: the labels must be central
+        assert np.all(np.abs(centroid - (np.asarray(array.shape) - 1) / 2) < 8), (entry, centroid)
