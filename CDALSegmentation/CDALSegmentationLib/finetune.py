@@ -185,6 +185,12 @@ class FineTuneJob(ProcessJob):
             dice = event.get("mean_dice")
             if dice is not None:
                 self.message = "Step %d/%s, validation Dice %.3f" % (self.step, self.maxSteps or "?", float(dice))
+        elif kind == "note" and event.get("message"):
+            # what the trainer wants the user to know (an ensemble fine-tuned into one generator, a collapse onto
+            # the background): shown with the result
+            message = str(event["message"])
+            if message not in self.warnings:
+                self.warnings.append(message)
         elif kind == "time_limit":
             self.message = "Time limit reached at step %s, saving" % event.get("step")
         elif kind == "error":

@@ -105,6 +105,22 @@ def readOutputs(folder):
     return arrays, report
 
 
+NO_GPU_MESSAGE = ("no CUDA GPU is available to Slicer: set Device (under Advanced) to Auto or CPU, or install a "
+                  "CUDA build of torch on a machine with an NVIDIA GPU")
+
+
+def moduleDevice(requested):
+    # type: (str) -> str
+    """The torch device for the module's Device choice. A missing GPU is worded for that choice: the core's
+    message names the command line's --device flag."""
+    import torch
+    from cdal_core.errors import CDALError
+    from cdal_core.inference import resolve_device
+    if (requested or "auto").lower() in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise CDALError(NO_GPU_MESSAGE)
+    return str(resolve_device(requested))
+
+
 def _emit(obj):
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -133,10 +149,9 @@ def main(argv=None):
     try:
         _emit({"event": "progress", "fraction": 0.0, "message": "Loading model"})
         import SimpleITK as sitk
-        from cdal_core.inference import resolve_device
         from cdal_core.model_io import load_model
 
-        device = str(resolve_device(args.device))  # probed here, never in the GUI process
+        device = moduleDevice(args.device)  # probed here, never in the GUI process
         model = load_model(args.model, device=device)
         image = sitk.ReadImage(args.input)
         last = [0.0]

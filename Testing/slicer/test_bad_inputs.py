@@ -136,3 +136,23 @@ def test_a_user_roi_is_never_second_guessed_by_the_localiser(app, logic, tiny_mo
     roi.SetSize([bounds[2 * i + 1] - bounds[2 * i] + 2 for i in range(3)])
     result = logic.segment(node, model=tiny_model, roiNode=roi, samples=1, steps=1)
     assert result.report["localisation"]["status"] != "ok"
+
+
+def test_gpu_chosen_without_one_is_worded_for_the_device_choice(app, logic, tiny_model):
+    """Device "GPU (CUDA)" on a machine without one: the message names the module's Device choice, not the
+    command line's --device flag, and nothing is added to the scene."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    node = _volume(app)
+    before = scene_snapshot(app.scene)
+    job = logic.startSegmentation(node, model=tiny_model, samples=1, steps=1, device="cuda")
+    try:
+        assert job.wait(timeout=120, interval=0.2) == "failed", job.state
+        with pytest.raises(CDALError) as info:
+            logic.finishSegmentation(job)
+    finally:
+        job.cleanup()
+    message = str(info.value)
+    assert "no CUDA GPU" in message and "Device" in message and "--device" not in message, message
+    assert scene_snapshot(app.scene) == before

@@ -117,3 +117,14 @@ def test_gui_side_modules_do_not_import_torch():
                          universal_newlines=True, encoding="utf-8", errors="replace", timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_trainer_notes_reach_the_user(tmp_path):
+    """The trainer's notes (the shipped ensemble fine-tuned into one generator; a collapse onto the background)
+    are shown with the result, like the device warning, once each."""
+    job = finetune.FineTuneJob(["python"], {}, str(tmp_path), "tuned", "hippocampus", 1)
+    note = {"event": "note", "message": "hippocampus is an ensemble of 4 generators: the result is a single-generator model"}
+    job.handleEvent(note)
+    job.handleEvent(note)
+    job.handleEvent({"event": "progress", "step": 1, "max_steps": 2})
+    assert job.warnings == [note["message"]]
