@@ -6,6 +6,13 @@ Progress arrives through ``job.listeners`` (qt.QProcess signals in Slicer), so n
 """
 
 
+import time
+
+# A click on the button this soon after it became "Cancel" is the second click of a double-click (or a click
+# queued while the job was starting on the GUI thread), not a decision to cancel.
+CANCEL_GRACE_SECONDS = 0.6
+
+
 class JobPanel(object):
     def __init__(self, button, progressBar, statusLabel, idleText, cancelText="Cancel", onFinished=None,
                  onChanged=None):
@@ -14,6 +21,8 @@ class JobPanel(object):
         self.onFinished = onFinished  # onFinished(job) once, after done / failed / cancelled
         self.onChanged = onChanged  # onChanged() whenever running/idle flips (the widget updates its buttons)
         self.job = None
+        self.startedAt = None
+        self.clock = time.monotonic
         self.progressBar.setVisible(False)
 
     @property
@@ -28,13 +37,17 @@ class JobPanel(object):
         self.progressBar.setVisible(True)
         self.button.text = self.cancelText
         self.button.enabled = True
+        self.startedAt = self.clock()
         self._onJobChanged(job)
         self._changed()
 
     def cancel(self):
-        """User clicked Cancel: kill the child (returns at once), then finish normally."""
-        if self.running:
-            self.job.cancel()  # listeners -> _finish
+        """User clicked Cancel: kill the child (returns at once), then finish normally. Returns whether it did:
+        a click within ``CANCEL_GRACE_SECONDS`` of the start is ignored (a double-click on the start button)."""
+        if not self.running or self.clock() - self.startedAt < CANCEL_GRACE_SECONDS:
+            return False
+        self.job.cancel()  # listeners -> _finish
+        return True
 
     def abort(self):
         """The scene is closing: cancel, clean temporary files and reset the panel, without callbacks."""

@@ -267,8 +267,12 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
         try:
             with waitCursor():
                 result = self.logic.finishSegmentation(job)
-        except CDALError as exc:
-            slicer.util.errorDisplay(str(exc), windowTitle=TITLE)
+        except Exception as exc:  # CDALError: the user's to fix; anything else (e.g. MemoryError) is shown too
+            import traceback
+
+            self.ui.statusLabel.text = "Failed - nothing was added to the scene."
+            slicer.util.errorDisplay(str(exc) if isinstance(exc, CDALError) else "%s: %s" % (type(exc).__name__, exc),
+                                     windowTitle=TITLE, detailedText=traceback.format_exc())
             return
         self.showResult(result)
         self.ui.statusLabel.text = "Done in %s (%s) on %s.%s" % (
@@ -301,27 +305,34 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
             slicer.util.setSliceViewerLayers(background=background, foreground=foreground,
                                              foregroundOpacity=p.overlayOpacity, fit=fit)
 
-    def jumpTo(self, ras, what):
-        slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
-        self.ui.statusLabel.text = what
+    def jumpTo(self, where, what):
+        """``where()`` gives the RAS point (or None: nothing to jump to). A result whose volume was deleted
+        since cannot be jumped in: the status line says so instead of a silent click."""
+        try:
+            ras = where()
+        except CDALError as exc:
+            self.ui.statusLabel.text = str(exc)
+            return
+        if ras is not None:
+            slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
+            self.ui.statusLabel.text = what
 
     def onSliceTableClicked(self, index):
         table = self._parameterNode.sliceTable if self._parameterNode else None
         if table is None or not index.isValid():
             return
         k = int(float(index.sibling(index.row(), 0).data()))
-        self.jumpTo(self.logic.sliceJumpRAS(table, k), "Slice %d" % k)
+        self.jumpTo(lambda: self.logic.sliceJumpRAS(table, k), "Slice %d" % k)
 
     def onJumpToMostUncertain(self):
         table = self._parameterNode.sliceTable
         k = self.logic.mostUncertainSlice(table)
         if k is not None:
-            self.jumpTo(self.logic.sliceJumpRAS(table, k), "Most uncertain slice: %d" % k)
+            self.jumpTo(lambda: self.logic.sliceJumpRAS(table, k), "Most uncertain slice: %d" % k)
 
     def jumpToSide(self, side):
-        ras = self.logic.centreRAS(self._parameterNode.volumeTable, side)
-        if ras is not None:
-            self.jumpTo(ras, "%s hippocampus" % side.capitalize())
+        self.jumpTo(lambda: self.logic.centreRAS(self._parameterNode.volumeTable, side),
+                    "%s hippocampus" % side.capitalize())
 
     def onShowPlot(self):
         slicer.modules.plots.logic().ShowChartInLayout(self.logic.slicePlot(self._parameterNode.sliceTable))

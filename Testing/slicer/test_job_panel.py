@@ -42,9 +42,14 @@ def test_start_progress_finish(tmp_path):
 
 def test_cancel_finishes_once_and_cleans_up(tmp_path):
     panel, finished, _ = _panel()
+    now = [100.0]
+    panel.clock = lambda: now[0]
     job = _job(tmp_path)
     panel.start(job)
-    panel.cancel()
+    # the second click of a double-click on Segment arrives as the button turns into Cancel: not a cancel
+    assert panel.cancel() is False and panel.running and job.state == "running" and finished == []
+    now[0] += 1.0
+    assert panel.cancel() is True
     assert finished == [job] and job.state == "cancelled" and job._runner.killed == 1
     assert not os.path.exists(job.workDir) and panel.button.text == "Segment"
     job._runner.finish(-9)  # QProcess's finished after the kill
