@@ -13,6 +13,7 @@ import numpy as np
 
 from . import geometry
 from .jobs import ProcessJob, pythonModuleCommand
+from .segment_worker import isImageModel
 from .paths import ensureCoreOnPath, subprocessEnvironment
 
 ensureCoreOnPath()
@@ -97,6 +98,8 @@ def exportTrainingData(pairs, outDir, card):
         raise CDALError("no training data: segment a volume (and correct it in Segment Editor) first, then choose "
                         "the segmentations to fine-tune on")
     channels = int(card["input"].get("image_channels", 1))
+    if isImageModel(card):
+        return _exportImagePairs(pairs, outDir, card, channels)
     os.makedirs(os.path.join(outDir, "imagesTr"), exist_ok=True)
     os.makedirs(os.path.join(outDir, "labelsTr"), exist_ok=True)
     training = []
@@ -147,6 +150,55 @@ def exportTrainingData(pairs, outDir, card):
     with open(os.path.join(outDir, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return outDir, warnings
+
+
+def _exportImagePairs(pairs, outDir, card, channels):
+    """A 2D model trains on ``images/`` + ``masks/`` (``cdal_core.data.read_png_pairs``): each single-slice volume
+    as a TIFF (its pixel values kept, 16-bit X-rays included) and its mask as 0/255. Returns (outDir, warnings)."""
+    import SimpleITK as sitk
+
+    for folder in ("images", "masks"):
+        os.makedirs(os.path.join(outDir, folder), exist_ok=True)
+    warnings, used = [], set()
+    for number, (volumeNode, segNode) in enumerate(pairs):
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            raise CDALError("segmentation %s has no image volume: set its source volume in Segment Editor"
+                            % segNode.GetName())
+        labels, _ = labelArrayForPair(volumeNode, segNode, card)
+        if labels.shape[0] != 1:
+            raise CDALError("%s has %d slices, but %s is a 2D model: fine-tune it on single images (PNG/TIFF "
+                            "loaded in Slicer)" % (volumeNode.GetName(), labels.shape[0], card.get("name", "this")))
+        if not labels.any():
+            warnings.append("%s: all segments are empty" % segNode.GetName())
+        pixels = _imagePixels(geometry.sitkImageFromVolumeNode(volumeNode), channels, volumeNode.GetName())
+        stem = safeName(volumeNode.GetName())[:40]
+        if stem in used:
+            stem = "%s_%03d" % (stem, number)
+        used.add(stem)
+        sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=pixels.ndim == 3),
+                        os.path.join(outDir, "images", stem + ".tif"))
+        mask = (labels[0] > 0).astype(np.uint8) * 255 if len(card["classes"]) == 2 else labels[0]
+        sitk.WriteImage(sitk.GetImageFromArray(mask), os.path.join(outDir, "masks", stem + ".tif"))
+    return outDir, warnings
+
+
+def _imagePixels(image, channels, name):
+    """(H, W) or (H, W, 3) pixels of a single-slice image; a grey image stored as RGB (equal channels) is grey."""
+    import SimpleITK as sitk
+
+    pixels = sitk.GetArrayFromImage(image)[0]
+    if pixels.ndim == 3 and channels == 1:
+        if not all(np.array_equal(pixels[..., 0], pixels[..., c]) for c in range(1, pixels.shape[-1])):
+            raise CDALError("%s is a colour image but the model expects greyscale: convert it to greyscale first"
+                            % name)
+        pixels = pixels[..., 0]
+    elif channels == 3 and (pixels.ndim != 3 or pixels.shape[-1] < 3):
+        raise CDALError("%s is a greyscale image but the model expects RGB (3 channels)" % name)
+    elif channels == 3:
+        pixels = pixels[..., :3]
+    if pixels.dtype not in (np.uint8, np.uint16):
+        pixels = pixels.astype(np.float32)
+    return np.ascontiguousarray(pixels)
 
 
 class FineTuneJob(ProcessJob):

@@ -268,3 +268,30 @@ def test_a_slice_across_the_image_plane_is_refused(app, logic, cxr_model):
 def test_rgb_model_card_is_a_3_channel_2d_model(rgb_model):
     card = readModelCard(rgb_model)
     assert card["input"]["image_channels"] == 3 and "image_size" in card["input"]
+
+
+def test_a_corrected_x_ray_fine_tunes_the_2d_model(app, logic, cxr_model, user_models, tmp_path):
+    """Segment a chest X-ray, then fine-tune the 2D model on it: the pair is exported as images/ + masks/ (the
+    2D training layout; MSD's imagesTr/ would send the trainer down the 3D path, which refuses one slice) and
+    the fine-tuned model is registered and segments the image again."""
+    from CDALSegmentationLib import finetune
+    from CDALSegmentationLib.logic import modelKind
+
+    pixels, _ = _chest_xray()
+    volume = _slice_node(pixels, "xray")
+    result = logic.segment(volume, model=cxr_model, **RUN)
+    pairs = logic.trainingPairs(app.scene)
+    assert pairs == [(volume, result.segmentationNode)]
+    _, warnings = finetune.exportTrainingData(pairs, str(tmp_path / "data"), readModelCard(cxr_model))
+    assert warnings == [] and sorted(os.listdir(str(tmp_path / "data"))) == ["images", "masks"]
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "data" / "images" / "xray.tif")))
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "data" / "masks" / "xray.tif")))
+    assert np.array_equal(image, pixels), "the pixels as loaded, not rescaled"
+    assert np.array_equal(mask, (result.labelArray()[0] > 0) * 255)
+    job = logic.startFineTune(pairs, baseModel=cxr_model, newModelName="my cxr", maxSteps=2, device="cpu",
+                              config={"batch_size": 2, "val_samples": 1, "val_max_volumes": 1, "log_every": 1})
+    state = job.wait(timeout=300, interval=0.5)
+    assert state == "done", (job.error, job.stderrLines[-10:])
+    assert modelKind(job.modelPath) == "user" and os.path.basename(job.modelPath).startswith("my-cxr")
+    again = logic.segment(volume, model=os.path.basename(job.modelPath), **RUN)
+    assert again.labelArray().shape == result.labelArray().shape and again.labelArray().any()
