@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json report")
     _add_common_sampling(p)
 
+    p = sub.add_parser("crop", help="cut a labelled MSD folder of whole heads into the boxes a model segments "
+                                    "(one per hippocampus): training data for train / finetune")
+    p.add_argument("--model", required=True, help="the model whose boxes to cut (e.g. hippocampus)")
+    p.add_argument("--data", required=True, help="MSD folder (dataset.json, imagesTr/, labelsTr/) of whole heads")
+    p.add_argument("--out", required=True, help="a new MSD folder for the crops")
+
     p = sub.add_parser("info", help="print a model card")
     p.add_argument("model")
 
@@ -352,6 +358,48 @@ def finish_evaluation(report, model, args, table) -> int:
     return 0
 
 
+def cmd_crop(args) -> int:
+    """``cdal crop``: each labelled scan cut as inference cuts it (``localise.training_crops``), written as a new
+    MSD folder ``<case>_left`` / ``<case>_right`` with the source's dataset.json; crop-sized scans are copied
+    as they are. One case's files are written together, the dataset.json last."""
+    import numpy as np
+    import SimpleITK as sitk
+    from .data import check_volume, read_image, read_label_map, read_msd_cases
+    from .localise import region_specs, training_crops
+    from .model_io import atomic_write_bytes, read_card, resolve_model
+    card = read_card(resolve_model(args.model))
+    if not region_specs(card):
+        raise CDALError(f"{args.model}: names no template boxes to cut (only the hippocampus models do): "
+                        "crop the scans around the structure yourself")
+    source, out = Path(args.data), Path(args.out)
+    cases, _ = read_msd_cases(source)
+    if out.exists() and any(out.iterdir()):
+        raise CDALError(f"{out}: exists and is not empty: choose a new --out")
+    for folder in ("imagesTr", "labelsTr"):
+        ensure_writable_folder(out / folder, "--out")
+    training = []
+    for case in cases:
+        image = read_image(case.image)
+        check_volume(image, int(card["input"].get("image_channels", 1)), name=str(case.image))
+        labels = sitk.GetImageFromArray(read_label_map(case.label, image, len(card["classes"])).astype(np.uint8))
+        labels.CopyInformation(image)
+        crops, notes = training_crops(image, labels, card, name=case.name)
+        for note in notes:
+            print(f"cdal: warning: {note}", file=sys.stderr)
+        for crop in crops:
+            name = case.name if crop.side is None else f"{case.name}_{crop.side}"
+            files = {"image": out / "imagesTr" / f"{name}.nii.gz", "label": out / "labelsTr" / f"{name}.nii.gz"}
+            write_outputs_together([(crop.image, files["image"]), (crop.labels, files["label"])], {})
+            training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+        print(f"{case.name}: " + (", ".join(c.side or "whole (crop-sized)" for c in crops) or "nothing kept"))
+    meta = json.loads((source / "dataset.json").read_text()) if (source / "dataset.json").exists() else {
+        "name": source.name, "labels": {str(c["index"]): c["name"] for c in card["classes"]}}
+    meta.update(training=training, numTraining=len(training), test=[], numTest=0)
+    atomic_write_bytes(out / "dataset.json", (json.dumps(meta, indent=1) + "\n").encode())
+    print(f"{len(training)} crops from {len(cases)} scans in {out}: train on it with --data {out}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .model_io import read_card, resolve_model
     print(json.dumps(read_card(resolve_model(args.model)), indent=2))
@@ -364,7 +412,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "finetune": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate,
-            "info": cmd_info, "demo": cmd_demo}
+            "crop": cmd_crop, "info": cmd_info, "demo": cmd_demo}
 
 
 if __name__ == "__main__":

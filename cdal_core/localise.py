@@ -120,9 +120,10 @@ class Localisation:
                 "centres_ras": {r.side: r.centre_ras for r in self.regions}}
 
 
-def needs_localisation(image: sitk.Image, crop_mm: Sequence[float] = (45.0, 60.0, 50.0)) -> bool:
+def needs_localisation(image, crop_mm: Sequence[float] = (45.0, 60.0, 50.0)) -> bool:
     """True when the scan is much larger than one hippocampus crop (two of its extents exceed twice the
-    largest MSD crop's), i.e. a brain or a head rather than a crop."""
+    largest MSD crop's), i.e. a brain or a head rather than a crop. ``image``: an sitk.Image, or an
+    ImageFileReader after ``ReadImageInformation`` (the header alone answers)."""
     extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
     return int(np.sum(extent > 2 * max(crop_mm))) >= 2
 

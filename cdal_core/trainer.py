@@ -151,6 +151,8 @@ class Trainer:
         train_cases, self.val_cases = split_cases(cases, cfg.val_fraction, cfg.seed, cfg.val_cases)
         if not train_cases:
             raise CDALError(f"{root}: no training cases left after the validation split: add data")
+        if not self.is_2d:
+            self._refuse_whole_heads(cases, root)
         if not self.is_2d and self.init is None and cfg.normalisation.get("standardise", True):
             self.norm = Normalisation(self.norm.lower, self.norm.upper, _landmarks(train_cases, self.norm))
         all_val = [c.name for c in self.val_cases]
@@ -176,6 +178,28 @@ class Trainer:
                              "model_selection_cases": [c.name for c in self.val_cases],
                              "train_slices": sum(len(b) for b in self.banks),
                              "slices_with_foreground": round(self.banks[0].foreground_fraction(), 3)}
+
+    def _refuse_whole_heads(self, cases, root: Path) -> None:
+        """A model that segments template boxes (``localise.region_specs``: the hippocampus models) learns from
+        crops; a whole head would be centre-cropped to ``train_size`` and show it no hippocampus at all."""
+        import SimpleITK as sitk
+        from .localise import needs_localisation, region_specs
+        card = self.init.card if self.init is not None else {"classes": [{"name": n} for n in self.class_names]}
+        if not region_specs(card):
+            return
+        for case in cases:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(case.image))
+            try:
+                reader.ReadImageInformation()
+            except RuntimeError:
+                continue  # unreadable: load_volume words that
+            if needs_localisation(reader):
+                extent = "x".join(f"{n * s:.0f}" for n, s in zip(reader.GetSize(), reader.GetSpacing()))
+                model = self.init_model or "hippocampus"  # the shipped model's boxes suit a model trained anew
+                raise CDALError(f"{case.image}: is a whole head or brain ({extent} mm), but this model learns from "
+                                "crops around each hippocampus: cut them first with cdal crop --model "
+                                f"{model} --data {root} --out {root.name}-crops, then train on that folder")
 
     def _quiet(self) -> bool:
         return self.json_progress or self.rank != 0 or not sys.stderr.isatty() and os.environ.get("CI") == "true"

@@ -407,3 +407,40 @@ def test_training_crops_say_what_they_leave_out(template):
     small_labels = sitk.Cast(small > float(np.median(crop_sized)), sitk.sitkUInt8)
     crops, warnings = training_crops(small, small_labels, card)
     assert warnings == [] and len(crops) == 1 and crops[0].side is None and crops[0].image is small
+
+
+def test_whole_heads_are_refused_for_training_and_cdal_crop_makes_them_trainable(template, tmp_path):
+    """`cdal finetune` on labelled whole heads would centre-crop each head and never see a hippocampus: it is
+    refused before any work, naming `cdal crop`, which cuts the boxes inference segments; those then train."""
+    whole = tmp_path / "heads"
+    for folder in ("imagesTr", "labelsTr"):
+        (whole / folder).mkdir(parents=True)
+    sitk.WriteImage(template, str(whole / "imagesTr" / "icbm.nii.gz"))
+    labels = _ellipsoids(template, _hippocampus_like(LEFT_RAS) + _hippocampus_like(RIGHT_RAS))
+    sitk.WriteImage(labels, str(whole / "labelsTr" / "icbm.nii.gz"))
+    (whole / "dataset.json").write_text(json.dumps({
+        "name": "heads", "labels": {"0": "background", "1": "Anterior", "2": "Posterior"}, "numTraining": 1,
+        "training": [{"image": "./imagesTr/icbm.nii.gz", "label": "./labelsTr/icbm.nii.gz"}]}))
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps({"batch_size": 2, "val_fraction": 0.0, "log_every": 1}))
+    run = tmp_path / "run"
+    refused = cdal("finetune", "--model", "hippocampus", "--data", whole, "--out", run, "--config", config,
+                   "--max-steps", 1, "--device", "cpu", check=False)
+    assert_clean_error(refused, "whole head", "cdal crop --model hippocampus")
+    assert not (run / "config.json").exists(), "a refused start leaves nothing that blocks the corrected re-run"
+
+    crops = tmp_path / "crops"
+    made = cdal("crop", "--model", "hippocampus", "--data", whole, "--out", crops)
+    assert "icbm: left, right" in made.stdout, made.stdout
+    meta = json.loads((crops / "dataset.json").read_text())
+    assert meta["numTraining"] == 2 and meta["labels"]["1"] == "Anterior"
+    for entry in meta["training"]:
+        image = sitk.ReadImage(str(crops / entry["image"]))
+        label = sitk.ReadImage(str(crops / entry["label"]))
+        assert image.GetSize() == label.GetSize() == (40, 56, 40)
+        assert set(np.unique(sitk.GetArrayViewFromImage(label))) == {0, 1, 2}
+    again = cdal("crop", "--model", "hippocampus", "--data", whole, "--out", crops, check=False)
+    assert_clean_error(again, "not empty")
+    cdal("finetune", "--model", "hippocampus", "--data", crops, "--out", run, "--config", config,
+         "--max-steps", 1, "--device", "cpu")
+    assert (run / "model" / "model.json").exists()
