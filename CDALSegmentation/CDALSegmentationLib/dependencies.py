@@ -47,7 +47,14 @@ class DependencyInstaller(object):
         finally:
             self._setBusy(False)
         importlib.invalidate_caches()  # finders cache directory listings: see the packages just installed
-        return not self.missing()
+        still = self.missing()
+        if still:  # the install ran without an error, yet Python cannot import them: say so, do not go quiet
+            from .paths import ensureCoreOnPath
+            ensureCoreOnPath()
+            from cdal_core.errors import CDALError
+            raise CDALError("the installation finished, but %s still cannot be imported: restart Slicer and try "
+                            "again (the Python console shows the installer's output)" % ", ".join(still))
+        return True
 
     def _setBusy(self, busy):
         self.busy = busy

@@ -195,10 +195,16 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
         combo = self.ui.modelComboBox
         paths = [combo.itemData(i) for i in range(combo.count)]
         matches = [i for i, path in enumerate(paths) if nameOrPath in (path, libLogic.modelParameterValue(path))]
+        default = [i for i, path in enumerate(paths) if libLogic.modelParameterValue(path) == libLogic.DEFAULT_MODEL]
         wasBlocked = combo.blockSignals(True)
-        combo.currentIndex = matches[0] if matches else (0 if paths else -1)
+        # a scene saved elsewhere may name a model not installed here: fall back to the default model, not to
+        # whichever sorts first (cxr), and say so
+        combo.currentIndex = (matches or default or [0 if paths else -1])[0]
         combo.blockSignals(wasBlocked)
         self.showModelSummary()
+        if nameOrPath and not matches and paths:
+            self.ui.statusLabel.text = "Model '%s' is not installed here: using %s." % (
+                nameOrPath, combo.currentText)
 
     def showModelSummary(self):
         line, tooltip = self._modelSummaries.get(self.currentModel(), ("", ""))

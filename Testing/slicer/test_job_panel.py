@@ -105,3 +105,13 @@ def test_declined_or_failed_install():
     except RuntimeError:
         pass
     assert not installer.busy, "a failed install must not leave the buttons disabled"
+    # an install that "succeeds" but leaves the package unimportable is reported, not a silent no-op
+    from cdal_core.errors import CDALError
+    installer = DependencyInstaller(confirm=lambda m: True, installTorch=lambda: None, pipInstall=lambda r: None,
+                                    missing=lambda: ["monai"])
+    try:
+        installer.ensure()
+        raise AssertionError("ensure() returned although monai is still missing")
+    except CDALError as exc:
+        assert "monai still cannot be imported" in str(exc) and "restart Slicer" in str(exc)
+    assert not installer.busy
