@@ -374,7 +374,8 @@ def cmd_crop(args) -> int:
     source, out = Path(args.data), Path(args.out)
     cases, _ = read_msd_cases(source)
     if out.exists() and any(out.iterdir()):
-        raise CDALError(f"{out}: exists and is not empty: choose a new --out")
+        raise CDALError(f"{out}: exists and is not empty: choose a new --out (a folder without dataset.json is "
+                        "what an interrupted cdal crop leaves: delete it and run again)")
     for folder in ("imagesTr", "labelsTr"):
         ensure_writable_folder(out / folder, "--out")
     training = []
