@@ -59,6 +59,12 @@ def _json(default: Any) -> str:
     return json.dumps(list(default) if isinstance(default, tuple) else default)
 
 
+# the keys augment.build_augmentation / BatchAugmentation and data.Normalisation read
+AUGMENTATION_KEYS = {"affine_probability", "backend", "flip_across_slices", "flip_axis", "probability",
+                     "rotate_degrees", "scale", "translate"}
+NORMALISATION_KEYS = {"lower", "upper", "standardise", "landmarks"}
+
+
 @dataclass
 class TrainConfig:
     name: str = "model"
@@ -129,6 +135,15 @@ class TrainConfig:
         if unknown_net:
             raise CDALError(f"unknown network settings {unknown_net}: check the spelling")
         check_setting_types(NetworkConfig(), net, "network setting")
+        for key, allowed in (("augmentation", AUGMENTATION_KEYS), ("normalisation", NORMALISATION_KEYS)):
+            inner = d.get(key)
+            if inner is None:
+                continue
+            if not isinstance(inner, dict):
+                raise CDALError(f"training setting {key} must be an object, e.g. {{\"{sorted(allowed)[0]}\": ...}}")
+            typos = sorted(set(inner) - allowed - {"comment"})
+            if typos:  # a misspelt key would silently keep its default (e.g. "standardize" for "standardise")
+                raise CDALError(f"unknown {key} settings {typos}: check the spelling (known: {sorted(allowed)})")
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         cfg.check_views()
         return cfg
@@ -177,4 +192,5 @@ class TrainConfig:
             if not list_path.exists():
                 raise CDALError(f"{list_path}: validation list not found (named by {p})")
             cfg.val_cases = read_case_list(list_path)
+            cfg.val_cases_source = f"{list_path} (val_cases in {p})"
         return cfg

@@ -255,14 +255,18 @@ def select_cases(cases: Sequence[Case], names: Sequence[str], source: str, data_
 
 
 def split_cases(cases: Sequence[Case], val_fraction: float, seed: int,
-                val_names: Optional[Sequence[str]] = None) -> Tuple[List[Case], List[Case]]:
-    """Fixed train/validation split: an explicit name list, or a seeded random fraction."""
+                val_names: Optional[Sequence[str]] = None,
+                val_source: str = "the validation list") -> Tuple[List[Case], List[Case]]:
+    """Fixed train/validation split: an explicit name list, or a seeded random fraction. ``val_source`` says
+    where the list came from, for the message when it names cases the data lack."""
     if val_names:
         wanted = set(val_names)
         val = [c for c in cases if c.name in wanted]
         if len(val) != len(wanted):
             missing = sorted(wanted - {c.name for c in val})
-            raise CDALError(f"validation list names cases not in the dataset (first: {missing[0]})")
+            raise CDALError(f"{val_source} names {len(missing)} case(s) not in the data (first: {missing[0]}): "
+                            "list your own validation cases there, or remove val_cases from the config (then "
+                            "val_fraction picks them)")
         return [c for c in cases if c.name not in wanted], val
     n_val = int(round(len(cases) * val_fraction)) if len(cases) > 1 else 0
     order = np.random.default_rng(seed).permutation(len(cases))

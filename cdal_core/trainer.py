@@ -148,7 +148,8 @@ class Trainer:
         elif names and len(names) != len(self.class_names):
             raise CDALError(f"{root}: has {len(names)} label classes but the model has {len(self.class_names)} "
                             f"({', '.join(self.class_names)}): relabel the data to the model's classes")
-        train_cases, self.val_cases = split_cases(cases, cfg.val_fraction, cfg.seed, cfg.val_cases)
+        train_cases, self.val_cases = split_cases(cases, cfg.val_fraction, cfg.seed, cfg.val_cases,
+                                                  getattr(cfg, "val_cases_source", "val_cases in the config"))
         if not train_cases:
             raise CDALError(f"{root}: no training cases left after the validation split: add data")
         if not self.is_2d:

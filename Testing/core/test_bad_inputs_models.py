@@ -15,6 +15,7 @@ from cdal_core.errors import CDALError
 from cdal_core.inputs import ScanInput, list_inputs, read_scan
 from cdal_core.model_io import load_model
 from cdal_core.scan import format_report, segment_scan
+from core_settings import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -208,3 +209,25 @@ def test_a_folder_without_scans_gives_one_line_without_itk_warnings(tmp_path, ca
         list_inputs(tmp_path)
     captured = capfd.readouterr()
     assert "No Series were found" not in captured.err + captured.out
+
+
+def test_config_typos_inside_augmentation_and_normalisation_are_named():
+    """A misspelt nested key would silently keep its default: a CT user's "standardize": false would still get
+    histogram standardisation."""
+    from cdal_core.config import TrainConfig
+    for section, key in (("normalisation", "standardize"), ("augmentation", "rotate_degree")):
+        with pytest.raises(CDALError, match=f"unknown {section} settings \\['{key}'\\]"):
+            TrainConfig.from_dict({section: {key: 1}})
+    with pytest.raises(CDALError, match="augmentation must be an object"):
+        TrainConfig.from_dict({"augmentation": 5})
+    shipped = TrainConfig.load(str(ROOT / "configs" / "cxr.json"))  # every shipped config still loads
+    assert shipped.normalisation and TrainConfig.from_dict({"augmentation": None}).augmentation is None
+
+
+def test_a_config_validation_list_for_other_data_names_the_config(synthetic_dir, tmp_path):
+    """The README's `cdal train --config configs/hippocampus.json` on one's own data: the config's val_cases
+    list names MSD cases; the message names the config key and file and the fix."""
+    from test_cli import assert_clean_error, cdal
+    proc = cdal("train", "--data", synthetic_dir, "--out", tmp_path / "run", "--config",
+                ROOT / "configs" / "hippocampus.json", "--max-steps", 1, "--device", "cpu", check=False)
+    assert_clean_error(proc, "hippocampus_val.txt", "val_cases in", "hippocampus.json", "remove val_cases")
