@@ -148,6 +148,8 @@ class Trainer:
         elif names and len(names) != len(self.class_names):
             raise CDALError(f"{root}: has {len(names)} label classes but the model has {len(self.class_names)} "
                             f"({', '.join(self.class_names)}): relabel the data to the model's classes")
+        for declared in {c.classes for c in cases if c.classes is not None}:
+            declared.check(self.class_names)  # now, not at the first validation after minutes of training
         train_cases, self.val_cases = split_cases(cases, cfg.val_fraction, cfg.seed, cfg.val_cases,
                                                   getattr(cfg, "val_cases_source", "val_cases in the config"))
         if not train_cases:

@@ -231,3 +231,18 @@ def test_a_config_validation_list_for_other_data_names_the_config(synthetic_dir,
     proc = cdal("train", "--data", synthetic_dir, "--out", tmp_path / "run", "--config",
                 ROOT / "configs" / "hippocampus.json", "--max-steps", 1, "--device", "cpu", check=False)
     assert_clean_error(proc, "hippocampus_val.txt", "val_cases in", "hippocampus.json", "remove val_cases")
+
+
+def test_finetuning_on_differently_named_classes_is_refused_before_training(tiny_model, synthetic_dir, tmp_path):
+    """Labels that mean other classes (left/right for anterior/posterior) used to train for the whole run and
+    then fail at validation, leaving a run folder that could never give a model."""
+    from test_cli import assert_clean_error, cdal
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["labels"] = {"0": "background", "1": "left", "2": "right"}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    proc = cdal("finetune", "--model", tiny_model, "--data", data, "--out", tmp_path / "run", "--max-steps", 2,
+                "--device", "cpu", check=False)
+    assert_clean_error(proc, "dataset.json", "['background', 'left', 'right']", "fix \"labels\"")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists(), "nothing was trained"
