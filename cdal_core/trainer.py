@@ -58,6 +58,7 @@ class Trainer:
         self.device = resolve_device(device) if self.world == 1 else torch.device(f"cuda:{self.rank}")
         self.init_model = init_model
         self.init_generator = init_generator
+        self.data_dir = data_dir
         self.device_noise = self.device.type == "cuda"
         self.net_cfg, self.class_names, self.grid, self.norm = self._model_settings(data_dir)
         self._check_run_dir()  # a folder holding another run is refused before the data loads
@@ -91,7 +92,8 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------------------
     def _run_record(self) -> Dict:
-        mine = {"config": self.cfg.to_dict(), "init_model": str(self.init_model) if self.init_model else None}
+        mine = {"config": self.cfg.to_dict(), "init_model": str(self.init_model) if self.init_model else None,
+                "data": str(Path(self.data_dir).resolve())}
         if self.init_generator:  # absent for the primary, so runs saved before this setting resume
             mine["init_generator"] = self.init_generator
         return mine
@@ -110,6 +112,9 @@ class Trainer:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise CDALError(f"{self.out}: holds a run with different settings ({', '.join(diff) or 'model'}): "
                             "use a new --out folder, or the same config to resume")
+        if prev.get("data") not in (None, mine["data"]):  # runs saved before this record resume as before
+            raise CDALError(f"{self.out}: holds a run on other data ({prev['data']}): resume it with that --data, "
+                            "or use a new --out folder")
 
     def _prepare_run_dir(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -223,11 +228,15 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
             raise CDALError(f"{path}: checkpoint is corrupt ({exc.__class__.__name__}): delete it to restart "
                             "the run, or restore a backup")
-        self.G.load_state_dict(state["G"])
-        self.D.load_state_dict(state["D"])
-        self.G_ema.load_state_dict(state["G_ema"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        try:
+            self.G.load_state_dict(state["G"])
+            self.D.load_state_dict(state["D"])
+            self.G_ema.load_state_dict(state["G_ema"])
+            self.opt_g.load_state_dict(state["opt_g"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        except (RuntimeError, KeyError, ValueError) as exc:  # e.g. other data gave the network another class count
+            raise CDALError(f"{path}: this checkpoint does not fit the run being started ({str(exc).splitlines()[0]}): "
+                            "resume with the same --data and config, or use a new --out folder") from None
         self.step, self.best, self.best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
         self.seconds = float(state["seconds"])
         self.history = json.loads(state["history"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,3 +207,18 @@ def test_progress_to_a_log_file_is_plain_lines(synthetic_dir, tiny_config_file, 
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("step ")]
     assert [ln.split(":")[0] for ln in lines] == ["step 1/3", "step 2/3", "step 3/3"], done.stderr[-2000:]
     assert "steps/s" in lines[-1] and "to go" in lines[-1]
+
+
+def test_resuming_on_other_data_is_refused(synthetic_dir, tiny_config_file, tmp_path):
+    """A run folder resumes only on the data it started on: other data would silently continue the run (or
+    crash loading weights of another class count) where the README promises an exact resume."""
+    from test_cli import assert_clean_error, cdal
+    run = tmp_path / "run"
+    args = ["--out", run, "--config", tiny_config_file, "--max-steps", 1, "--device", "cpu"]
+    cdal("train", "--data", synthetic_dir, *args)
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_dir, other)
+    assert_clean_error(cdal("train", "--data", other, *args[:-4], "--max-steps", 2, "--device", "cpu", check=False),
+                       "holds a run on other data", str(synthetic_dir.resolve()))
+    cdal("train", "--data", synthetic_dir, *args[:-4], "--max-steps", 2, "--device", "cpu")  # the same data resumes
+    assert _checkpoint(run)["step"] == 2
