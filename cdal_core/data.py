@@ -393,17 +393,22 @@ class SliceBank:
 
     def __init__(self, volumes: Sequence[Volume], axis: int, context: int, size: Sequence[int]):
         imgs, labs = [], []
+        labelled = kept = 0  # labelled voxels before and after fitting the slices to ``size``
         for vol in volumes:
             stack = slice_stack(vol.image, axis, context)           # (S, 2c+1, H, W[, ch])
             if stack.ndim == 5:                                     # colour: channels next to context
                 stack = np.moveaxis(stack, -1, 2).reshape(stack.shape[0], -1, *stack.shape[2:4])
             lab = np.moveaxis(vol.label, axis, 0)
+            labelled += int(np.count_nonzero(lab))
             stack, _ = _fit(stack, size)
             lab, _ = _fit(lab, size)
+            kept += int(np.count_nonzero(lab))
             imgs.append(stack.astype(np.float32))
             labs.append(lab.astype(np.uint8))
         self.images = np.concatenate(imgs)
         self.labels = np.concatenate(labs)
+        # the share of the labels the centre crop to ``size`` keeps: slices larger than it lose their edges
+        self.labels_kept = kept / labelled if labelled else 1.0
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -30,7 +30,7 @@ from . import __version__
 from .augment import BatchAugmentation, augment_batch, build_augmentation
 from .config import TrainConfig
 from .data import (Normalisation, SliceBank, load_png_case, load_volume, read_msd_cases, read_png_pairs,
-                   split_cases)
+                   round_up, split_cases)
 from .errors import CDALError
 from .evaluation import evaluate_cases, mean_foreground_dice
 from .geometry import ModelGrid, in_plane_axes, mirrored_volume_axes
@@ -40,6 +40,9 @@ from .networks import Discriminator, Generator, NetworkConfig, attention_map, no
 from .schedule import DiffusionSchedule
 
 CHECKPOINT = "checkpoint.pt"
+# the share of the labelled voxels the centre crop to train_size must keep (below: refused), should keep
+# (below: a note); MSD Task04's crops keep 100 % along all three axes
+MIN_LABELS_KEPT, MIN_LABELS_KEPT_NOTE = 0.5, 0.95
 PLAIN_PROGRESS_LINES = 50  # lines a run prints when its progress goes to a log file rather than a terminal
 # what data.load_png_case and predict2d.prepare_image do to a 2D image (the percentile settings do not apply)
 NORMALISATION_2D = {"method": "min-max", "lower": 0.0, "upper": 100.0,
@@ -59,11 +62,14 @@ class Trainer:
         self.init_model = init_model
         self.init_generator = init_generator
         self.data_dir = data_dir
+        self.data_notes: List[str] = []  # what the data check wants the user to know
         self.device_noise = self.device.type == "cuda"
         self.net_cfg, self.class_names, self.grid, self.norm = self._model_settings(data_dir)
         self._check_run_dir()  # a folder holding another run is refused before the data loads
         self._load_data(data_dir)
         self._prepare_run_dir()  # after settings and data are known to fit: a refused run writes nothing
+        for note in self.data_notes:  # logged once the run folder exists
+            self._emit({"event": "note", "message": note})
         if self.init is not None and self.init.members:
             self._emit({"event": "note", "message": f"{self.init_model} is an ensemble of "
                         f"{len(self.init.generators)} generators: fine-tuning starts from generator "
@@ -180,12 +186,29 @@ class Trainer:
             raise CDALError(f"{root}: 2D images have one view only: remove extra_views from the config")
         self.views = [(0, image_size)] if self.is_2d else cfg.views
         self.banks = [SliceBank(volumes, axis, net.context_slices, size) for axis, size in self.views]
+        self._check_crops_keep_the_labels(volumes, root)
         self.val_volumes = [loader(c) for c in self.val_cases] if self.is_2d else None
         self.data_summary = {"folder": str(root.resolve()), "train_cases": len(train_cases),
                              "validation_cases": all_val,
                              "model_selection_cases": [c.name for c in self.val_cases],
                              "train_slices": sum(len(b) for b in self.banks),
                              "slices_with_foreground": round(self.banks[0].foreground_fraction(), 3)}
+
+    def _check_crops_keep_the_labels(self, volumes, root: Path) -> None:
+        """Slices are centre-cropped to ``train_size``: slices larger than that lose their edges, and labels
+        there are never trained on (a lesion off-centre in 200 x 200 slices, with 64 x 48: none at all)."""
+        for (axis, size), bank in zip(self.views, self.banks):
+            if bank.labels_kept >= MIN_LABELS_KEPT_NOTE:
+                continue
+            largest = np.max([np.moveaxis(v.label, axis, 0).shape[1:] for v in volumes], axis=0)
+            fits = [round_up(int(n), 8) for n in largest]
+            message = (f"{root}: slices along array axis {axis} are up to {largest[0]} x {largest[1]} voxels on the "
+                       f"model grid, and the centre crop to train_size {list(size)} keeps only "
+                       f"{100 * bank.labels_kept:.0f} % of the labelled voxels")
+            if bank.labels_kept < MIN_LABELS_KEPT:
+                raise CDALError(message + f": set \"train_size\": {fits} in the config, or crop the volumes around "
+                                          "the structure first")
+            self.data_notes.append(message + f" (\"train_size\": {fits} would keep them all)")
 
     def _refuse_whole_heads(self, cases, root: Path) -> None:
         """A model that segments template boxes (``localise.region_specs``: the hippocampus models) learns from

@@ -222,3 +222,35 @@ def test_resuming_on_other_data_is_refused(synthetic_dir, tiny_config_file, tmp_
                        "holds a run on other data", str(synthetic_dir.resolve()))
     cdal("train", "--data", synthetic_dir, *args[:-4], "--max-steps", 2, "--device", "cpu")  # the same data resumes
     assert _checkpoint(run)["step"] == 2
+
+
+def _msd_folder(root, label_boxes, shape=(10, 96, 96)):
+    """Two binary-labelled volumes (Z, Y, X) with the label in ``label_boxes`` (a tuple of slices)."""
+    import json as _json
+    import numpy as np
+    import SimpleITK as sitk
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        label = np.zeros(shape, np.uint8)
+        label[label_boxes] = 1
+        image = (rng.normal(100, 10, shape) + 80 * label).astype(np.float32)
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(root / "imagesTr" / f"c{i}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(root / "labelsTr" / f"c{i}.nii.gz"))
+    (root / "dataset.json").write_text(_json.dumps({
+        "labels": {"0": "background", "1": "lesion"}, "numTraining": 2,
+        "training": [{"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"} for i in range(2)]}))
+    return root
+
+
+def test_slices_larger_than_train_size_must_keep_their_labels(tiny_config_file, tmp_path):
+    """Slices are centre-cropped to train_size: a lesion off-centre in 96 x 96 slices with 48 x 40 crops was
+    never seen, silently. Refused with the train_size that fits; a centred one trains."""
+    from test_cli import assert_clean_error, cdal
+    corner = _msd_folder(tmp_path / "corner", (slice(2, 8), slice(5, 20), slice(5, 20)))
+    args = ["--config", tiny_config_file, "--max-steps", 1, "--device", "cpu"]
+    refused = cdal("train", "--data", corner, "--out", tmp_path / "run1", *args, check=False)
+    assert_clean_error(refused, "keeps only 0 % of the labelled voxels", "\"train_size\": [96, 96]")
+    centred = _msd_folder(tmp_path / "centred", (slice(2, 8), slice(40, 56), slice(40, 56)))
+    cdal("train", "--data", centred, "--out", tmp_path / "run2", *args)
