@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from .data import Case, check_volume, read_label_map, stem_of
 from .inference import mirror_axis_for, parallel_map, resolve_device, resolve_precision, segment_image
 from .inputs import ScanInput, read_scan
+from .localise import region_specs
 from .metrics import nanmean, segmentation_metrics, summarise, uncertainty_metrics
 from .model_io import LoadedModel
 from .quality import needs_review, review_limits
@@ -96,7 +97,8 @@ def review_summary(rows: Sequence[Dict], class_names: Sequence[str], card: Dict)
 def _evaluate_case(model: LoadedModel, case: Case, names, steps, samples, seed, device, with_uncertainty: bool,
                    precision: str, early_exit: bool, mirror: Optional[bool] = None):
     """One case: (segmentation metrics, uncertainty metrics or None, per-volume row, warnings)."""
-    image, warnings = _read_case_image(case.image, model.config.image_channels)
+    image, warnings = _read_case_image(case.image, model.config.image_channels,
+                                       thin_slices_expected=region_specs(model.card) is not None)
     truth = read_label_map(case.label, image, len(names))  # checked before the slow part
     if not truth.any():
         warnings.append(f"{case.label}: has no labelled structure (every voxel is background), so this case's "
@@ -117,10 +119,12 @@ def _evaluate_case(model: LoadedModel, case: Case, names, steps, samples, seed, 
     return m, u, row, warnings
 
 
-def _read_case_image(path: Path, image_channels: int) -> Tuple[sitk.Image, List[str]]:
+def _read_case_image(path: Path, image_channels: int,
+                     thin_slices_expected: bool = True) -> Tuple[sitk.Image, List[str]]:
     """Read and check an image as ``cdal predict`` does, naming the file: a damaged file or a mostly NaN/inf scan
     is refused (SimpleITK alone reads NaN as 0); a few NaN/inf voxels become background with a warning."""
-    scan = read_scan(ScanInput(Path(path), stem_of(path)), allow_thick_slices=True)  # evaluate scores any spacing
+    scan = read_scan(ScanInput(Path(path), stem_of(path)), allow_thick_slices=True,  # evaluate scores any spacing
+                     thin_slices_expected=thin_slices_expected)
     check_volume(scan.image, image_channels, name=str(path))
     return scan.image, list(scan.warnings)
 

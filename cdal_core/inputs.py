@@ -64,10 +64,13 @@ def list_inputs(path: Path) -> List[ScanInput]:
                     "folder of them, a folder holding one DICOM series, or a folder of such folders")
 
 
-def read_scan(item: ScanInput, allow_thick_slices: bool = False) -> Scan:
-    """Read, verify and sanitise one input (see the module docstring)."""
+def read_scan(item: ScanInput, allow_thick_slices: bool = False, thin_slices_expected: bool = True) -> Scan:
+    """Read, verify and sanitise one input (see the module docstring). ``thin_slices_expected``: the model was
+    trained on ~1 mm 3D T1 scans (the hippocampus models) and thicker slices are refused or warned about; a
+    user's own model, trained on whatever spacing its data had, skips that check."""
     scan = _read_dicom(item.path) if item.dicom else _read_file(item.path)
-    check_slice_thickness(scan, item.path, allow_thick_slices)
+    if thin_slices_expected:
+        check_slice_thickness(scan, item.path, allow_thick_slices)
     scan.image.SetMetaData(SOURCE_KEY, str(item.path))
     return scan
 

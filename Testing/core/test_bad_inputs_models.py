@@ -246,3 +246,32 @@ def test_finetuning_on_differently_named_classes_is_refused_before_training(tiny
                 "--device", "cpu", check=False)
     assert_clean_error(proc, "dataset.json", "['background', 'left', 'right']", "fix \"labels\"")
     assert not (tmp_path / "run" / "checkpoint.pt").exists(), "nothing was trained"
+
+
+def test_a_users_own_model_takes_the_slice_thickness_it_was_trained_on(tiny_config_file, tmp_path):
+    """The 2 mm limit is the hippocampus models' (trained on ~1 mm T1): a user's lesion model trained on
+    0.8 x 0.8 x 3 mm scans segments such a scan, with no false "~1 mm 3D T1" sentence."""
+    from test_cli import cdal
+    data = tmp_path / "thick"
+    for folder in ("imagesTr", "labelsTr"):
+        (data / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        label = np.zeros((12, 60, 60), np.uint8)
+        label[4:8, 25:35, 25:35] = 1
+        for array, folder in (((rng.normal(100, 10, label.shape) + 80 * label).astype(np.float32), "imagesTr"),
+                              (label, "labelsTr")):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing((0.8, 0.8, 3.0))
+            sitk.WriteImage(image, str(data / folder / f"c{i}.nii.gz"))
+    (data / "dataset.json").write_text(json.dumps({
+        "labels": {"0": "background", "1": "lesion"}, "numTraining": 2,
+        "training": [{"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"} for i in range(2)]}))
+    config = json.loads(tiny_config_file.read_text())
+    config.update(spacing=[0.8, 0.8, 3.0], train_size=[64, 64])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cdal("train", "--data", data, "--out", tmp_path / "run", "--config", tmp_path / "config.json", "--max-steps", 1,
+         "--device", "cpu")
+    proc = cdal("predict", "--model", tmp_path / "run" / "model", "--input", data / "imagesTr" / "c0.nii.gz",
+                "--output", tmp_path / "out", "--samples", 1, "--device", "cpu")
+    assert "1 mm" not in proc.stderr and (tmp_path / "out" / "c0_seg.nii.gz").exists(), proc.stderr
