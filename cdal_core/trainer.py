@@ -152,6 +152,10 @@ class Trainer:
             cases, labels = read_msd_cases(root)
         names = [labels[i].capitalize() if labels[i].islower() else labels[i] for i in sorted(labels)] if labels \
             else None
+        if names is None and not self.is_2d and self.init is None:  # no dataset.json: count the classes
+            names = _classes_in_label_maps(cases)
+            self.data_notes.append(f"{root}: has no dataset.json: {len(names) - 1} foreground class(es) found in the "
+                                   f"label maps ({', '.join(names[1:])}); add a dataset.json to name them")
         if self.class_names is None:
             self.class_names = names or [f"Class {i}" for i in range(net.num_classes)]
             if names and len(names) != net.num_classes:
@@ -635,6 +639,19 @@ def _init_distributed():
         dist.init_process_group("nccl")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return (dist.get_rank() if world > 1 else 0), world
+
+
+def _classes_in_label_maps(cases) -> List[str]:
+    """Class names for labels 0..max over the label maps (a dataset without dataset.json): a config's default
+    class count would add empty classes that score a perfect Dice, or refuse a fourth label value."""
+    import SimpleITK as sitk
+    highest = 0
+    for case in cases:
+        try:
+            highest = max(highest, int(np.max(sitk.GetArrayFromImage(sitk.ReadImage(str(case.label))))))
+        except (RuntimeError, ValueError, TypeError):
+            continue  # unreadable, missing or not integer: load_volume's checks word it
+    return ["Background"] + [f"Class {i}" for i in range(1, max(highest, 1) + 1)]
 
 
 def _hours_minutes(seconds: float) -> str:

@@ -254,3 +254,16 @@ def test_slices_larger_than_train_size_must_keep_their_labels(tiny_config_file, 
     assert_clean_error(refused, "keeps only 0 % of the labelled voxels", "\"train_size\": [96, 96]")
     centred = _msd_folder(tmp_path / "centred", (slice(2, 8), slice(40, 56), slice(40, 56)))
     cdal("train", "--data", centred, "--out", tmp_path / "run2", *args)
+
+
+def test_without_dataset_json_the_classes_come_from_the_label_maps(tiny_config_file, tmp_path):
+    """No dataset.json and binary labels: the model has 2 classes (the config's default 3 added an empty class
+    whose perfect Dice biased model selection), and the log says how they were found."""
+    from test_cli import cdal
+    data = _msd_folder(tmp_path / "data", (slice(2, 8), slice(40, 56), slice(40, 56)))
+    (data / "dataset.json").unlink()
+    proc = cdal("train", "--data", data, "--out", tmp_path / "run", "--config", tiny_config_file, "--max-steps", 1,
+                "--device", "cpu")
+    card = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
+    assert [c["name"] for c in card["classes"]] == ["Background", "Class 1"]
+    assert "no dataset.json: 1 foreground class(es) found" in proc.stderr + proc.stdout
