@@ -125,7 +125,7 @@ def test_split_is_fixed_and_disjoint():
     assert not {c.name for c in tr} & {c.name for c in va}
     _, named = split_cases(cases, 0.25, 1, ["c3", "c4"])
     assert [c.name for c in named] == ["c3", "c4"]
-    with pytest.raises(CDALError, match="names 1 case\(s\) not in the data \(first: zz\)"):
+    with pytest.raises(CDALError, match=r"names 1 case\(s\) not in the data \(first: zz\)"):
         split_cases(cases, 0.25, 1, ["zz"])
 
 
