@@ -206,15 +206,37 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def save_model(directory: os.PathLike, card: Dict, generator: Generator,
                discriminator: Optional[Discriminator] = None) -> Path:
-    """Write weights then card, each atomically (a reader never sees a half-written model)."""
+    """Write weights and card as a pair: both under temporary names first, then renamed one right after the
+    other, so a reader never sees a half-written file, and a crash while writing leaves the previous pair (a
+    model/ folder re-exported at every better validation) rather than new weights under the old card."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = _tensors("generator", generator)
     if discriminator is not None:
         tensors.update(_tensors("discriminator", discriminator))
-    _write_weights(directory / WEIGHTS_NAME, tensors)
-    atomic_write_bytes(directory / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
+    staged = []
+    try:
+        weights_tmp = _staging_path(directory / WEIGHTS_NAME)
+        staged.append(weights_tmp)
+        save_file(tensors, weights_tmp, metadata={"format": MODEL_FORMAT})
+        card_tmp = _staging_path(directory / CARD_NAME)
+        staged.append(card_tmp)
+        Path(card_tmp).write_bytes((json.dumps(card, indent=2) + "\n").encode())
+        for tmp in staged:
+            make_readable(tmp)
+        os.replace(weights_tmp, directory / WEIGHTS_NAME)
+        os.replace(card_tmp, directory / CARD_NAME)
+    except BaseException:
+        for tmp in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
     return directory
+
+
+def _staging_path(path: Path) -> str:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem, suffix=".tmp")
+    os.close(fd)
+    return tmp
 
 
 def _tensors(prefix: str, module: torch.nn.Module) -> Dict[str, torch.Tensor]:

@@ -266,3 +266,30 @@ def test_learns_left_right_mirror_from_slicing_and_flips(slice_axis, augmentatio
     assert learns_left_right_mirror(card) is expected
     assert learns_left_right_mirror(dict(card, input={"orientation": "SPA"})) is None  # no left-right letter
     assert learns_left_right_mirror({"input": {"orientation": "RAS"}}) is None
+
+
+def test_an_interrupted_export_keeps_the_previous_weights_and_card_together(tiny_model, tmp_path, monkeypatch):
+    """model/ is re-exported at every better validation: a crash while writing the new pair must leave the old
+    pair, never the new weights under the old card."""
+    from pathlib import Path
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    before = {name: (folder / name).read_bytes() for name in ("model.json", "model.safetensors")}
+    model = load_model(folder)
+    card = json.loads(before["model.json"])
+    card["description"] = "a newer export"
+    real_write = Path.write_bytes
+
+    def interrupted(self, data):
+        if self.name.startswith(".model"):  # the card's staging file: the weights are already staged
+            raise KeyboardInterrupt
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(folder, card, model.generators[0], model.discriminator)
+    monkeypatch.setattr(Path, "write_bytes", real_write)
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in Path(tiny_model).iterdir())
+    save_model(folder, card, model.generators[0], model.discriminator)
+    assert json.loads((folder / "model.json").read_text())["description"] == "a newer export"
