@@ -527,6 +527,9 @@ class Trainer:
         if report["mean_dice"] > self.best or not (self.out / "model").exists():
             self.best, self.best_step = report["mean_dice"], self.step
             self.export_model(report)
+            # the checkpoint must know this best at once: resumed from an older one after a hard kill, a later,
+            # worse validation would replace model/ with a worse model
+            self.save_checkpoint()
 
     def _log(self, rec: Dict) -> None:
         if self.rank != 0:

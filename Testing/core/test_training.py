@@ -267,3 +267,15 @@ def test_without_dataset_json_the_classes_come_from_the_label_maps(tiny_config_f
     card = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
     assert [c["name"] for c in card["classes"]] == ["Background", "Class 1"]
     assert "no dataset.json: 1 foreground class(es) found" in proc.stderr + proc.stdout
+
+
+def test_a_new_best_model_is_checkpointed_at_once(synthetic_dir, tmp_path):
+    """model/ is replaced at a better validation; the checkpoint records that best at the same time, so a run
+    killed before its next checkpoint cannot resume with an older best and export a worse model over it."""
+    cfg = TrainConfig.from_dict(TINY_CONFIG)
+    trainer = Trainer(str(synthetic_dir), str(tmp_path / "run"), cfg, device="cpu")
+    assert trainer.val_cases, "the synthetic data must hold validation cases"
+    trainer._validate_and_keep_best()
+    assert (tmp_path / "run" / "model" / "model.json").exists()
+    saved = _checkpoint(tmp_path / "run")
+    assert saved["best"] == trainer.best > -1 and saved["best_step"] == 0
