@@ -443,10 +443,10 @@ class Trainer:
         cfg = self.cfg
         target = int(max_steps if max_steps is not None else cfg.max_steps)
         if self.step >= target:
+            if not (self.out / "model").exists():  # first, so "done" is said only once the model is there
+                self.export_model(self._validated(self.validate()))
             self._emit({"event": "done", "step": self.step, "model": str(self.out / "model"),
                         "message": f"already trained to step {self.step}"})
-            if not (self.out / "model").exists():
-                self.export_model(self._validated(self.validate()))
             return self.out / "model"
         deadline = time.time() + 60 * max_minutes if max_minutes else None
         restore = _raise_on_sigterm()
