@@ -80,6 +80,10 @@ class CDALSegmentationDesktopTest(unittest.TestCase):
         count = slicer.mrmlScene.GetNumberOfNodes()
         self.widget.ui.applyButton.click()
         self.assertEqual(self.widget.ui.applyButton.text, "Cancel")
+        self.widget.ui.applyButton.click()  # at once: the second click of a double-click, not a cancel
+        self.assertEqual(self.widget.ui.applyButton.text, "Cancel")
+        from CDALSegmentationLib.job_panel import CANCEL_GRACE_SECONDS
+        slicer.util.delayDisplay("waiting past the double-click window", int(1000 * CANCEL_GRACE_SECONDS) + 200)
         started = time.time()
         self.widget.ui.applyButton.click()
         self.assertLess(time.time() - started, 1.0, "Cancel blocked the GUI")
