@@ -244,10 +244,12 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
     from .data import check_volume
     from .inference import check_takes_volumes
     from .inputs import read_scan
+    from .localise import expects_thin_slices
     from .model_io import atomic_write_bytes
     from .scan import format_report, segment_scan
 
-    scan = read_scan(item, allow_thick_slices=args.allow_thick_slices, thin_slices_expected=expects_thin_slices(model))
+    scan = read_scan(item, allow_thick_slices=args.allow_thick_slices,
+                     thin_slices_expected=expects_thin_slices(model.card))
     for warning in scan.warnings:
         print(f"cdal: warning: {warning}", file=sys.stderr)
     # segment_scan checks again; these run before the progress bar opens, so a bad scan gets one clean line
@@ -269,13 +271,6 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
     notes = f" ({'; '.join(result.report['notes'])})" if result.report["notes"] else ""  # review notes: after the table
     return (f"{item.path.name}: {files['seg'].name}, {files['uncertainty'].name}, {files['attention'].name}, "
             f"{files['report'].name} in {result.seconds:.2f} s{notes}\n{format_report(result.report)}")
-
-
-def expects_thin_slices(model) -> bool:
-    """The models that localise template boxes (the hippocampus models) learnt from ~1 mm 3D T1 scans; a user's
-    own model learnt from whatever slices its data had, so no thickness is refused for it."""
-    from .localise import region_specs
-    return region_specs(model.card) is not None
 
 
 def on_terminal() -> bool:

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from .data import Case, check_volume, read_label_map, stem_of
 from .inference import mirror_axis_for, parallel_map, resolve_device, resolve_precision, segment_image
 from .inputs import ScanInput, read_scan
-from .localise import region_specs
+from .localise import expects_thin_slices
 from .metrics import nanmean, segmentation_metrics, summarise, uncertainty_metrics
 from .model_io import LoadedModel
 from .quality import needs_review, review_limits
@@ -98,7 +98,7 @@ def _evaluate_case(model: LoadedModel, case: Case, names, steps, samples, seed, 
                    precision: str, early_exit: bool, mirror: Optional[bool] = None):
     """One case: (segmentation metrics, uncertainty metrics or None, per-volume row, warnings)."""
     image, warnings = _read_case_image(case.image, model.config.image_channels,
-                                       thin_slices_expected=region_specs(model.card) is not None)
+                                       thin_slices_expected=expects_thin_slices(model.card))
     truth = read_label_map(case.label, image, len(names))  # checked before the slow part
     if not truth.any():
         warnings.append(f"{case.label}: has no labelled structure (every voxel is background), so this case's "

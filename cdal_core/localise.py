@@ -281,6 +281,12 @@ def region_specs(card: Dict) -> Optional[List[RegionSpec]]:
     return hippocampus_regions() if names[1:] == ["anterior", "posterior"] else None
 
 
+def expects_thin_slices(card: Dict) -> bool:
+    """The models that localise template boxes (the hippocampus models) learnt from ~1 mm 3D T1 scans; a user's
+    own model learnt from whatever slices its data had, so no thickness is refused for it."""
+    return region_specs(card) is not None
+
+
 # -- training data from whole scans -------------------------------------------------------------------------
 @dataclass
 class TrainingCrop:

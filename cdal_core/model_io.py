@@ -245,8 +245,7 @@ def _tensors(prefix: str, module: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def _write_weights(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
     """safetensors file written atomically (temporary file in the same folder, then renamed)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem, suffix=".tmp")
-    os.close(fd)
+    tmp = _staging_path(path)
     try:
         save_file(tensors, tmp, metadata={"format": MODEL_FORMAT})
         make_readable(tmp)
