@@ -380,15 +380,23 @@ class Discriminator(nn.Module):
     def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                 image: Optional[torch.Tensor] = None,
                 return_features: bool = False):
+        feats = self.features(x_prev, x_t, t, image)
+        logit = self.head(F.leaky_relu(feats[-1], 0.2).sum(dim=(2, 3))).squeeze(1)
+        return (logit, feats) if return_features else logit
+
+    def features(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                 image: Optional[torch.Tensor] = None, up_to: Optional[int] = None) -> List[torch.Tensor]:
+        """The feature maps of blocks ``0..up_to`` (all when None), block i ``(B, C_i, H / 2**(i + 1), W / 2**(i + 1))``.
+        Sampling needs only the attention block's map: the blocks after it and the head would be wasted work."""
         temb = self.time_mlp(sinusoidal_embedding(t * 1000.0, self.cfg.time_dim).to(x_t.dtype))
         inputs = [x_prev, x_t] + ([image] if self.cfg.disc_uses_image else [])
         h = self.stem(torch.cat(inputs, dim=1))
+        last = len(self.blocks) - 1 if up_to is None else up_to
         feats = []
-        for block in self.blocks:
+        for block in self.blocks[:last + 1]:
             h = block(h, temb)
             feats.append(h)
-        logit = self.head(F.leaky_relu(h, 0.2).sum(dim=(2, 3))).squeeze(1)
-        return (logit, feats) if return_features else logit
+        return feats
 
 
 def attention_map(features: List[torch.Tensor], block: int, size: Tuple[int, int]) -> torch.Tensor:

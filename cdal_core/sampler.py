@@ -99,9 +99,11 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
     if discriminator is not None:
         t1 = torch.ones(n * k, device=device, dtype=torch.long)
         d_image = images.repeat_interleave(k, dim=0) if discriminator.cfg.disc_uses_image else None
-        _, d_feats = discriminator(final.to(dtype), pairs.to(dtype), schedule.time(t1), image=d_image,
-                                   return_features=True)
         block = discriminator.cfg.attention_block if attention_block is None else attention_block
+        d_layout = _memory_format(discriminator)
+        d_feats = discriminator.features(final.to(dtype).contiguous(memory_format=d_layout),
+                                         pairs.to(dtype).contiguous(memory_format=d_layout), schedule.time(t1),
+                                         image=d_image, up_to=block)
         a = attention_map(d_feats, block, tuple(images.shape[2:])).float()
         # D answers flat background with a constant; where it looks is where it departs from that level
         a = (a - a.flatten(1).median(dim=1).values[:, None, None, None]).abs()

@@ -49,6 +49,10 @@ def test_discriminator_features_and_attention():
     assert torch.allclose(a, expected, atol=1e-6)
     assert not torch.allclose(attention_map(feats, 2, (64, 64)), a)
     assert normalise_attention(a).abs().amax(dim=(1, 2, 3)).tolist() == pytest.approx([1.0, 1.0])
+    # sampling stops D at the attention block: the same maps, without the blocks after it
+    partial = d.features(x, x, torch.rand(2) * 0 + 0.5, up_to=1)
+    full = d(x, x, torch.full((2,), 0.5), return_features=True)[1]
+    assert len(partial) == 2 and all(torch.equal(p, f) for p, f in zip(partial, full[:2]))
 
 
 def test_config_round_trip_and_unknown_keys():
