@@ -12,7 +12,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import CDALError
 
@@ -85,11 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto")
         p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines (for GUIs)")
 
-    p = sub.add_parser("predict", help="segment volumes: writes <stem>_seg/_uncertainty/_attention.nii.gz and <stem>_report.json")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("predict", help="segment volumes or 2D images: writes <stem>_seg/_uncertainty/_attention "
+                                       "(.nii.gz for volumes, .png/.tif for images) and <stem>_report.json")
+    p.add_argument("--model", required=True, help="a shipped model (hippocampus, cxr or monuseg) or a model "
+                                                  "folder")
     p.add_argument("--input", required=True,
-                   help="a volume (.nii.gz, .nrrd, .mha), a folder of them, a folder holding one DICOM series, "
-                        "or a folder of such series folders")
+                   help="a volume (.nii.gz, .nii, .nrrd, .mha, .mhd), a folder of them, a folder holding one DICOM "
+                        "series, or a folder of such series folders; for a 2D model, an image (.png, .jpg, .tif, "
+                        ".bmp; grey or RGB), a folder of them, or a folder with images/")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--roi", default=None, metavar="R1,A1,S1,R2,A2,S2",
@@ -103,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="Dice/IoU/precision/recall/HD95 and uncertainty quality on labelled data")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="MSD-style folder with labels")
+    p.add_argument("--data", required=True, help="MSD-style folder with labels (dataset.json, imagesTr/, "
+                                                 "labelsTr/), or for a 2D model images/ + masks/")
     p.add_argument("--cases", default=None, help="text file of case names to evaluate (default: all)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json report")
@@ -361,46 +365,63 @@ def finish_evaluation(report, model, args, table) -> int:
 
 
 def cmd_crop(args) -> int:
-    """``cdal crop``: each labelled scan cut as inference cuts it (``localise.training_crops``), written as a new
-    MSD folder ``<case>_left`` / ``<case>_right`` with the source's dataset.json; crop-sized scans are copied
-    as they are. One case's files are written together, the dataset.json last."""
-    import numpy as np
-    import SimpleITK as sitk
-    from .data import check_volume, read_image, read_label_map, read_msd_cases
-    from .localise import region_specs, training_crops
-    from .model_io import atomic_write_bytes, read_card, resolve_model
+    """``cdal crop``: each labelled scan cut as inference cuts it (``crop_dataset``)."""
+    from .localise import region_specs
+    from .model_io import read_card, resolve_model
     card = read_card(resolve_model(args.model))
     if not region_specs(card):
         raise CDALError(f"{args.model}: names no template boxes to cut (only the hippocampus models do): "
                         "crop the scans around the structure yourself")
-    source, out = Path(args.data), Path(args.out)
-    cases, _ = read_msd_cases(source)
+    out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise CDALError(f"{out}: exists and is not empty: choose a new --out (a folder without dataset.json is "
                         "what an interrupted cdal crop leaves: delete it and run again)")
+    count, cases = crop_dataset(
+        Path(args.data), out, card,
+        on_case=lambda i, n, name, sides: print(f"{name}: " + (", ".join(sides) or "nothing kept")),
+        on_warning=lambda note: print(f"cdal: warning: {note}", file=sys.stderr))
+    print(f"{count} crops from {cases} scans in {out}: train on it with --data {out}")
+    return 0
+
+
+def crop_dataset(source: Path, out: Path, card: Dict,
+                 on_case: Optional[Callable[[int, int, str, List[str]], None]] = None,
+                 on_warning: Optional[Callable[[str], None]] = None) -> Tuple[int, int]:
+    """A labelled MSD folder cut as inference cuts it (``localise.training_crops``), written as a new MSD folder
+    ``out`` with ``<case>_left`` / ``<case>_right`` and the source's dataset.json; crop-sized scans are copied as
+    they are. One case's files are written together, the dataset.json last. ``on_case(i, n, name, sides)`` after
+    each case (sides: "left", "right" or "whole (crop-sized)"), ``on_warning(text)`` for what a case leaves out.
+    Returns (crops written, cases read). Used by ``cdal crop`` and by Slicer's fine-tuning child."""
+    import numpy as np
+    import SimpleITK as sitk
+    from .data import check_volume, read_image, read_label_map, read_msd_cases
+    from .localise import training_crops
+    from .model_io import atomic_write_bytes
+    cases, _ = read_msd_cases(source)
     for folder in ("imagesTr", "labelsTr"):
         ensure_writable_folder(out / folder, "--out")
     training = []
-    for case in cases:
+    for number, case in enumerate(cases):
         image = read_image(case.image)
         check_volume(image, int(card["input"].get("image_channels", 1)), name=str(case.image))
         labels = sitk.GetImageFromArray(read_label_map(case.label, image, len(card["classes"])).astype(np.uint8))
         labels.CopyInformation(image)
         crops, notes = training_crops(image, labels, card, name=case.name)
         for note in notes:
-            print(f"cdal: warning: {note}", file=sys.stderr)
+            if on_warning is not None:
+                on_warning(note)
         for crop in crops:
             name = case.name if crop.side is None else f"{case.name}_{crop.side}"
             files = {"image": out / "imagesTr" / f"{name}.nii.gz", "label": out / "labelsTr" / f"{name}.nii.gz"}
             write_outputs_together([(crop.image, files["image"]), (crop.labels, files["label"])], {})
             training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-        print(f"{case.name}: " + (", ".join(c.side or "whole (crop-sized)" for c in crops) or "nothing kept"))
+        if on_case is not None:
+            on_case(number + 1, len(cases), case.name, [c.side or "whole (crop-sized)" for c in crops])
     meta = json.loads((source / "dataset.json").read_text()) if (source / "dataset.json").exists() else {
         "name": source.name, "labels": {str(c["index"]): c["name"] for c in card["classes"]}}
     meta.update(training=training, numTraining=len(training), test=[], numTest=0)
     atomic_write_bytes(out / "dataset.json", (json.dumps(meta, indent=1) + "\n").encode())
-    print(f"{len(training)} crops from {len(cases)} scans in {out}: train on it with --data {out}")
-    return 0
+    return len(training), len(cases)
 
 
 def cmd_info(args) -> int:

@@ -18,7 +18,7 @@ from .paths import ensureCoreOnPath, subprocessEnvironment
 
 ensureCoreOnPath()
 from cdal_core.errors import CDALError  # noqa: E402
-from cdal_core.localise import TrainingCrop, training_crops  # noqa: E402
+from cdal_core.localise import TrainingCrop, region_specs, training_crops  # noqa: E402
 
 
 def safeName(text):
@@ -88,10 +88,12 @@ def labelArrayForPair(volumeNode, segmentationNode, card):
     return labels, matched
 
 
-def exportTrainingData(pairs, outDir, card):
+def exportTrainingData(pairs, outDir, card, cutHeads=True):
     """Write ``dataset.json``, ``imagesTr/`` and ``labelsTr/`` (NIfTI) for the pairs. A whole head becomes one
     crop per labelled hippocampus (``cdal_core.localise.training_crops``: the boxes inference segments), named
-    ``<volume>_left`` / ``_right``. Returns (outDir, warnings)."""
+    ``<volume>_left`` / ``_right``. ``cutHeads=False`` writes every volume whole (uncompressed ``.nii``), for the
+    fine-tuning child to cut (``cutsHeadsInChild``): the registration takes seconds per head, too long for the
+    GUI thread. Returns (outDir, warnings)."""
     import SimpleITK as sitk
 
     if not pairs:
@@ -128,14 +130,15 @@ def exportTrainingData(pairs, outDir, card):
         label.CopyInformation(image if image.GetNumberOfComponentsPerPixel() == 1 else
                               sitk.VectorIndexSelectionCast(image, 0))
         # a whole head is cut into the boxes inference segments; a crop-sized volume is written as it is
-        crops, cropWarnings = training_crops(image, label, card, name=volumeNode.GetName()) if labels.any() else (
-            [TrainingCrop(None, image, label)], [])
+        crops, cropWarnings = training_crops(image, label, card, name=volumeNode.GetName()) \
+            if cutHeads and labels.any() else ([TrainingCrop(None, image, label)], [])
         warnings.extend(cropWarnings)
+        suffix = ".nii.gz" if cutHeads else ".nii"  # whole heads for the child: temporary, so not compressed
         for crop in crops:
-            name = stem if crop.side is None else "%s_%s" % (stem, crop.side)
-            sitk.WriteImage(crop.image, os.path.join(outDir, "imagesTr", name + ".nii.gz"), True)
-            sitk.WriteImage(crop.labels, os.path.join(outDir, "labelsTr", name + ".nii.gz"), True)
-            training.append({"image": "./imagesTr/%s.nii.gz" % name, "label": "./labelsTr/%s.nii.gz" % name})
+            name = (stem if crop.side is None else "%s_%s" % (stem, crop.side)) + suffix
+            sitk.WriteImage(crop.image, os.path.join(outDir, "imagesTr", name), cutHeads)
+            sitk.WriteImage(crop.labels, os.path.join(outDir, "labelsTr", name), cutHeads)
+            training.append({"image": "./imagesTr/" + name, "label": "./labelsTr/" + name})
     meta = {
         "name": "CDALSegmentation fine-tuning data",
         "description": "exported from 3D Slicer by CDALSegmentation",
@@ -150,6 +153,12 @@ def exportTrainingData(pairs, outDir, card):
     with open(os.path.join(outDir, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return outDir, warnings
+
+
+def cutsHeadsInChild(card):
+    """True for a volume model with template boxes (the hippocampus models): its fine-tuning child cuts the
+    exported volumes into those boxes (``finetune_worker --cut-heads``), whole heads and crops alike."""
+    return not isImageModel(card) and bool(region_specs(card))
 
 
 def _exportImagePairs(pairs, outDir, card, channels):
@@ -243,6 +252,9 @@ class FineTuneJob(ProcessJob):
             message = str(event["message"])
             if message not in self.warnings:
                 self.warnings.append(message)
+        elif kind == "cropping":
+            self.message = "Cutting the training boxes out of volume %s of %s" % (event.get("case"),
+                                                                               event.get("cases"))
         elif kind == "time_limit":
             self.message = "Time limit reached at step %s, saving" % event.get("step")
         elif kind == "error":
@@ -347,14 +359,20 @@ def startFineTune(pairs, baseModel="hippocampus", newModelName=None, maxSteps=20
     if workDir is None:
         workDir = os.path.join(runsDir(), "%s-%s" % (newModelName, time.strftime("%Y%m%d-%H%M%S")))
     os.makedirs(workDir, exist_ok=True)
+    exportDir = os.path.join(workDir, "data")  # every copy of a patient's image lies under it
+    inChild = cutsHeadsInChild(card)
     try:
-        dataDir, warnings = exportTrainingData(pairs, os.path.join(workDir, "data"), card)
+        _, warnings = exportTrainingData(pairs, os.path.join(exportDir, "volumes") if inChild else exportDir,
+                                         card, cutHeads=not inChild)
     except Exception:
-        shutil.rmtree(os.path.join(workDir, "data"), ignore_errors=True)  # no half-exported patient images
+        shutil.rmtree(exportDir, ignore_errors=True)  # no half-exported patient images
         raise
     runDir = os.path.join(workDir, "run")
-    args = ["--model", modelPath, "--data", dataDir, "--out", runDir, "--device", device or "auto",
+    trainDir = os.path.join(exportDir, "crops") if inChild else exportDir
+    args = ["--model", modelPath, "--data", trainDir, "--out", runDir, "--device", device or "auto",
             "--json-progress"]
+    if inChild:
+        args += ["--cut-heads", os.path.join(exportDir, "volumes")]
     if maxSteps:
         args += ["--max-steps", int(maxSteps)]
     if maxMinutes:
@@ -366,7 +384,7 @@ def startFineTune(pairs, baseModel="hippocampus", newModelName=None, maxSteps=20
         args += ["--config", configPath]
     command = pythonModuleCommand("CDALSegmentationLib.finetune_worker", args, python=python)
     job = FineTuneJob(command, subprocessEnvironment(baseEnvironment), runDir, newModelName, baseName,
-                      len(pairs), cwd=workDir, dataDir=dataDir, keepData=keepData, runnerFactory=runnerFactory)
+                      len(pairs), cwd=workDir, dataDir=exportDir, keepData=keepData, runnerFactory=runnerFactory)
     job.warnings = list(warnings)
     job.start()
     return job

@@ -2,7 +2,12 @@
 freezes the GUI for seconds), reports it as ``{"event": "device", "device": ..., "warning": ...}``, then runs
 ``cdal finetune ... --json-progress`` in this same process.
 
-Run as ``python -m CDALSegmentationLib.finetune_worker --device auto <cdal finetune arguments>``.
+With ``--cut-heads FOLDER`` it first cuts the labelled whole heads exported there into the boxes inference
+segments (``cdal_core.cli.crop_dataset``: a registration of some seconds per head, which would freeze the GUI)
+and writes them to the ``--data`` folder, reporting ``{"event": "cropping", ...}`` per head and its warnings as
+``{"event": "note", ...}``.
+
+Run as ``python -m CDALSegmentationLib.finetune_worker --device auto [--cut-heads FOLDER] <cdal finetune arguments>``.
 """
 import json
 import sys
@@ -28,13 +33,41 @@ def _emit(obj):
     sys.stdout.flush()
 
 
+def _takeOption(argv, name, default=None):
+    """The value of ``name`` in ``argv``, removed from it (both the option and its value)."""
+    if name not in argv:
+        return default
+    at = argv.index(name)
+    value = argv[at + 1]
+    del argv[at:at + 2]
+    return value
+
+
+def cutHeads(source, argv):
+    """Cut the heads in ``source`` into the ``--data`` folder of the ``cdal finetune`` arguments ``argv``, with
+    the boxes of its ``--model``. Returns an error message, or None."""
+    from pathlib import Path
+
+    from cdal_core.cli import crop_dataset
+    from cdal_core.errors import CDALError
+    from cdal_core.model_io import read_card, resolve_model
+
+    def onCase(number, cases, name, sides):
+        _emit({"event": "cropping", "case": number, "cases": cases, "name": name, "sides": sides})
+
+    try:
+        card = read_card(resolve_model(argv[argv.index("--model") + 1]))
+        crop_dataset(Path(source), Path(argv[argv.index("--data") + 1]), card, on_case=onCase,
+                     on_warning=lambda note: _emit({"event": "note", "message": note}))
+    except CDALError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    requested = "auto"
-    if "--device" in argv:
-        at = argv.index("--device")
-        requested = argv[at + 1]
-        del argv[at:at + 2]
+    requested = _takeOption(argv, "--device", "auto")
+    heads = _takeOption(argv, "--cut-heads")
     import torch
 
     device, warning, error = chooseDevice(requested, bool(torch.cuda.is_available()))
@@ -42,6 +75,11 @@ def main(argv=None):
         _emit({"event": "error", "message": error})
         return 2
     _emit({"event": "device", "device": device, "warning": warning})
+    if heads:
+        error = cutHeads(heads, argv)
+        if error:
+            _emit({"event": "error", "message": error})
+            return 2
     from cdal_core.cli import main as cdalMain
 
     return cdalMain(["finetune"] + argv + ["--device", device])

@@ -102,10 +102,11 @@ def test_real_hippocampus_dice(app, logic, hippocampus_model, capsys):
     assert min(mean.values()) > 0.6, mean
 
 
-def test_whole_brain_without_roi_through_the_worker(app, logic, hippocampus_model_only, tmp_path):
+def test_whole_brain_without_roi_through_the_worker(app, logic, hippocampus_model_only, tmp_path, user_models):
     """Segment on a whole brain (ICBM152 template) with no ROI: the worker localises both hippocampi
     (cdal_core.scan), the segments are named per side, the volume table and the jumps know both sides; the
-    result exported for fine-tuning becomes one crop per side, where inference segments."""
+    result exported for fine-tuning becomes one crop per side, where inference segments. Fine-tuning on it
+    leaves that cutting (a registration per head) to its child process, not to Slicer's GUI thread."""
     import glob
 
     import slicer.util
@@ -148,3 +149,24 @@ def test_whole_brain_without_roi_through_the_worker(app, logic, hippocampus_mode
         assert set(np.unique(array)) == {0, 1, 2}
         centroid = np.argwhere(array > 0).mean(0)  # the trainer centre-crops slices: the labels must be central
         assert np.all(np.abs(centroid - (np.asarray(array.shape) - 1) / 2) < 8), (entry, centroid)
+    job = logic.startFineTune(pairs, baseModel=hippocampus_model_only, newModelName="from heads", maxSteps=1,
+                              device="cpu", keepData=True,
+                              config={"batch_size": 2, "val_samples": 1, "val_max_volumes": 1, "log_every": 1})
+    try:
+        exported = os.listdir(os.path.join(job.dataDir, "volumes", "imagesTr"))
+        assert exported == ["ICBM152.nii"], exported  # written whole: the GUI thread does no registration
+        state = job.wait(timeout=600, interval=0.5)
+        assert state == "done", (job.error, job.stderrLines[-10:])
+        cropping = [e for e in job.events if e.get("event") == "cropping"]
+        assert cropping == [{"event": "cropping", "case": 1, "cases": 1, "name": "ICBM152",
+                             "sides": ["left", "right"]}], cropping
+        crops = os.path.join(job.dataDir, "crops")
+        assert sorted(os.listdir(os.path.join(crops, "labelsTr"))) == ["ICBM152_left.nii.gz", "ICBM152_right.nii.gz"]
+        for name in ("ICBM152_left.nii.gz", "ICBM152_right.nii.gz"):
+            assert sitk.ReadImage(os.path.join(crops, "labelsTr", name)).GetSize() == (40, 56, 40)
+        assert job.warnings and "CPU" in job.warnings[0], job.warnings
+        assert not any("box" in w for w in job.warnings), job.warnings  # both sides cut, all labels inside
+    finally:
+        import shutil
+
+        shutil.rmtree(os.path.dirname(job.dataDir), ignore_errors=True)
