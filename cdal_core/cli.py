@@ -417,6 +417,9 @@ def crop_dataset(source: Path, out: Path, card: Dict,
             training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
         if on_case is not None:
             on_case(number + 1, len(cases), case.name, [c.side or "whole (crop-sized)" for c in crops])
+    if not training:  # the warnings said why per scan; without this the trainer would only say "no cases"
+        raise CDALError(f"{source}: none of its {len(cases)} scans has labels inside the boxes the model segments, "
+                        "so there is nothing to train on: label the hippocampi (anterior and posterior) first")
     meta = json.loads((source / "dataset.json").read_text()) if (source / "dataset.json").exists() else {
         "name": source.name, "labels": {str(c["index"]): c["name"] for c in card["classes"]}}
     meta.update(training=training, numTraining=len(training), test=[], numTest=0)

@@ -409,6 +409,28 @@ def test_training_crops_say_what_they_leave_out(template):
     assert warnings == [] and len(crops) == 1 and crops[0].side is None and crops[0].image is small
 
 
+def test_cdal_crop_says_when_no_scan_has_labels_in_the_boxes(template, tmp_path):
+    """Labels far from both hippocampi leave nothing to train on: one clear error, not an empty dataset that
+    the trainer would only call "no training cases"."""
+    heads = tmp_path / "heads"
+    for folder in ("imagesTr", "labelsTr"):
+        (heads / folder).mkdir(parents=True)
+    sitk.WriteImage(template, str(heads / "imagesTr" / "icbm.nii.gz"))
+    frontal = [(1, (0.0, 50.0, 20.0), (12.0, 12.0, 12.0))]
+    sitk.WriteImage(_ellipsoids(template, frontal), str(heads / "labelsTr" / "icbm.nii.gz"))
+    (heads / "dataset.json").write_text(json.dumps({
+        "name": "heads", "labels": {"0": "background", "1": "Anterior", "2": "Posterior"}, "numTraining": 1,
+        "training": [{"image": "./imagesTr/icbm.nii.gz", "label": "./labelsTr/icbm.nii.gz"}]}))
+    crops = tmp_path / "crops"
+    refused = cdal("crop", "--model", "hippocampus", "--data", heads, "--out", crops, check=False)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert lines[-1].startswith("cdal: error:") and "none of its 1 scans has labels inside the boxes" in lines[-1]
+    # before it, the warnings that say why, per scan and side
+    assert any(ln.startswith("cdal: warning:") and "no labels in the left hippocampus box" in ln for ln in lines)
+    assert not (crops / "dataset.json").exists()
+
+
 def test_whole_heads_are_refused_for_training_and_cdal_crop_makes_them_trainable(template, tmp_path):
     """`cdal finetune` on labelled whole heads would centre-crop each head and never see a hippocampus: it is
     refused before any work, naming `cdal crop`, which cuts the boxes inference segments; those then train."""
