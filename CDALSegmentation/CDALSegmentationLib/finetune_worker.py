@@ -59,8 +59,8 @@ def cutHeads(source, argv):
         card = read_card(resolve_model(argv[argv.index("--model") + 1]))
         crop_dataset(Path(source), Path(argv[argv.index("--data") + 1]), card, on_case=onCase,
                      on_warning=lambda note: _emit({"event": "note", "message": note}))
-    except CDALError as exc:
-        return str(exc)
+    except CDALError as exc:  # the export folder is a temporary one: name what the user chose instead
+        return str(exc).replace(str(source), "the volumes chosen for fine-tuning")
     return None
 
 
