@@ -170,3 +170,37 @@ def test_whole_brain_without_roi_through_the_worker(app, logic, hippocampus_mode
         import shutil
 
         shutil.rmtree(os.path.dirname(job.dataDir), ignore_errors=True)
+
+
+def test_fine_tuning_child_names_the_chosen_volumes_when_nothing_can_be_cut(tmp_path, capsys):
+    """Labels nowhere near the hippocampi: the child's cutting step fails with the reason, naming the volumes the
+    user chose rather than its temporary export folder, and reports the head's warnings as notes first."""
+    import glob
+
+    import SimpleITK as sitk
+
+    from CDALSegmentationLib import finetune_worker
+
+    found = glob.glob(os.path.join(REPO, ".venv", "lib", "python*", "site-packages", "nilearn", "datasets", "data",
+                                   "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
+    if not found:
+        pytest.skip("nilearn's ICBM152 template not installed")
+    heads = tmp_path / "volumes"
+    for folder in ("imagesTr", "labelsTr"):
+        (heads / folder).mkdir(parents=True)
+    head = sitk.ReadImage(found[0])
+    labels = np.zeros(sitk.GetArrayViewFromImage(head).shape, np.uint8)
+    labels[-30:-20, 90:100, 90:100] = 1  # near the top of the head, far from both hippocampi
+    label_image = sitk.GetImageFromArray(labels)
+    label_image.CopyInformation(head)
+    sitk.WriteImage(head, str(heads / "imagesTr" / "head.nii"))
+    sitk.WriteImage(label_image, str(heads / "labelsTr" / "head.nii"))
+    (heads / "dataset.json").write_text(json.dumps({
+        "name": "export", "labels": {"0": "background", "1": "Anterior", "2": "Posterior"}, "numTraining": 1,
+        "training": [{"image": "./imagesTr/head.nii", "label": "./labelsTr/head.nii"}]}))
+    error = finetune_worker.cutHeads(str(heads), ["--model", "hippocampus", "--data", str(tmp_path / "crops")])
+    assert error and error.startswith("the volumes chosen for fine-tuning: none of its 1 scans"), error
+    assert str(heads) not in error
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert any(e["event"] == "note" and "no labels in the left hippocampus box" in e["message"] for e in events)
+    assert events[-1]["event"] == "cropping" and events[-1]["sides"] == [], events
