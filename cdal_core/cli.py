@@ -418,6 +418,9 @@ def crop_dataset(source: Path, out: Path, card: Dict,
         if on_case is not None:
             on_case(number + 1, len(cases), case.name, [c.side or "whole (crop-sized)" for c in crops])
     if not training:  # the warnings said why per scan; without this the trainer would only say "no cases"
+        for folder in (out / "imagesTr", out / "labelsTr", out):  # empty: a corrected re-run may use them
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise CDALError(f"{source}: none of its {len(cases)} scans has labels inside the boxes the model segments, "
                         "so there is nothing to train on: label the hippocampi (anterior and posterior) first")
     meta = json.loads((source / "dataset.json").read_text()) if (source / "dataset.json").exists() else {

@@ -428,7 +428,7 @@ def test_cdal_crop_says_when_no_scan_has_labels_in_the_boxes(template, tmp_path)
     assert lines[-1].startswith("cdal: error:") and "none of its 1 scans has labels inside the boxes" in lines[-1]
     # before it, the warnings that say why, per scan and side
     assert any(ln.startswith("cdal: warning:") and "no labels in the left hippocampus box" in ln for ln in lines)
-    assert not (crops / "dataset.json").exists()
+    assert not crops.exists(), "the empty folders are gone: the corrected re-run may use the same --out"
 
 
 def test_whole_heads_are_refused_for_training_and_cdal_crop_makes_them_trainable(template, tmp_path):
