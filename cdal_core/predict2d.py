@@ -207,8 +207,10 @@ def sample_plan(samples: int, num_generators: int, symmetries: int) -> List[Tupl
 def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int] = None, samples: int = 5,
                      seed: Optional[int] = 0, device: str = "cpu", precision: str = "auto",
                      early_exit: bool = True, with_attention: bool = True,
-                     symmetries: Optional[bool] = None) -> ImageResult:
-    """``(ch, H, W)`` raw image -> labels, probabilities, uncertainty and attention at ``(H, W)``.
+                     symmetries: Optional[bool] = None,
+                     output_size: Optional[Tuple[int, int]] = None) -> ImageResult:
+    """``(ch, H, W)`` raw image -> labels, probabilities, uncertainty and attention at ``(H, W)`` (or at
+    ``output_size``: the card's ``image_size`` gives the maps at the model's working resolution).
 
     The K samples are spread over the generators of an ensemble and pooled (``inference.pool_views``).
     ``symmetries`` (default: the card's ``input.test_time_symmetries``, for images with no preferred orientation
@@ -225,7 +227,7 @@ def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int]
     dtype = resolve_precision(precision, dev)
     model.to(dev)
     image_size, window = model_sizes(model)
-    height, width = array.shape[-2:]
+    height, width = output_size or array.shape[-2:]
     image = torch.from_numpy(prepare_image(array, image_size, model.config.context_slices))[None]
     image = image.mul_(2).sub_(1).to(dev)                                 # (1, in_ch, h, w) in [-1, 1]
     schedule = model.schedule(steps)

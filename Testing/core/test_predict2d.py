@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from core_settings import TINY_CONFIG
@@ -148,6 +149,12 @@ def test_large_image_is_slid_over_in_overlapping_windows(grey_model, monkeypatch
     assert sum(s[0] for s in seen) == 9                    # ...3 x 3 of them over the 64 x 64 resized image
     assert result.labels.shape == (150, 200) and result.probabilities.shape == (2, 150, 200)
     assert np.allclose(result.probabilities.sum(axis=0), 1, atol=1e-4)  # every pixel covered by some window
+    working = segment_image_2d(image[None].astype(np.float32), load_model(grey_model), samples=2, seed=0,
+                               precision="fp32", output_size=(64, 64))     # the model's own grid, not resized
+    assert working.probabilities.shape == (2, 64, 64) and working.uncertainty.shape == (64, 64)
+    back = F.interpolate(torch.from_numpy(working.probabilities)[None], size=(150, 200), mode="bilinear",
+                         align_corners=False)[0].numpy()
+    assert np.allclose(back, result.probabilities, atol=1e-5)
 
 
 def test_symmetries_map_back_exactly():
