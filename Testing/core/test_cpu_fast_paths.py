@@ -50,6 +50,7 @@ def test_channels_last_discriminator_keeps_the_attention():
     assert np.abs(a_fast - a_plain).max() < 1e-5  # measured 3.6e-7
     assert np.array_equal(sitk.GetArrayFromImage(fast.labels), sitk.GetArrayFromImage(plain.labels))
 
+
 def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
     """Inference uses the cores other processes leave free (OpenMP threads that share a busy core stall the
     whole run); an explicit CDAL_THREADS wins."""
@@ -65,6 +66,19 @@ def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.setenv("CDAL_THREADS", "2")
     assert inference.cpu_threads(8) == 2
     assert inference._running_elsewhere() >= 0  # the real probe works here (0 where /proc is absent)
+
+
+def test_a_passing_thread_does_not_halve_the_run(monkeypatch):
+    """A task runnable for a fraction of a millisecond (a kernel thread passing by) was seen by all three
+    back-to-back looks and took a core from the run; looks a millisecond apart see it once at most."""
+    import time
+    from cdal_core import inference
+    monkeypatch.delenv("CDAL_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for _ in range(3):
+        blip_ends = time.perf_counter() + 0.0005
+        monkeypatch.setattr(inference, "_running_elsewhere", lambda: int(time.perf_counter() < blip_ends))
+        assert inference.cpu_threads(2) == 2
 
 
 def test_a_run_adapts_threads_for_itself_and_gives_them_back(monkeypatch, tiny_model):
