@@ -41,6 +41,10 @@ def cpu_info() -> dict:
     try:
         text = Path("/proc/cpuinfo").read_text()
         info["model"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        # a VM may show only "AMD EPYC": family and model number tell the generation (25/17: Zen 4, Genoa)
+        for key, field in (("family", "cpu family"), ("model_number", "model")):
+            info[key] = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                              if line.split(":", 1)[0].strip() == field), None)
         flags = set(next(line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")).split())
         info["flags"] = sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
     except (OSError, StopIteration):
