@@ -124,9 +124,10 @@ def group_norm_modulate(x: torch.Tensor, groups: int, scale: torch.Tensor, shift
 
 
 class FastGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters, state-dict keys and results) that normalises CPU channels-last maps
-    with ``group_norm_modulate`` wherever torch's kernel is slow there (``_fused_norm_on_cpu``: every float32 map,
-    and bf16 maps under ``_SMALL_MAP_PIXELS``, e.g. the image encoder's 28x20 level in bf16: 3.5 ms per call)."""
+    """``nn.GroupNorm`` (same parameters and state-dict keys; the same results to float rounding) that normalises
+    CPU channels-last maps with ``group_norm_modulate`` wherever torch's kernel is slow there
+    (``_fused_norm_on_cpu``: every float32 map, and bf16 maps under ``_SMALL_MAP_PIXELS``, e.g. the image
+    encoder's 28x20 level in bf16: 3.5 ms per call). Training runs contiguous maps, so it keeps torch's kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.affine and _fused_norm_on_cpu(x)):
