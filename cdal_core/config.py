@@ -109,7 +109,7 @@ class TrainConfig:
     val_samples: int = 5
     checkpoint_every: int = 100
     log_every: int = 10
-    amp: bool = True                  # bf16 autocast on CUDA
+    amp: bool = True                  # bf16 autocast on CUDA and on CPUs with native bf16 (trainer.training_in_bf16)
     # torch.compile the generator's training passes (fuses its many small norm/activation kernels; a GPU
     # step is bound by them). The discriminator stays eager: R1 needs a double backward, which compile lacks.
     compile_generator: bool = False
