@@ -33,6 +33,12 @@ def _add_common_sampling(p: argparse.ArgumentParser) -> None:
                    help="2D images: spread the samples over flips and transposes of the image (on for tissue, "
                         "whose orientation carries no meaning); volumes: part of the samples see the scan's "
                         "left-right mirror (for models trained on mirrored slices); auto: as the model card says")
+    # the choices are sampler.STEP_POOLING, written out: the CLI starts without importing torch
+    p.add_argument("--step-pooling", default="auto", choices=("auto", "last", "mean", "linear"),
+                   help="what each sample keeps of its denoising steps: last = the last step's prediction "
+                        "(the paper's Algorithm 2), mean = the mean of every step's prediction (free: they are "
+                        "computed anyway), linear = the same weighted towards the first step; auto: as the model "
+                        "card says")
 
 
 def ensure_writable_folder(folder: Path, option: str) -> None:
@@ -59,6 +65,12 @@ def check_output_file(path: Path, option: str, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise CDALError(f"{path}: already exists: pass --overwrite to replace it, or choose another {option}")
     ensure_writable_folder(path.parent, option)
+
+
+def step_pooling_choice(args) -> Optional[str]:
+    """``--step-pooling`` as the segment functions take it (None = the card's default)."""
+    choice = getattr(args, "step_pooling", "auto")
+    return None if choice == "auto" else choice
 
 
 def symmetries_choice(args) -> Optional[bool]:
@@ -266,7 +278,7 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
         result = segment_scan(scan.image, model, roi=roi, localise=args.localise, steps=args.steps,
                               samples=args.samples, seed=args.seed, device=device, progress=progress,
                               precision=args.precision, early_exit=not args.full_sampling,
-                              mirror=symmetries_choice(args))
+                              mirror=symmetries_choice(args), step_pooling=step_pooling_choice(args))
     report = {"input": str(item.path), "model": str(model.path), "warnings": scan.warnings, **result.report}
     images = [(result.labels, files["seg"]), (result.uncertainty, files["uncertainty"])]
     if result.attention is not None:
@@ -346,7 +358,7 @@ def cmd_evaluate(args) -> int:
     report = evaluate_cases(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
                             device=str(device), on_volume=on_volume,
                             precision=args.precision, early_exit=not args.full_sampling, parallel=True,
-                            mirror=symmetries_choice(args))
+                            mirror=symmetries_choice(args), step_pooling=step_pooling_choice(args))
     if progress["bar"] is not None:
         progress["bar"].close()
     return finish_evaluation(report, model, args, format_table)

@@ -10,7 +10,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .data import Case, check_volume, read_label_map, stem_of
-from .inference import mirror_axis_for, parallel_map, resolve_device, resolve_precision, segment_image
+from .inference import (mirror_axis_for, parallel_map, resolve_device, resolve_precision, segment_image,
+                        step_weights_for)
 from .inputs import ScanInput, read_scan
 from .localise import expects_thin_slices
 from .metrics import nanmean, segmentation_metrics, summarise, uncertainty_metrics
@@ -21,7 +22,8 @@ from .quality import needs_review, review_limits
 def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[int] = None, samples: int = 5,
                    seed: Optional[int] = 0, device: str = "cpu", with_uncertainty: bool = True,
                    on_volume: Optional[Callable[[int, int, str], None]] = None, precision: str = "auto",
-                   early_exit: bool = True, parallel: bool = False, mirror: Optional[bool] = None) -> Dict:
+                   early_exit: bool = True, parallel: bool = False, mirror: Optional[bool] = None,
+                   step_pooling: Optional[str] = None) -> Dict:
     """Segment every case and compare with its label on the input grid (the user's geometry).
 
     ``parallel``: segment several volumes at once on the CPU (``inference.parallel_map``; same results up to
@@ -40,11 +42,12 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)  # also refuses a bad name before any work
     mirror = mirror_axis_for(model, mirror) is not None  # the card's default resolved, a bad request refused
+    step_weights_for(model, steps, step_pooling)  # likewise
     start = time.perf_counter()
 
     def one(i: int):
         return _evaluate_case(model, cases[i], names, steps, samples, None if seed is None else seed + i, device,
-                              with_uncertainty, precision, early_exit, mirror)
+                              with_uncertainty, precision, early_exit, mirror, step_pooling)
 
     per_volume, unc, rows, warnings = [], [], [], []
     with parallel_map(len(cases) if parallel else 1, dev) as (workers, mapped):
@@ -64,6 +67,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
         "precision": str(dtype).replace("torch.", ""),
         "early_exit": bool(early_exit),
         "mirror": mirror,
+        "step_pooling": step_pooling or model.step_pooling,
     }
     if warnings:
         report["warnings"] = warnings
@@ -95,7 +99,8 @@ def review_summary(rows: Sequence[Dict], class_names: Sequence[str], card: Dict)
 
 
 def _evaluate_case(model: LoadedModel, case: Case, names, steps, samples, seed, device, with_uncertainty: bool,
-                   precision: str, early_exit: bool, mirror: Optional[bool] = None):
+                   precision: str, early_exit: bool, mirror: Optional[bool] = None,
+                   step_pooling: Optional[str] = None):
     """One case: (segmentation metrics, uncertainty metrics or None, per-volume row, warnings)."""
     image, warnings = _read_case_image(case.image, model.config.image_channels,
                                        thin_slices_expected=expects_thin_slices(model.card))
@@ -104,7 +109,8 @@ def _evaluate_case(model: LoadedModel, case: Case, names, steps, samples, seed, 
         warnings.append(f"{case.label}: has no labelled structure (every voxel is background), so this case's "
                         "Dice is 0 or undefined and not meaningful: check the label map or leave the case out")
     result = segment_image(image, model, steps=steps, samples=samples, seed=seed, device=device,
-                           with_attention=False, precision=precision, early_exit=early_exit, mirror=mirror)
+                           with_attention=False, precision=precision, early_exit=early_exit, mirror=mirror,
+                           step_pooling=step_pooling)
     pred = sitk.GetArrayFromImage(result.labels).astype(np.int64)
     spacing = tuple(reversed(image.GetSpacing()))  # array order (z, y, x)
     m = segmentation_metrics(pred, truth, len(names), spacing)

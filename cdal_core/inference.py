@@ -210,7 +210,8 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
                   seed: Optional[int] = None, device: str = "cpu", batch_slices: Optional[int] = None,
                   with_attention: bool = True, progress: Optional[ProgressFn] = None,
                   precision: str = "auto", early_exit: bool = True,
-                  mirror: Optional[bool] = None, name: Optional[str] = None) -> VolumeResult:
+                  mirror: Optional[bool] = None, name: Optional[str] = None,
+                  step_pooling: Optional[str] = None) -> VolumeResult:
     """Segment one 3D volume. ``progress(fraction, message)`` may raise CancelledError to stop.
 
     ``precision``: the networks' arithmetic, 'auto' (bf16 where the hardware has it), 'fp32' or 'bf16';
@@ -218,7 +219,9 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     background after the first step skip the others (``EARLY_EXIT``); False runs every step everywhere.
     ``mirror``: part of the samples see the scan's left-right mirror, mapped back (None: the card's
     ``input.test_time_mirror``); True needs a model trained on mirrored slices (``trained_mirrored``).
-    ``name`` starts error messages (default: the file ``inputs.read_scan`` read the image from)."""
+    ``name`` starts error messages (default: the file ``inputs.read_scan`` read the image from).
+    ``step_pooling``: how each sample pools its steps' x0 predictions (``sampler.STEP_POOLING``; None: the card's
+    ``sampling.step_pooling``)."""
     start = time.perf_counter()
     if samples < 1:
         raise CDALError(f"samples must be >= 1, got {samples}")
@@ -229,6 +232,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     check_real_valued(image, name)
     check_volume(image, model.config.image_channels, name=name)
     mirror_axis = mirror_axis_for(model, mirror)
+    step_weights = step_weights_for(model, steps, step_pooling)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     model.to(dev)
@@ -240,7 +244,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     with adapted_threads(dev), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         probs, variance, attention = _segment_array(array, model, steps, samples, seed, dev, batch_slices,
                                                     with_attention, progress,
-                                                    EARLY_EXIT if early_exit else None, mirror_axis)
+                                                    EARLY_EXIT if early_exit else None, mirror_axis, step_weights)
     # Back to the input grid: probabilities are interpolated, then the labels are their argmax.
     prob_in = np.stack([sitk.GetArrayFromImage(mapping.to_input(p)) for p in probs])
     if mapping.resampled:
@@ -251,6 +255,16 @@ def segment_image(image: sitk.Image, model: LoadedModel, steps: Optional[int] = 
     att = mapping.to_input(_scale_attention(attention)) if attention is not None else None
     return VolumeResult(labels, unc, att, prob_in.astype(np.float32), time.perf_counter() - start,
                         list(mapping.notes))
+
+
+def step_weights_for(model: LoadedModel, steps: Optional[int], pooling: Optional[str]) -> Optional[List[float]]:
+    """``sample``'s step weights for this model, ``steps`` and ``pooling`` (None: the card's); a name that is not a
+    pooling is refused before any work."""
+    try:
+        return model.step_weights(steps, pooling)
+    except ValueError as err:
+        raise CDALError(f"{err}: name one of them in the model card's sampling.step_pooling, or pass "
+                        "--step-pooling") from None
 
 
 def check_takes_volumes(model: LoadedModel, name: str) -> None:
@@ -320,7 +334,7 @@ def split_evenly(total: int, parts: int) -> List[int]:
 def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], samples: int,
                    seed: Optional[int], device: torch.device, batch_slices: Optional[int],
                    with_attention: bool, progress: Optional[ProgressFn], early_exit: Optional[float] = None,
-                   mirror_axis: Optional[int] = None):
+                   mirror_axis: Optional[int] = None, step_weights: Optional[List[float]] = None):
     """Normalised (Z, Y, X) array on the model grid -> probabilities (C, Z, Y, X), variance, attention.
 
     The ``samples`` are spread over every (generator, slicing axis) pair of the model (``model.runs``), in turn:
@@ -352,11 +366,11 @@ def _segment_array(array: np.ndarray, model: LoadedModel, steps: Optional[int], 
             own_skip = skip[::-1].copy() if skip is not None and axis == mirror_axis else skip
             view = _segment_view(np.ascontiguousarray(np.flip(array, mirror_axis)), axis, model, generator,
                                  schedule, k, rng, device, batch_slices, with_attention, view_progress,
-                                 early_exit, own_skip)
+                                 early_exit, own_skip, step_weights)
             view = _mirrored_back(view, mirror_axis, axis)
         else:
             view = _segment_view(array, axis, model, generator, schedule, k, rng, device, batch_slices,
-                                 with_attention, view_progress, early_exit, skip)
+                                 with_attention, view_progress, early_exit, skip, step_weights)
         if skip is not None and skip.any():
             view = _fill_slices(view, primary, axis, skip)
         if primary is None:
@@ -405,7 +419,7 @@ def _fill_slices(view, source, axis: int, slices: np.ndarray):
 def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, generator, schedule, samples: int,
                   rng: torch.Generator, device: torch.device, batch_slices: Optional[int], with_attention: bool,
                   progress: Optional[ProgressFn], early_exit: Optional[float] = None,
-                  skip: Optional[np.ndarray] = None):
+                  skip: Optional[np.ndarray] = None, step_weights: Optional[List[float]] = None):
     """Slices along one ``axis`` -> batched sampling -> probabilities (C, Z, Y, X), variance, attention and the
     (S,) mask of slices that stopped early. Slices marked in ``skip`` are not sampled (left at zero)."""
     cfg = model.config
@@ -424,7 +438,7 @@ def _segment_view(array: np.ndarray, axis: int, model: LoadedModel, generator, s
         if progress is not None:
             progress(first / n, f"slices {first + 1}-{min(first + per_batch, n)} of {n}")
         out = sample(generator, images[first:first + per_batch], schedule, samples, rng, disc,
-                     use_latent=model.uses_latent, early_exit=early_exit)
+                     use_latent=model.uses_latent, early_exit=early_exit, step_weights=step_weights)
         outs_p.append(out.probabilities[..., crop[0], crop[1]].float().cpu())
         outs_v.append(out.variance[..., crop[0], crop[1]].float().cpu())
         if out.attention is not None:

@@ -135,6 +135,18 @@ class LoadedModel:
         return bool(self.card.get("input", {}).get("test_time_mirror", False))
 
     @property
+    def step_pooling(self) -> str:
+        """The card's default pooling of the steps' x0 predictions (``sampling.step_pooling``; Algorithm 2's
+        ``last`` for cards that do not say)."""
+        return str(self.card.get("sampling", {}).get("step_pooling", "last"))
+
+    def step_weights(self, steps: Optional[int] = None, pooling: Optional[str] = None) -> Optional[List[float]]:
+        """``sample``'s ``step_weights`` for ``steps`` (default: the card's) under ``pooling`` (default: the
+        card's)."""
+        from .sampler import step_pooling_weights
+        return step_pooling_weights(pooling or self.step_pooling, steps or self.default_steps)
+
+    @property
     def uses_latent(self) -> bool:
         """False for a model trained with z = 0 (the paper's "without latent" ablation): sample it the same way."""
         return uses_latent(self.card)

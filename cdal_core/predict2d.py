@@ -208,21 +208,24 @@ def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int]
                      seed: Optional[int] = 0, device: str = "cpu", precision: str = "auto",
                      early_exit: bool = True, with_attention: bool = True,
                      symmetries: Optional[bool] = None,
-                     output_size: Optional[Tuple[int, int]] = None) -> ImageResult:
+                     output_size: Optional[Tuple[int, int]] = None,
+                     step_pooling: Optional[str] = None) -> ImageResult:
     """``(ch, H, W)`` raw image -> labels, probabilities, uncertainty and attention at ``(H, W)`` (or at
     ``output_size``: the card's ``image_size`` gives the maps at the model's working resolution).
 
     The K samples are spread over the generators of an ensemble and pooled (``inference.pool_views``).
     ``symmetries`` (default: the card's ``input.test_time_symmetries``, for images with no preferred orientation
     such as tissue) also spreads them over flips and transposes of the image, mapped back before pooling: the same
-    cost, and the uncertainty then includes disagreement between orientations."""
+    cost, and the uncertainty then includes disagreement between orientations. ``step_pooling``: see
+    ``inference.segment_image``."""
     from .inference import (EARLY_EXIT, MAX_STEPS, _scale_attention, adapted_threads, pool_views, resolve_device,
-                            resolve_precision)
+                            resolve_precision, step_weights_for)
     start = time.perf_counter()
     if samples < 1:
         raise CDALError(f"samples must be >= 1, got {samples}")
     if steps is not None and not 1 <= steps <= MAX_STEPS:
         raise CDALError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+    step_weights = step_weights_for(model, steps, step_pooling)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     model.to(dev)
@@ -239,7 +242,7 @@ def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int]
     with adapted_threads(dev), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         for g, o, k in sample_plan(samples, len(model.generators), len(orientations)):
             maps = _sliding_window(_to_view(image, orientations[o]), model, model.generators[g], schedule, k, rng,
-                                   window, with_attention, EARLY_EXIT if early_exit else None)
+                                   window, with_attention, EARLY_EXIT if early_exit else None, step_weights)
             views.append((k, tuple(_from_view(m, orientations[o]) for m in maps)))
     probs, variance, attention = pool_views(views)
     # back to the input's pixels: interpolate the probabilities, then argmax
@@ -253,7 +256,7 @@ def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int]
 
 def _sliding_window(image: torch.Tensor, model: LoadedModel, generator, schedule, samples: int,
                     rng: torch.Generator, window: Tuple[int, int], with_attention: bool,
-                    early_exit: Optional[float]):
+                    early_exit: Optional[float], step_weights: Optional[Sequence[float]] = None):
     """(1, in_ch, h, w) in [-1, 1] -> mean probabilities (C, h, w), variance (h, w), attention (h, w) or None,
     numpy float32, from overlapping ``window`` patches blended with gaussian weights."""
     from monai.inferers import sliding_window_inference
@@ -262,7 +265,7 @@ def _sliding_window(image: torch.Tensor, model: LoadedModel, generator, schedule
 
     def predictor(patches: torch.Tensor):  # (B, in_ch, wh, ww) -> (B, C, ...), (B, 1, ...)[, (B, 1, ...)]
         out = sample(generator, patches, schedule, samples, rng, disc, use_latent=model.uses_latent,
-                     early_exit=early_exit)
+                     early_exit=early_exit, step_weights=step_weights)
         maps = (out.probabilities.float(), out.variance.float()[:, None])
         return maps + ((out.attention.float()[:, None],) if out.attention is not None else ())
 
@@ -323,7 +326,7 @@ def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int)
 def predict_images(args) -> int:
     """``cdal predict`` for 2D images: writes the five outputs of every input into ``--output`` (a folder a few
     images at a time on the CPU, see ``cli.run_each``)."""
-    from .cli import ensure_writable_folder, run_each, symmetries_choice
+    from .cli import ensure_writable_folder, run_each, step_pooling_choice, symmetries_choice
     from .inference import check_takes_volumes, resolve_device
     from .model_io import load_model
     inputs = list_images(Path(args.input))
@@ -350,7 +353,7 @@ def predict_images(args) -> int:
         array = read_image_2d(path, model.config.image_channels)
         result = segment_image_2d(array, model, steps=args.steps, samples=args.samples, seed=args.seed,
                                   device=str(device), precision=args.precision, early_exit=not args.full_sampling,
-                                  symmetries=symmetries_choice(args))
+                                  symmetries=symmetries_choice(args), step_pooling=step_pooling_choice(args))
         files = planned[path]
         write_outputs(result, files, model.config.num_classes)
         return f"{path.name}: {', '.join(f.name for f in files.values())} in {result.seconds:.2f} s"
@@ -374,29 +377,33 @@ def evaluate_images(args) -> int:
     device = resolve_device(args.device)
     model = load_model(args.model, device=str(device))
     model_sizes(model)
-    from .cli import finish_evaluation, symmetries_choice
+    from .cli import finish_evaluation, step_pooling_choice, symmetries_choice
     report = evaluate_pairs(model, cases, steps=args.steps, samples=args.samples, seed=args.seed,
                             device=str(device), precision=args.precision, early_exit=not args.full_sampling,
-                            symmetries=symmetries_choice(args), parallel=True)
+                            symmetries=symmetries_choice(args), parallel=True,
+                            step_pooling=step_pooling_choice(args))
     return finish_evaluation(report, model, args, format_table_2d)
 
 
 def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = None, samples: int = 5,
                    seed: Optional[int] = 0, device: str = "cpu", precision: str = "auto",
-                   early_exit: bool = True, symmetries: Optional[bool] = None, parallel: bool = False) -> Dict:
-    """Segment each case's image and compare with its mask at the input's pixels (``symmetries``: see
-    ``segment_image_2d``; ``parallel``: several images at once on the CPU, as ``evaluation.evaluate_cases``).
+                   early_exit: bool = True, symmetries: Optional[bool] = None, parallel: bool = False,
+                   step_pooling: Optional[str] = None) -> Dict:
+    """Segment each case's image and compare with its mask at the input's pixels (``symmetries``,
+    ``step_pooling``: see ``segment_image_2d``; ``parallel``: several images at once on the CPU, as
+    ``evaluation.evaluate_cases``).
 
     Returns ``{"per_class": {name: {dice, iou, precision, recall, hd95 (pixels), *_std}}, "uncertainty":
     {"auroc", "ece", "spearman_image"}, "images": N, "seconds_per_image": s, "per_image": [...]}`` (plus
     ``volumes`` / ``seconds_per_volume`` aliases, the keys the 3D tools read); metrics are fractions.
     ``spearman_image``: rank correlation over images of mean uncertainty with error rate."""
-    from .inference import parallel_map, resolve_device, resolve_precision
+    from .inference import parallel_map, resolve_device, resolve_precision, step_weights_for
     from .metrics import (error_auroc, expected_calibration_error, nanmean, segmentation_metrics,
                           spearman_correlation, summarise)
     names = model.class_names
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
+    step_weights_for(model, steps, step_pooling)  # a bad name refused before any work
     start = time.perf_counter()
 
     def one(i: int) -> Dict:
@@ -405,7 +412,8 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
         truth = read_mask_2d(case.label, array.shape[-2:], len(names))
         result = segment_image_2d(array, model, steps=steps, samples=samples,
                                   seed=None if seed is None else seed + i, device=device, precision=precision,
-                                  early_exit=early_exit, with_attention=False, symmetries=symmetries)
+                                  early_exit=early_exit, with_attention=False, symmetries=symmetries,
+                                  step_pooling=step_pooling)
         pred = result.labels.astype(np.int64)
         error = pred != truth
         m = segmentation_metrics(pred, truth, len(names), (1.0, 1.0))
@@ -432,6 +440,7 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
             "precision": str(dtype).replace("torch.", ""), "early_exit": bool(early_exit),
             "symmetries": bool(model.card.get("input", {}).get("test_time_symmetries", False)
                                if symmetries is None else symmetries),
+            "step_pooling": step_pooling or model.step_pooling,
             **({"images_at_once": workers, "volumes_at_once": workers,  # the alias the shared table reads
                 "wall_seconds": round(time.perf_counter() - start, 2)} if workers > 1 else {})}
 

@@ -8,7 +8,7 @@ probabilities ``(N, C, H, W)``, labels ``(N, H, W)``, the per-pixel variance acr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ def _memory_format(module: torch.nn.Module) -> torch.memory_format:
 def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedule, num_samples: int = 5,
            rng: Optional[torch.Generator] = None, discriminator: Optional[Discriminator] = None,
            attention_block: Optional[int] = None, use_latent: bool = True,
-           early_exit: Optional[float] = None) -> SampleOutput:
+           early_exit: Optional[float] = None, step_weights: Optional[Sequence[float]] = None) -> SampleOutput:
     """Run the reverse process for all ``N`` slices x ``K`` samples in one batch of ``N * K``.
 
     The image encoder runs once per slice; its features are shared by every step and sample.
@@ -54,6 +54,10 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
     ``early_exit``: a slice whose ``K`` predictions of x0 are all background, with foreground probability
     below this value at every pixel, keeps that prediction and skips the remaining steps (about 30 % of
     hippocampus slices hold no hippocampus). ``None`` runs every step for every slice.
+
+    ``step_weights``: one weight per step, from step T down to 1. Each sample's probabilities become the weighted
+    mean of its x0 predictions at the steps it ran (the earlier ones cost nothing extra); ``None`` keeps the
+    last step's prediction alone, as Algorithm 2 does.
     """
     n, k = images.shape[0], num_samples
     c = generator.cfg.num_classes
@@ -70,6 +74,10 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
     # D's partner of x0: x_1, or for a slice that stopped early the x_{t-1} drawn at its last step
     pairs = torch.empty_like(final) if discriminator is not None else None
     active = torch.arange(n, device=device)  # slices still being denoised
+    if step_weights is not None and len(step_weights) != schedule.num_steps:
+        raise ValueError(f"step_weights needs one weight per step ({schedule.num_steps}), got {len(step_weights)}")
+    pooled = torch.zeros(n * k, c, *images.shape[2:], device=device) if step_weights is not None else None
+    weight_sum = torch.zeros(n * k, device=device) if step_weights is not None else None
     early = torch.zeros(n, dtype=torch.bool, device=device)
     for step in range(schedule.num_steps, 0, -1):
         t = torch.full((x.shape[0],), step, device=device, dtype=torch.long)
@@ -77,6 +85,11 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
             torch.zeros(x.shape[0], generator.cfg.latent_dim, device=device, dtype=dtype)
         x0 = generator.decode(x, schedule.time(t[:1]), z, feats)  # one step for all: a (1,) time
         x_t, x = x, (schedule.posterior_sample(x0, x, t, generator=rng) if step > 1 else x0)
+        if pooled is not None and step_weights[schedule.num_steps - step] > 0:
+            w = float(step_weights[schedule.num_steps - step])
+            rows_now = _sample_rows(active, k)
+            pooled[rows_now] += w * x0_to_probabilities(x0.float())
+            weight_sum[rows_now] += w
         done = torch.ones(len(active), dtype=torch.bool, device=device) if step == 1 else \
             _confidently_background(x0, k, early_exit)
         if bool(done.any()):
@@ -91,7 +104,11 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
             feats = [f[keep].contiguous(memory_format=layout) for f in feats]
         if len(active) == 0:
             break
-    probs_k = x0_to_probabilities(final).view(n, k, c, *images.shape[2:])
+    probs_k = x0_to_probabilities(final)
+    if pooled is not None:
+        has = weight_sum > 0  # a sample that stopped before any weighted step keeps its last prediction
+        probs_k[has] = pooled[has] / weight_sum[has, None, None, None]
+    probs_k = probs_k.view(n, k, c, *images.shape[2:])
     probs = probs_k.mean(dim=1)
     # mean squared deviation written out: torch's var over a non-innermost dim is ~50x slower on CPU
     variance = (probs_k - probs[:, None]).square_().mean(dim=1).sum(dim=1)
@@ -109,6 +126,23 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
         a = (a - a.flatten(1).median(dim=1).values[:, None, None, None]).abs()
         attention = a.view(n, k, *images.shape[2:]).mean(dim=1)
     return SampleOutput(probs, variance, attention, early)
+
+
+STEP_POOLING = ("last", "mean", "linear")
+
+
+def step_pooling_weights(pooling: str, num_steps: int) -> Optional[Sequence[float]]:
+    """A card's ``sampling.step_pooling`` -> ``sample``'s ``step_weights`` (from step T down to 1).
+
+    ``last``: Algorithm 2, the last step's x0 alone (None); ``mean``: every step's x0 alike; ``linear``: step t
+    weighs t (the noisiest, first prediction most)."""
+    if pooling not in STEP_POOLING:
+        raise ValueError(f"step pooling must be one of {', '.join(STEP_POOLING)}, got {pooling!r}")
+    if pooling == "last":
+        return None
+    if pooling == "mean":
+        return [1.0] * num_steps
+    return [float(t) for t in range(num_steps, 0, -1)]
 
 
 def _confidently_background(x0: torch.Tensor, k: int, below: Optional[float]) -> torch.Tensor:

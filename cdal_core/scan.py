@@ -63,10 +63,11 @@ def segment_scan(image: sitk.Image, model: LoadedModel, roi=None, localise: str 
                  steps: Optional[int] = None, samples: int = 5, seed: Optional[int] = None, device: str = "cpu",
                  precision: str = "auto", early_exit: bool = True,
                  progress: Optional[ProgressFn] = None, mirror: Optional[bool] = None,
-                 name: Optional[str] = None) -> ScanResult:
+                 name: Optional[str] = None, step_pooling: Optional[str] = None) -> ScanResult:
     """Segment one 3D scan. ``roi``: two RAS corners (mm) or None. ``localise``: 'auto' (locate when the scan is
     a brain rather than a crop), 'on' (always) or 'off' (segment the whole scan as it is). ``mirror``: see
-    ``segment_image``. ``name`` starts error messages (default: the file ``inputs.read_scan`` read)."""
+    ``segment_image``, as is ``step_pooling``. ``name`` starts error messages (default: the file
+    ``inputs.read_scan`` read)."""
     start = time.perf_counter()
     if localise not in LOCALISE_MODES:
         raise CDALError(f"unknown localisation mode '{localise}': use auto, on or off")
@@ -75,7 +76,7 @@ def segment_scan(image: sitk.Image, model: LoadedModel, roi=None, localise: str 
     check_real_valued(image, name)
     check_volume(image, model.config.image_channels, name=name)
     run = dict(steps=steps, samples=samples, seed=seed, device=device, precision=precision, early_exit=early_exit,
-               mirror=mirror, name=name)
+               mirror=mirror, name=name, step_pooling=step_pooling)
     specs = region_specs(model.card)
     if roi is not None:
         result = _segment_roi(image, model, roi, run, progress)

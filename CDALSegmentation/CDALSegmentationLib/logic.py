@@ -223,10 +223,14 @@ def modelSummary(modelPath):
     except CDALError as exc:
         return str(exc), str(exc)
     generators = 1 + len(card.get("members") or [])
+    notes = []
+    if (card.get("sampling") or {}).get("step_pooling", "last") != "last":
+        notes.append("every step's prediction pooled")
+    if card.get("input", {}).get("test_time_mirror"):
+        notes.append("some on the left-right mirror")
     line = "%s%d denoising steps x %d samples%s" % (
         "%d generators, " % generators if generators > 1 else "", int(card.get("num_steps", 2)),
-        int(card.get("samples", 5)),
-        " (some on the left-right mirror)" if card.get("input", {}).get("test_time_mirror") else "")
+        int(card.get("samples", 5)), " (%s)" % "; ".join(notes) if notes else "")
     validation = card.get("validation") or {}
     count = validation.get("images") or validation.get("volumes")
     scores = []

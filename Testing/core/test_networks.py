@@ -254,6 +254,39 @@ def test_early_exit_stops_surely_empty_slices_after_the_first_step():
     assert with_d.attention.shape == (5, 16, 16) and torch.isfinite(with_d.attention).all()
 
 
+class _RecordingGenerator(_HalfEmptyGenerator):
+    """The half-empty generator that also keeps every step's x0 prediction."""
+
+    def decode(self, x_t, t, z, image_features):
+        out = super().decode(x_t, t, z, image_features)
+        self.predictions.append(out.clone())
+        return out
+
+
+def test_step_weights_pool_every_steps_prediction_of_x0():
+    from cdal_core.sampler import x0_to_probabilities
+    g = _RecordingGenerator(SMALL).eval()
+    img = torch.cat([-torch.ones(2, 3, 16, 16), torch.ones(3, 3, 16, 16)])
+    k, sched = 4, DiffusionSchedule(2)
+
+    def run(**kw):
+        g.decoded_rows, g.predictions = [], []
+        return sample(g, img, sched, k, torch.Generator().manual_seed(0), early_exit=0.05, **kw)
+
+    last = run()
+    assert torch.equal(run(step_weights=[0.0, 1.0]).probabilities, last.probabilities)  # Algorithm 2
+    pooled = run(step_weights=[1.0, 3.0])
+    first, second = (x0_to_probabilities(p).view(-1, k, 3, 16, 16) for p in g.predictions)
+    busy = (first[2:] + 3 * second) / 4  # the 3 slices that ran both steps
+    assert torch.allclose(pooled.probabilities[2:], busy.mean(dim=1), atol=1e-6)
+    assert not torch.allclose(pooled.probabilities[2:], last.probabilities[2:], atol=1e-3)
+    assert torch.equal(pooled.probabilities[:2], last.probabilities[:2])  # stopped early: its one prediction
+    assert torch.allclose(pooled.variance[2:], (busy - busy.mean(dim=1, keepdim=True)).square().mean(1).sum(1),
+                          atol=1e-6)
+    with pytest.raises(ValueError, match="one weight per step"):
+        run(step_weights=[1.0])
+
+
 def test_encoder_block_equals_monais_unet_res_block():
     """The encoder's own block replaces MONAI's UnetResBlock (start-up time): same state-dict keys, so shipped
     weights load unchanged, and the same outputs on random weights, stride 1 and 2, with and without the

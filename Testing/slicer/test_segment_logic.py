@@ -248,6 +248,10 @@ def test_model_summary_tells_sampling_ensemble_and_dice_with_standard_error(tmp_
     card["input"]["test_time_mirror"] = True  # a single generator trained on mirrored heads (cdal finetune)
     (folder / "model.json").write_text(json.dumps(card))
     assert modelSummary(str(folder))[0].startswith("2 denoising steps x 5 samples (some on the left-right mirror);")
+    card["sampling"] = {"step_pooling": "mean"}  # cards of volume models cdal trains since session 23
+    (folder / "model.json").write_text(json.dumps(card))
+    assert modelSummary(str(folder))[0].startswith(
+        "2 denoising steps x 5 samples (every step's prediction pooled; some on the left-right mirror);")
 
     (folder / "model.json").write_text("{not json")
     line, tooltip = modelSummary(str(folder))
