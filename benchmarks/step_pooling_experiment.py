@@ -11,6 +11,7 @@ with ``tools/compare_reports.py``.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,12 +20,23 @@ sys.path.insert(0, str(ROOT))
 
 from cdal_core.cli import main as cdal  # noqa: E402
 from cdal_core.model_io import LoadedModel  # noqa: E402
+from cdal_core.sampler import STEP_POOLING, step_pooling_weights  # noqa: E402
 
 
 def fixed_weights(w):
     """A stand-in for ``LoadedModel.step_weights`` that always gives ``w`` (None for the last step alone)."""
     last_only = all(v == 0 for v in w[:-1])
     return lambda self, steps=None, pooling=None: None if last_only else w
+
+
+def label(path: Path, w) -> None:
+    """The report says which weights made it (evaluate writes the card's pooling, which the stand-in bypassed)."""
+    report = json.loads(path.read_text())
+    named = {name: step_pooling_weights(name, len(w)) for name in STEP_POOLING}
+    named["last"] = [0.0] * (len(w) - 1) + [1.0]
+    report["step_pooling"] = next((n for n, v in named.items() if v == w), "custom")
+    report["step_weights"] = w
+    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def main() -> int:
@@ -49,6 +61,7 @@ def main() -> int:
         print(f"weights {w} -> {out}", flush=True)
         if cdal(argv) != 0:
             return 1
+        label(Path(out), w)
     return 0
 
 

@@ -75,16 +75,18 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[Case], steps: Optional[in
         report.update(volumes_at_once=workers, wall_seconds=round(time.perf_counter() - start, 2))
     if with_uncertainty:
         report["uncertainty"] = {k: nanmean(u[k] for u in unc) for k in ("auroc", "spearman_slice", "ece")}
-        review = review_summary(rows, names[1:], model.card)
+        review = review_summary(rows, names[1:], model.card, step_pooling)
         if review:
             report["review"] = review
     return report
 
 
-def review_summary(rows: Sequence[Dict], class_names: Sequence[str], card: Dict) -> Optional[Dict]:
+def review_summary(rows: Sequence[Dict], class_names: Sequence[str], card: Dict,
+                   step_pooling: Optional[str] = None) -> Optional[Dict]:
     """How the card's review flags (``cdal_core.quality``) fall on labelled volumes: per class, how many were
-    marked and the mean Dice of the marked and of the other volumes. None when the card has no limits."""
-    limits = review_limits(card)
+    marked and the mean Dice of the marked and of the other volumes. None when the card has no limits (for this
+    ``step_pooling``)."""
+    limits = review_limits(card, step_pooling)
     if not limits:
         return None
     out = {}

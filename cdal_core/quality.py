@@ -16,9 +16,18 @@ from typing import Dict, List, Optional, Sequence
 REVIEW_FACTOR = 2.0
 
 
-def review_limits(card: Dict) -> Dict[str, float]:
-    """{class name: mean-uncertainty limit} from the card (empty when it has none)."""
-    limits = (card.get("quality") or {}).get("review_uncertainty_above") or {}
+def review_limits(card: Dict, step_pooling: Optional[str] = None) -> Dict[str, float]:
+    """{class name: mean-uncertainty limit} from the card for a run that pooled its steps this way (None: the
+    card's ``sampling.step_pooling``); empty when the card has none for that pooling. Pooling the steps lowers the
+    variance (by about a third on the hippocampus), so limits measured with one pooling do not fit another: the
+    block's ``step_pooling`` says which its limits were measured with (``last`` when it does not say), and
+    ``other_poolings`` may hold limits for others."""
+    quality = card.get("quality") or {}
+    run = step_pooling or (card.get("sampling") or {}).get("step_pooling", "last")
+    if run == quality.get("step_pooling", "last"):
+        limits = quality.get("review_uncertainty_above") or {}
+    else:  # {pooling: a block like this one}
+        limits = ((quality.get("other_poolings") or {}).get(run) or {}).get("review_uncertainty_above") or {}
     return {str(k): float(v) for k, v in limits.items() if v is not None}
 
 
@@ -27,11 +36,11 @@ def needs_review(class_name: str, mean_uncertainty: Optional[float], limits: Dic
     return limit is not None and mean_uncertainty is not None and mean_uncertainty > limit
 
 
-def mark_for_review(rows: List[Dict], card: Dict) -> List[str]:
+def mark_for_review(rows: List[Dict], card: Dict, step_pooling: Optional[str] = None) -> List[str]:
     """Sets ``row["review"]`` on each structure row (``name``, ``mean_uncertainty``, optional ``side``) and
     returns the notes to show the user: one per flagged structure, or one for all when every structure is
-    flagged (then the scan itself is the likely cause)."""
-    limits = review_limits(card)
+    flagged (then the scan itself is the likely cause). ``step_pooling``: see ``review_limits``."""
+    limits = review_limits(card, step_pooling)
     if not limits:
         return []
     flagged = []

@@ -87,7 +87,8 @@ def segment_scan(image: sitk.Image, model: LoadedModel, roi=None, localise: str 
         sides = _side_map(sitk.GetArrayViewFromImage(whole.labels), "unknown")
         result = _assemble(image, model, sitk.GetArrayFromImage(whole.labels), sitk.GetArrayFromImage(whole.uncertainty),
                            None if whole.attention is None else sitk.GetArrayFromImage(whole.attention), sides,
-                           {"method": "none (segmented whole)", "status": "not needed"}, whole.notes)
+                           {"method": "none (segmented whole)", "status": "not needed"}, whole.notes,
+                           step_pooling)
     result.seconds = time.perf_counter() - start
     result.report["seconds"] = round(result.seconds, 2)
     return result
@@ -121,7 +122,7 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
         if att is not None:
             attention[box] = np.maximum(attention[box], att)
     info = {**loc.to_dict(), "removed_islands_mm3": {k: round(v, 1) for k, v in removed.items()}}
-    result = _assemble(image, model, labels, uncertainty, attention, sides, info, [])
+    result = _assemble(image, model, labels, uncertainty, attention, sides, info, [], run["step_pooling"])
     _check_sides(result.report, [r.side for r in loc.regions])
     return result
 
@@ -169,7 +170,8 @@ def _segment_roi(image, model, roi, run, progress) -> ScanResult:
         attention[box] = sitk.GetArrayViewFromImage(res.attention)
     info = {"method": "user ROI", "status": "roi", "roi_ras": [list(roi[0]), list(roi[1])],
             "roi_index_box": {"start": list(start), "size": list(size)}}
-    return _assemble(image, model, labels, uncertainty, attention, _side_map(labels, "unknown"), info, res.notes)
+    return _assemble(image, model, labels, uncertainty, attention, _side_map(labels, "unknown"), info, res.notes,
+                     run["step_pooling"])
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
@@ -277,14 +279,15 @@ def _side_map(labels: np.ndarray, side: str) -> np.ndarray:
     return np.where(labels > 0, SIDE_CODES[side], 0).astype(np.uint8)
 
 
-def _assemble(image, model, labels, uncertainty, attention, sides, localisation, notes) -> ScanResult:
+def _assemble(image, model, labels, uncertainty, attention, sides, localisation, notes,
+              step_pooling: Optional[str] = None) -> ScanResult:
     def as_image(array):
         out = sitk.GetImageFromArray(array)
         out.CopyInformation(image)
         return out
 
     rows = volume_table(labels, sides, uncertainty, model.class_names, float(np.prod(image.GetSpacing())))
-    review = mark_for_review(rows, model.card)
+    review = mark_for_review(rows, model.card, step_pooling)
     if not labels.any():  # an empty table would pass for a result: say that nothing was found, and what to check
         review.append(_nothing_found(model, image))
     report = {"structures": rows, "localisation": localisation, "notes": list(notes), "review": review}

@@ -5,7 +5,8 @@
 
 The report is ``cdal evaluate --json`` on scans the shipped weights (or a replica of their recipe) never trained
 on; each class's limit is ``quality.REVIEW_FACTOR`` times the highest per-scan mean uncertainty inside that class.
-The card keeps the limits, the reference it names, and the per-class median and maximum they came from.
+The card keeps the limits, the reference it names, the per-class median and maximum they came from, and the step
+pooling the report was made with; limits the card had for another pooling move to ``other_poolings``.
 """
 
 import argparse
@@ -38,7 +39,7 @@ def class_values(report: dict) -> dict:
 def quality_block(report: dict, reference: str, source: str) -> dict:
     values = class_values(report)
     return {"review_uncertainty_above": limits_from_validation(values), "factor": REVIEW_FACTOR,
-            "reference": reference, "source": source,
+            "reference": reference, "source": source, "step_pooling": report.get("step_pooling", "last"),
             "per_class": {k: {"scans": len(v), "median": round(float(statistics.median(v)), 5),
                               "max": round(max(v), 5)} for k, v in values.items()}}
 
@@ -52,7 +53,13 @@ def main() -> int:
     card_path = Path(args.card)
     card = json.loads(card_path.read_text())
     report = json.loads(Path(args.report).read_text())
-    card["quality"] = quality_block(report, args.reference, os.path.relpath(args.report, ROOT))
+    old = card.get("quality") or {}
+    card["quality"] = new = quality_block(report, args.reference, os.path.relpath(args.report, ROOT))
+    others = {k: v for k, v in (old.get("other_poolings") or {}).items() if k != new["step_pooling"]}
+    if old.get("review_uncertainty_above") and old.get("step_pooling", "last") != new["step_pooling"]:
+        others[old.get("step_pooling", "last")] = {k: v for k, v in old.items() if k != "other_poolings"}
+    if others:
+        new["other_poolings"] = others
     atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
     print(json.dumps(card["quality"], indent=1))
     return 0

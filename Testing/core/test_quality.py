@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cdal_core.quality import limits_from_validation, mark_for_review
+from cdal_core.quality import limits_from_validation, mark_for_review, review_limits
 
 CARD = {"description": "hippocampus on T1 MRI", "quality": {"review_uncertainty_above": {"A": 0.1, "P": 0.2},
                                                              "reference": "49 held-out scans"}}
@@ -38,6 +38,20 @@ def test_a_card_without_limits_marks_nothing():
     assert mark_for_review(rows, {"description": "x"}) == [] and "review" not in rows[0]
 
 
+def test_limits_follow_the_step_pooling_they_were_measured_with():
+    # pooling the steps lowers the variance by about a third (session 23): limits of one pooling misfit another
+    card = {"sampling": {"step_pooling": "mean"},
+            "quality": {"review_uncertainty_above": {"A": 0.06}, "step_pooling": "mean",
+                        "other_poolings": {"last": {"review_uncertainty_above": {"A": 0.1}}}}}
+    assert review_limits(card) == {"A": 0.06} and review_limits(card, "mean") == {"A": 0.06}
+    assert review_limits(card, "last") == {"A": 0.1}
+    assert review_limits(card, "linear") == {}  # never measured: no flags rather than wrong ones
+    rows = _rows(0.08, None)
+    assert mark_for_review(rows, card, "last") == [] and mark_for_review(rows, card) != []
+    old_card = {"quality": {"review_uncertainty_above": {"A": 0.1}}}  # before session 23: Algorithm 2's
+    assert review_limits(old_card) == {"A": 0.1} and review_limits(old_card, "mean") == {}
+
+
 def test_limits_are_twice_the_highest_held_out_value():
     assert limits_from_validation({"A": [0.01, 0.04, 0.02], "P": []}) == {"A": 0.08}
 
@@ -55,6 +69,16 @@ def test_set_review_limits_writes_the_card_from_an_evaluation_report(tmp_path):
     assert (tmp_path / "model.json").stat().st_mode & 0o044 == 0o044  # readable by all, like any model file
     assert quality["review_uncertainty_above"] == {"A": 0.08, "P": 0.06}
     assert quality["per_class"]["A"] == {"scans": 2, "median": 0.03, "max": 0.04} and quality["reference"] == "2 scans"
+    assert quality["step_pooling"] == "last" and "other_poolings" not in quality
+    report["step_pooling"] = "mean"  # the same scans again, each sample pooling its steps: Algorithm 2's stay
+    for row in report["per_volume"]:
+        row["A_mean_uncertainty"] /= 2
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    subprocess.run([sys.executable, str(tool), "--report", str(tmp_path / "r.json"), "--card",
+                    str(tmp_path / "model.json"), "--reference", "2 scans, pooled"], check=True, capture_output=True)
+    quality = json.loads((tmp_path / "model.json").read_text())["quality"]
+    assert quality["review_uncertainty_above"]["A"] == 0.04 and quality["step_pooling"] == "mean"
+    assert quality["other_poolings"]["last"]["review_uncertainty_above"] == {"A": 0.08, "P": 0.06}
 
 
 def test_evaluate_reports_how_the_flags_fall_on_labelled_volumes(tiny_model, synthetic_dir):
