@@ -302,8 +302,8 @@ class Trainer:
             card["input"]["image_size"] = list(cfg.image_size or cfg.train_size)
             card["normalisation"] = dict(NORMALISATION_2D)
         else:
-            # each sample pools its steps' predictions: free, and on the hippocampus (fold 0, session 23) one
-            # generator gained +0.10 / +0.68 Dice; the 2D models did not gain, so they keep Algorithm 2
+            # each sample pools its steps' predictions: free, and on the hippocampus (fold 0, session 23) three
+            # generators gained +0.10-0.14 / +0.13-0.68 Dice; the 2D models did not gain: they keep Algorithm 2
             card["sampling"] = {"step_pooling": VOLUME_STEP_POOLING}
         if not self.is_2d and learns_left_right_mirror(card):
             # one generator that learnt left and right alike: 2 of its 5 samples see the scan's mirror (4-fold
