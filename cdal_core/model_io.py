@@ -138,7 +138,8 @@ class LoadedModel:
     def step_pooling(self) -> str:
         """The card's default pooling of the steps' x0 predictions (``sampling.step_pooling``; Algorithm 2's
         ``last`` for cards that do not say)."""
-        return str(self.card.get("sampling", {}).get("step_pooling", "last"))
+        from .quality import card_step_pooling
+        return card_step_pooling(self.card)
 
     def step_weights(self, steps: Optional[int] = None, pooling: Optional[str] = None) -> Optional[List[float]]:
         """``sample``'s ``step_weights`` for ``steps`` (default: the card's) under ``pooling`` (default: the

@@ -16,6 +16,12 @@ from typing import Dict, List, Optional, Sequence
 REVIEW_FACTOR = 2.0
 
 
+def card_step_pooling(card: Dict) -> str:
+    """A card's default pooling of each sample's step predictions (``sampling.step_pooling``; Algorithm 2's
+    ``last`` for cards that do not say). Here, in a module without torch, so that Slicer's GUI can read it."""
+    return str((card.get("sampling") or {}).get("step_pooling", "last"))
+
+
 def review_limits(card: Dict, step_pooling: Optional[str] = None) -> Dict[str, float]:
     """{class name: mean-uncertainty limit} from the card for a run that pooled its steps this way (None: the
     card's ``sampling.step_pooling``); empty when the card has none for that pooling. Pooling the steps lowers the
@@ -23,7 +29,7 @@ def review_limits(card: Dict, step_pooling: Optional[str] = None) -> Dict[str, f
     block's ``step_pooling`` says which its limits were measured with (``last`` when it does not say), and
     ``other_poolings`` may hold limits for others."""
     quality = card.get("quality") or {}
-    run = step_pooling or (card.get("sampling") or {}).get("step_pooling", "last")
+    run = step_pooling or card_step_pooling(card)
     if run == quality.get("step_pooling", "last"):
         limits = quality.get("review_uncertainty_above") or {}
     else:  # {pooling: a block like this one}

@@ -104,10 +104,13 @@ def sample(generator: Generator, images: torch.Tensor, schedule: DiffusionSchedu
             feats = [f[keep].contiguous(memory_format=layout) for f in feats]
         if len(active) == 0:
             break
-    probs_k = x0_to_probabilities(final)
-    if pooled is not None:
-        has = weight_sum > 0  # a sample that stopped before any weighted step keeps its last prediction
-        probs_k[has] = pooled[has] / weight_sum[has, None, None, None]
+    if pooled is None:
+        probs_k = x0_to_probabilities(final)
+    else:
+        unweighted = weight_sum == 0  # a sample that stopped before any weighted step keeps its last prediction
+        probs_k = pooled.div_(weight_sum.masked_fill(unweighted, 1.0)[:, None, None, None])
+        if bool(unweighted.any()):
+            probs_k[unweighted] = x0_to_probabilities(final[unweighted])
     probs_k = probs_k.view(n, k, c, *images.shape[2:])
     probs = probs_k.mean(dim=1)
     # mean squared deviation written out: torch's var over a non-innermost dim is ~50x slower on CPU

@@ -223,8 +223,10 @@ def modelSummary(modelPath):
     except CDALError as exc:
         return str(exc), str(exc)
     generators = 1 + len(card.get("members") or [])
+    from cdal_core.quality import card_step_pooling  # pure Python: no torch in the GUI process
+
     notes = []
-    if (card.get("sampling") or {}).get("step_pooling", "last") != "last":
+    if card_step_pooling(card) != "last":
         notes.append("every step's prediction pooled")
     if card.get("input", {}).get("test_time_mirror"):
         notes.append("some on the left-right mirror")
