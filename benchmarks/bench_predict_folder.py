@@ -6,7 +6,7 @@ older one (``--baseline``: a ``git worktree`` of an earlier commit), each run wi
 interleave arms and precisions, so the machine's drift falls on both; the JSON names the CPU.
 
 Usage: python benchmarks/bench_predict_folder.py [--volumes 20] [--rounds 3] [--precisions fp32,auto]
-           [--baseline /tmp/old] [--json out.json]
+           [--baseline /tmp/old] [--current-args=--no-attention] [--json out.json]
 """
 import argparse
 import json
@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_cpu_inference import cpu_info, load_average  # noqa: E402
 
 
-def timed_predict(repo: Path, model: Path, folder: Path, precision: str) -> float:
-    """Wall seconds of one ``cdal predict`` process run from ``repo``'s code."""
+def timed_predict(repo: Path, model: Path, folder: Path, precision: str, extra=()) -> float:
+    """Wall seconds of one ``cdal predict`` process run from ``repo``'s code (``extra``: further options)."""
     out = Path(tempfile.mkdtemp(prefix="cdal-bench-"))
     command = [sys.executable, "-m", "cdal_core.cli", "predict", "--model", str(model), "--input", str(folder),
-               "--output", str(out / "out"), "--precision", precision]
+               "--output", str(out / "out"), "--precision", precision, *extra]
     try:
         start = time.perf_counter()
         subprocess.run(command, cwd=repo, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -48,6 +48,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precisions", default="fp32,auto")
     parser.add_argument("--baseline", default=None, help="a checkout of older code to compare with")
+    parser.add_argument("--current-args", default="",
+                        help="further cdal predict options for this checkout's arm, e.g. --current-args=--no-attention "
+                             "with --baseline . to time an option against the default")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     files = sorted(Path(args.data).glob("hippocampus_*.nii.gz"))[:args.volumes]
@@ -68,8 +71,9 @@ def main() -> int:
         for r in range(args.rounds):
             for p in precisions:
                 for arm, repo in (arms.items() if r % 2 == 0 else reversed(list(arms.items()))):
-                    t_many = timed_predict(repo, Path(args.model), many, p)
-                    t_one = timed_predict(repo, Path(args.model), one, p)
+                    extra = args.current_args.split() if arm == "current" else []
+                    t_many = timed_predict(repo, Path(args.model), many, p, extra)
+                    t_one = timed_predict(repo, Path(args.model), one, p, extra)
                     per_volume = (t_many - t_one) / (len(files) - 1)
                     rows[(arm, p)].append({"many_s": round(t_many, 2), "one_s": round(t_one, 2),
                                            "per_volume_s": round(per_volume, 3)})
@@ -78,7 +82,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {"cpu": cpu_info(), "load_average": load_average(), "volumes": len(files), "model": args.model,
-              "arms": {a: str(r) for a, r in arms.items()}, "results": {}}
+              "arms": {a: str(r) for a, r in arms.items()}, "current_args": args.current_args, "results": {}}
     for p in precisions:
         entry = {a: {"rounds": rows[(a, p)],
                      "mean_per_volume_s": round(float(np.mean([x["per_volume_s"] for x in rows[(a, p)]])), 3)}

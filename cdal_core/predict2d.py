@@ -305,9 +305,11 @@ def output_paths(out_dir: Path, stem: str) -> Dict[str, Path]:
     return {name: out_dir / f"{stem}_{name}" for name in OUTPUT_FILES}
 
 
-def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int) -> None:
+def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int,
+                  with_attention: bool = True) -> List[Path]:
     """Label PNG (0/255 when binary, else class indices), heat-map PNGs and float32 TIFFs, written as one set
-    (``cli.write_outputs_together``): an interrupt leaves none of them, so a re-run never meets a lone label."""
+    (``cli.write_outputs_together``): an interrupt leaves none of them, so a re-run never meets a lone label.
+    ``with_attention=False`` leaves out the two attention files. Returns the paths written."""
     from .cli import write_outputs_together
     labels = result.labels * np.uint8(255) if num_classes == 2 else result.labels
     images = {"seg.png": sitk.GetImageFromArray(labels.astype(np.uint8)),
@@ -315,10 +317,12 @@ def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int)
               "uncertainty.png": sitk.GetImageFromArray(heat_map(result.uncertainty, 1 - 1 / num_classes,
                                                                  "inferno"), isVector=True),
               "uncertainty.tif": sitk.GetImageFromArray(result.uncertainty.astype(np.float32))}
-    attention = result.attention if result.attention is not None else np.zeros_like(result.uncertainty)
-    images["attention.png"] = sitk.GetImageFromArray(heat_map(attention, 1.0, "viridis"), isVector=True)
-    images["attention.tif"] = sitk.GetImageFromArray(attention.astype(np.float32))
+    if with_attention:
+        attention = result.attention if result.attention is not None else np.zeros_like(result.uncertainty)
+        images["attention.png"] = sitk.GetImageFromArray(heat_map(attention, 1.0, "viridis"), isVector=True)
+        images["attention.tif"] = sitk.GetImageFromArray(attention.astype(np.float32))
     write_outputs_together([(image, paths[name]) for name, image in images.items()], {})
+    return [paths[name] for name in images]
 
 
 # -- commands ----------------------------------------------------------------------------------------------
@@ -326,7 +330,7 @@ def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int)
 def predict_images(args) -> int:
     """``cdal predict`` for 2D images: writes the five outputs of every input into ``--output`` (a folder a few
     images at a time on the CPU, see ``cli.run_each``)."""
-    from .cli import ensure_writable_folder, run_each, step_pooling_choice, symmetries_choice
+    from .cli import drop_stale, ensure_writable_folder, run_each, step_pooling_choice, symmetries_choice
     from .inference import check_takes_volumes, resolve_device
     from .model_io import load_model
     inputs = list_images(Path(args.input))
@@ -353,10 +357,13 @@ def predict_images(args) -> int:
         array = read_image_2d(path, model.config.image_channels)
         result = segment_image_2d(array, model, steps=args.steps, samples=args.samples, seed=args.seed,
                                   device=str(device), precision=args.precision, early_exit=not args.full_sampling,
-                                  symmetries=symmetries_choice(args), step_pooling=step_pooling_choice(args))
+                                  symmetries=symmetries_choice(args), step_pooling=step_pooling_choice(args),
+                                  with_attention=not args.no_attention)
         files = planned[path]
-        write_outputs(result, files, model.config.num_classes)
-        return f"{path.name}: {', '.join(f.name for f in files.values())} in {result.seconds:.2f} s"
+        written = write_outputs(result, files, model.config.num_classes, with_attention=not args.no_attention)
+        stale = [f.name for f in files.values() if drop_stale(f, [(None, w) for w in written])]
+        removed = f" ({', '.join(stale)} of an earlier run removed)" if stale else ""
+        return f"{path.name}: {', '.join(f.name for f in written)} in {result.seconds:.2f} s{removed}"
 
     run_each(inputs, one, device, item_name=lambda path: path.name)
     return 0

@@ -63,11 +63,12 @@ def segment_scan(image: sitk.Image, model: LoadedModel, roi=None, localise: str 
                  steps: Optional[int] = None, samples: int = 5, seed: Optional[int] = None, device: str = "cpu",
                  precision: str = "auto", early_exit: bool = True,
                  progress: Optional[ProgressFn] = None, mirror: Optional[bool] = None,
-                 name: Optional[str] = None, step_pooling: Optional[str] = None) -> ScanResult:
+                 name: Optional[str] = None, step_pooling: Optional[str] = None,
+                 with_attention: bool = True) -> ScanResult:
     """Segment one 3D scan. ``roi``: two RAS corners (mm) or None. ``localise``: 'auto' (locate when the scan is
     a brain rather than a crop), 'on' (always) or 'off' (segment the whole scan as it is). ``mirror``: see
-    ``segment_image``, as is ``step_pooling``. ``name`` starts error messages (default: the file
-    ``inputs.read_scan`` read)."""
+    ``segment_image``, as are ``step_pooling`` and ``with_attention`` (False: no attention map, ``attention`` is
+    None). ``name`` starts error messages (default: the file ``inputs.read_scan`` read)."""
     start = time.perf_counter()
     if localise not in LOCALISE_MODES:
         raise CDALError(f"unknown localisation mode '{localise}': use auto, on or off")
@@ -76,7 +77,7 @@ def segment_scan(image: sitk.Image, model: LoadedModel, roi=None, localise: str 
     check_real_valued(image, name)
     check_volume(image, model.config.image_channels, name=name)
     run = dict(steps=steps, samples=samples, seed=seed, device=device, precision=precision, early_exit=early_exit,
-               mirror=mirror, name=name, step_pooling=step_pooling)
+               mirror=mirror, name=name, step_pooling=step_pooling, with_attention=with_attention)
     specs = region_specs(model.card)
     if roi is not None:
         result = _segment_roi(image, model, roi, run, progress)
@@ -104,7 +105,8 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
                         .format("; ".join(loc.reasons)))
     shape = sitk.GetArrayViewFromImage(image).shape
     labels, sides = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
-    uncertainty, attention = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    uncertainty = np.zeros(shape, np.float32)
+    attention = np.zeros(shape, np.float32) if run["with_attention"] else None
     fill = float(np.percentile(sitk.GetArrayViewFromImage(image)[::3, ::3, ::3], 0.5))  # dark level; a sample will do
     _report(progress, 0.08, "turning the boxes to the hippocampi's long axes")
     with parallel_map(len(loc.regions), resolve_device(run["device"])) as (_, mapped):
@@ -119,7 +121,7 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
         labels[box][mine] = lab[mine]
         sides[box][mine] = SIDE_CODES[region.side]
         uncertainty[box] = np.maximum(uncertainty[box], unc)
-        if att is not None:
+        if att is not None and attention is not None:
             attention[box] = np.maximum(attention[box], att)
     info = {**loc.to_dict(), "removed_islands_mm3": {k: round(v, 1) for k, v in removed.items()}}
     result = _assemble(image, model, labels, uncertainty, attention, sides, info, [], run["step_pooling"])

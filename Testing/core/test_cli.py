@@ -133,6 +133,25 @@ def test_predict_never_overwrites_silently(tiny_model, volume_file, tmp_path):
     assert (out / "scan_seg.nii.gz").read_bytes() != b"precious"
 
 
+def test_no_attention_leaves_the_map_out_and_changes_nothing_else(tiny_model, volume_file, tmp_path):
+    """--no-attention skips the discriminator pass: the same labels and uncertainty (D draws no noise), no
+    _attention file, and one left in the folder by an earlier run goes with --overwrite (it would no longer
+    match), said in the output line."""
+    out = tmp_path / "out"
+    cdal("predict", "--model", tiny_model, "--input", volume_file, "--output", out, "--samples", 2, "--seed", 3)
+    read = lambda kind: np.asarray(nib.load(out / f"scan_{kind}.nii.gz").dataobj)  # noqa: E731
+    before = read("seg"), read("uncertainty")
+    assert (out / "scan_attention.nii.gz").exists()
+    assert json.loads((out / "scan_report.json").read_text())["attention_map"] is True
+    proc = cdal("predict", "--model", tiny_model, "--input", volume_file, "--output", out, "--samples", 2,
+                "--seed", 3, "--no-attention", "--overwrite")
+    assert not (out / "scan_attention.nii.gz").exists()
+    assert "scan_attention.nii.gz of an earlier run removed" in proc.stdout
+    assert "scan_seg.nii.gz, scan_uncertainty.nii.gz, scan_report.json" in proc.stdout
+    assert np.array_equal(read("seg"), before[0]) and np.array_equal(read("uncertainty"), before[1])
+    assert json.loads((out / "scan_report.json").read_text())["attention_map"] is False
+
+
 def _write(path, array, vector=False):
     sitk.WriteImage(sitk.GetImageFromArray(array, isVector=vector), str(path))
     return path

@@ -257,6 +257,23 @@ def test_no_overwrite_without_the_flag(grey_model, grey_data, tmp_path, capsys):
     assert (out / "img0_attention.tif").read_bytes() != b"precious"
 
 
+def test_no_attention_writes_three_outputs_with_the_same_labels(grey_model, grey_data, tmp_path, capsys):
+    src = grey_data / "images" / "img0.png"
+    full, lean = tmp_path / "full", tmp_path / "lean"
+    for out, extra in ((full, []), (lean, ["--no-attention"])):
+        assert run("predict", "--model", grey_model, "--input", src, "--output", out, "--samples", 2,
+                   "--seed", 1, *extra) == 0
+    assert sorted(p.name for p in lean.iterdir()) == ["img0_seg.png", "img0_uncertainty.png",
+                                                       "img0_uncertainty.tif"]
+    for name in ("img0_seg.png", "img0_uncertainty.tif"):
+        assert np.array_equal(_read(full / name), _read(lean / name))
+    capsys.readouterr()
+    assert run("predict", "--model", grey_model, "--input", src, "--output", full, "--samples", 2, "--seed", 1,
+               "--no-attention", "--overwrite") == 0
+    assert not list(full.glob("*_attention.*"))
+    assert "img0_attention.png, img0_attention.tif of an earlier run removed" in capsys.readouterr().out
+
+
 def test_two_images_with_one_stem_are_refused_before_either_is_written(grey_model, grey_data, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
