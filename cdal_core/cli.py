@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-thick-slices", action="store_true",
                    help="segment scans with slices thicker than 2 mm anyway (coarse results)")
     p.add_argument("--no-attention", action="store_true",
-                   help="skip the discriminator's attention map (no _attention output): about 10-15 %% less "
+                   help="skip the discriminator's attention map (no _attention output): about a tenth less "
                         "work per input; the labels and the uncertainty are the same")
     _add_common_sampling(p)
 

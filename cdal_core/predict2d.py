@@ -328,8 +328,8 @@ def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int,
 # -- commands ----------------------------------------------------------------------------------------------
 
 def predict_images(args) -> int:
-    """``cdal predict`` for 2D images: writes the five outputs of every input into ``--output`` (a folder a few
-    images at a time on the CPU, see ``cli.run_each``)."""
+    """``cdal predict`` for 2D images: writes the five outputs of every input (three with ``--no-attention``) into
+    ``--output`` (a folder a few images at a time on the CPU, see ``cli.run_each``)."""
     from .cli import drop_stale, ensure_writable_folder, run_each, step_pooling_choice, symmetries_choice
     from .inference import check_takes_volumes, resolve_device
     from .model_io import load_model
