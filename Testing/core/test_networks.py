@@ -311,3 +311,23 @@ def test_encoder_block_equals_monais_unet_res_block():
             got = mine(x.contiguous(memory_format=torch.channels_last))
             want = ref(x.contiguous(memory_format=torch.channels_last))
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (in_ch, out_ch, stride, (got - want).abs().max())
+
+
+def test_expanding_the_context_keeps_the_predictions_until_fine_tuned():
+    """tools/expand_context.py: the copy that sees 2 slices either side predicts what the 1-slice model did (the
+    old weights sit on the middle channels, the outer neighbours weigh zero), whatever those neighbours hold; a
+    misplaced block of weights would read the wrong slices and change the output."""
+    from core_settings import load_tool
+    torch.manual_seed(0)
+    cfg = NetworkConfig(base_channels=8, channel_mults=(1, 2), context_slices=1, num_classes=3)
+    small = Generator(cfg).eval()
+    with torch.no_grad():  # a non-zero output layer, so that the comparison means something
+        small.out_conv.weight.normal_(0, 0.1)
+    grown = load_tool("expand_context").expanded_generator(small, 2).eval()
+    assert grown.cfg.in_channels == 5 and small.cfg.in_channels == 3
+    x, z, t = torch.randn(2, 3, 16, 16), torch.randn(2, cfg.latent_dim), torch.tensor([0.5])
+    image = torch.randn(2, 5, 16, 16)
+    with torch.no_grad():
+        want = small(x, t, z, image[:, 1:4])
+        assert torch.allclose(grown(x, t, z, image), want, atol=1e-6)
+        assert not torch.allclose(small(x, t, z, image[:, 0:3]), want, atol=1e-3)  # the slices do matter
