@@ -8,7 +8,9 @@ Segments a case list (T = 2, K = 5, fp32, the card's pooling unless ``--step-poo
   voxel coordinates): to the reference's classes (how planar the reference's split is) and to the model's own
   (whether the model's split is a plane in the wrong place, or a ragged one);
 - bias: the share of the overlap called anterior by the model and by the reference, and the predicted against the
-  reference volume of the whole hippocampus.
+  reference volume of the whole hippocampus;
+- whether the uncertainty sees each part: Spearman over volumes of the mean variance inside the predicted
+  hippocampus (what the review flags use) with the outline's and the split's Dice loss.
 
     python benchmarks/error_anatomy.py --model runs/s7 --data ../shared/data/Task04_Hippocampus \\
         --cases configs/hippocampus_val.txt --json docs/results/session24_error_anatomy_s7.json
@@ -67,6 +69,11 @@ def anatomy(pred: np.ndarray, truth: np.ndarray) -> dict:
     return row
 
 
+def spearman(a, b) -> float:
+    rank = lambda v: np.argsort(np.argsort(v)).astype(np.float64)  # noqa: E731  (no ties in float losses)
+    return round(float(np.corrcoef(rank(np.asarray(a)), rank(np.asarray(b)))[0, 1]), 3)
+
+
 def mean_se(values) -> list:
     v = np.asarray(values, np.float64)
     return [round(float(v.mean()), 4), round(float(v.std(ddof=1) / np.sqrt(len(v))), 4)]
@@ -90,7 +97,10 @@ def main() -> None:
         truth = read_label_map(case.label, image, 3)
         result = segment_image(image, model, seed=args.seed, precision="fp32", with_attention=False,
                                step_pooling=args.step_pooling)
-        rows.append({"case": case.name, **anatomy(sitk.GetArrayFromImage(result.labels).astype(np.uint8), truth)})
+        labels = sitk.GetArrayFromImage(result.labels).astype(np.uint8)
+        variance = sitk.GetArrayFromImage(result.uncertainty)
+        rows.append({"case": case.name, **anatomy(labels, truth),
+                     "mean_uncertainty": float(variance[labels > 0].mean()) if (labels > 0).any() else 0.0})
     summary = {"whole": mean_se([r["whole"] for r in rows])}
     for key in ("model", "perfect_split", "plane_fit_to_reference", "plane_fit_to_model"):
         summary[key] = {c: mean_se([r[key][i] for r in rows]) for i, c in enumerate(("Anterior", "Posterior"))}
@@ -102,6 +112,10 @@ def main() -> None:
     summary["anterior_share_abs_difference"] = mean_se(
         [abs(r["anterior_share"]["model"] - r["anterior_share"]["reference"]) for r in rows])
     summary["volume_ratio"] = mean_se([r["volume_ratio"] for r in rows])
+    uncertainty = [r["mean_uncertainty"] for r in rows]
+    summary["spearman_mean_uncertainty_with"] = {
+        "outline_loss": spearman(uncertainty, [1 - r["whole"] for r in rows]),
+        "split_loss": spearman(uncertainty, [np.mean(r["perfect_split"]) - np.mean(r["model"]) for r in rows])}
     report = {"model": args.model, "cases": args.cases, "seed": args.seed, "step_pooling": args.step_pooling,
               "summary": summary, "per_volume": rows}
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
