@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from cdal_core.data import read_case_list, read_label_map, read_msd_cases, select_cases  # noqa: E402
 from cdal_core.evaluation import _read_case_image  # noqa: E402
 from cdal_core.inference import segment_image  # noqa: E402
+from cdal_core.metrics import spearman_correlation  # noqa: E402
 from cdal_core.model_io import load_model  # noqa: E402
 
 
@@ -67,11 +68,6 @@ def anatomy(pred: np.ndarray, truth: np.ndarray) -> dict:
     row["anterior_share"] = {"model": float((pred[both] == 1).mean()), "reference": float((truth[both] == 1).mean())}
     row["volume_ratio"] = float((pred > 0).sum() / max((truth > 0).sum(), 1))
     return row
-
-
-def spearman(a, b) -> float:
-    rank = lambda v: np.argsort(np.argsort(v)).astype(np.float64)  # noqa: E731  (no ties in float losses)
-    return round(float(np.corrcoef(rank(np.asarray(a)), rank(np.asarray(b)))[0, 1]), 3)
 
 
 def mean_se(values) -> list:
@@ -114,8 +110,9 @@ def main() -> None:
     summary["volume_ratio"] = mean_se([r["volume_ratio"] for r in rows])
     uncertainty = [r["mean_uncertainty"] for r in rows]
     summary["spearman_mean_uncertainty_with"] = {
-        "outline_loss": spearman(uncertainty, [1 - r["whole"] for r in rows]),
-        "split_loss": spearman(uncertainty, [np.mean(r["perfect_split"]) - np.mean(r["model"]) for r in rows])}
+        "outline_loss": round(spearman_correlation(uncertainty, [1 - r["whole"] for r in rows]), 3),
+        "split_loss": round(spearman_correlation(uncertainty, [np.mean(r["perfect_split"]) - np.mean(r["model"])
+                                                               for r in rows]), 3)}
     report = {"model": args.model, "cases": args.cases, "seed": args.seed, "step_pooling": args.step_pooling,
               "summary": summary, "per_volume": rows}
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import CDALError
 
@@ -289,21 +289,23 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
     if result.attention is not None:
         images.append((result.attention, files["attention"]))
     write_outputs_together(images, {files["report"]: (json.dumps(report, indent=1) + "\n").encode()})
-    written = [path.name for _, path in images] + [files["report"].name]
-    notes = [f"{files['attention'].name} of an earlier run removed"] if drop_stale(files["attention"], images) else []
+    written = [path for _, path in images] + [files["report"]]
+    stale = drop_stale(files.values(), written)
+    notes = [f"{', '.join(stale)} of an earlier run removed"] if stale else []
     notes += result.report["notes"]  # review notes: after the table
     notes_text = f" ({'; '.join(notes)})" if notes else ""
-    return (f"{item.path.name}: {', '.join(written)} in {result.seconds:.2f} s{notes_text}\n"
+    return (f"{item.path.name}: {', '.join(p.name for p in written)} in {result.seconds:.2f} s{notes_text}\n"
             f"{format_report(result.report)}")
 
 
-def drop_stale(path: Path, images) -> bool:
-    """Remove ``path``, an output this run did not write (e.g. ``--no-attention``) left by an earlier run into the
-    same folder, which ``--overwrite`` allowed to replace: it would no longer match the new labels."""
-    if path.exists() and all(target != path for _, target in images):
+def drop_stale(planned: Iterable[Path], written: Sequence[Path]) -> List[str]:
+    """Remove the ``planned`` outputs this run did not write (e.g. the attention map under ``--no-attention``) that
+    an earlier run left in the folder, which ``--overwrite`` allowed to replace: they would no longer match the new
+    labels. Returns the names removed."""
+    stale = [path for path in planned if path not in written and path.exists()]
+    for path in stale:
         path.unlink()
-        return True
-    return False
+    return [path.name for path in stale]
 
 
 def on_terminal() -> bool:

@@ -361,7 +361,7 @@ def predict_images(args) -> int:
                                   with_attention=not args.no_attention)
         files = planned[path]
         written = write_outputs(result, files, model.config.num_classes, with_attention=not args.no_attention)
-        stale = [f.name for f in files.values() if drop_stale(f, [(None, w) for w in written])]
+        stale = drop_stale(files.values(), written)
         removed = f" ({', '.join(stale)} of an earlier run removed)" if stale else ""
         return f"{path.name}: {', '.join(f.name for f in written)} in {result.seconds:.2f} s{removed}"
 
