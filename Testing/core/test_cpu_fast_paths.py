@@ -1,5 +1,10 @@
 """The CPU fast paths of inference (issue 17) must not change results: each is pinned to the plain path."""
 
+import os
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -65,7 +70,23 @@ def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
     assert inference.cpu_threads(2) == 1
     monkeypatch.setenv("CDAL_THREADS", "2")
     assert inference.cpu_threads(8) == 2
-    assert inference._running_elsewhere() >= 0  # the real probe works here (0 where /proc is absent)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="the probe reads Linux's /proc")
+def test_the_probe_sees_another_busy_process():
+    """The real probe, not a stand-in: a process spinning beside this one is counted."""
+    from cdal_core import inference
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        seen = 0
+        for _ in range(40):  # a busy machine may preempt it now and then: look a few times
+            seen = max(seen, inference._running_elsewhere())
+            time.sleep(0.01)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert seen >= 1
 
 
 def test_a_passing_thread_does_not_halve_the_run(monkeypatch):

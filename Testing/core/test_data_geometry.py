@@ -129,8 +129,9 @@ def test_split_is_fixed_and_disjoint():
         split_cases(cases, 0.25, 1, ["zz"])
 
 
-def test_oblique_padding_does_not_shift_the_normalisation():
-    """Resampling pads the model grid; intensities must still be scaled by the scan's own percentiles."""
+def test_oblique_padding_does_not_shift_the_normalisation(tmp_path):
+    """Resampling pads the model grid; load_volume must still scale intensities by the scan's own percentiles,
+    fitted before the padding, and pad with the scan's dark level."""
     img, _ = make_volume(np.random.default_rng(4))
     ref = to_image((img.astype(np.float32) + 500.0))  # a dark level far from 0
     rot = sitk.Euler3DTransform()
@@ -138,14 +139,20 @@ def test_oblique_padding_does_not_shift_the_normalisation():
     oblique = sitk.Image(ref)
     oblique.SetDirection((np.asarray(rot.GetMatrix()).reshape(3, 3) @
                           np.asarray(ref.GetDirection()).reshape(3, 3)).flatten().tolist())
-    norm = Normalisation()
-    params = norm.fit(sitk.GetArrayViewFromImage(oblique))
-    assert (params.lo, params.hi) == (norm.fit(sitk.GetArrayViewFromImage(ref)).lo,
-                                      norm.fit(sitk.GetArrayViewFromImage(ref)).hi)
-    mapping = GridMapping(oblique, ModelGrid("RAS", [1, 1, 1]), fill=params.lo)
-    model = norm.apply(mapping.model_array(), params)
-    assert model.min() >= 0 and np.isclose(np.percentile(model, 99.9), 1, atol=0.05)
-    assert np.mean(model == 0) > 0.05  # the padding sits at the scan's dark level, which maps to 0
+    path = tmp_path / "oblique.nii.gz"
+    sitk.WriteImage(oblique, str(path))
+    grid, norm = ModelGrid("RAS", [1, 1, 1]), Normalisation()
+    volume = load_volume(Case("oblique", path, None), grid, norm, num_classes=3)
+
+    scan = sitk.ReadImage(str(path))
+    params = norm.fit(sitk.GetArrayViewFromImage(scan))          # the scan's own voxels, no padding
+    mapping = GridMapping(scan, grid, fill=params.lo)
+    assert mapping.resampled
+    np.testing.assert_allclose(volume.image, norm.apply(mapping.model_array(), params), atol=1e-6)
+    assert np.mean(volume.image == 0) > 0.05                      # the padding maps to 0
+    # what fitting on the padded grid would give differs, so the comparison above can fail
+    padded = GridMapping(scan, grid, fill=0.0).model_array()
+    assert np.abs(volume.image - norm.apply(padded, norm.fit(padded))).max() > 0.05
 
 
 def test_histogram_standardisation_maps_contrast_onto_the_training_landmarks():

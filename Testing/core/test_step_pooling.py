@@ -66,13 +66,17 @@ def test_the_cards_pooling_is_the_default_and_an_argument_overrides_it(tiny_mode
     np.testing.assert_array_equal(segment_image(image, plain, step_pooling="mean", **run).probabilities, mean)
 
 
-def test_an_unknown_pooling_is_refused_before_any_work(tiny_model, tmp_path, synthetic_dir, capsys):
+def test_an_unknown_pooling_is_refused_before_any_work(tiny_model, tmp_path, synthetic_dir, capsys, monkeypatch):
+    import cdal_core.inference as inference
+    sampled = []
+    monkeypatch.setattr(inference, "sample", lambda *a, **k: sampled.append(1))
     bad = load_model(str(_with_pooling(tiny_model, tmp_path, "median")))
     with pytest.raises(CDALError, match="step pooling must be one of last, mean, linear.*step_pooling"):
         segment_image(_volume(), bad)
     out = tmp_path / "report.json"
     assert main(["evaluate", "--model", str(bad.path), "--data", str(synthetic_dir), "--json", str(out)]) != 0
     assert "step pooling must be one of" in capsys.readouterr().err and not out.exists()
+    assert sampled == []  # no slice was sampled before the refusal
 
 
 def test_evaluate_reports_the_pooling_it_used(tiny_model, synthetic_dir, tmp_path):

@@ -64,7 +64,7 @@ def test_multiview_model_segments_with_fewer_samples_than_views(synthetic_dir, t
     image = sitk.ReadImage(str(next((synthetic_dir / "imagesTr").glob("*.nii.gz"))))
     one = segment_image(image, model, samples=1, seed=0)
     assert float(sitk.GetArrayFromImage(one.uncertainty).max()) == 0.0   # one sample: nothing to disagree
-    two = segment_image(image, model, samples=2, seed=0)                    # one per view: they disagree
+    two = segment_image(image, model, samples=2, seed=0)                    # two samples: they disagree
     assert float(sitk.GetArrayFromImage(two.uncertainty).max()) > 0.0
     assert two.labels.GetSize() == image.GetSize()
 

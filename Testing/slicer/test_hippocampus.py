@@ -1,5 +1,6 @@
 """Real data: MSD Task04 hippocampus volumes loaded through MRML storage nodes, segmented with the shipped
 "hippocampus" model; Dice against their labels is reported (skipped when the data or the model is absent)."""
+import glob
 import json
 import os
 
@@ -16,6 +17,23 @@ DATA = os.environ.get("CDAL_HIPPOCAMPUS_DATA") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
     "shared", "data", "Task04_Hippocampus")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def icbm152_template() -> str:
+    """nilearn's ICBM152 T1 template: from nilearn where this Python has it, else from the project's .venv (Slicer's
+    own Python has no nilearn); skips the test where neither has it."""
+    name = os.path.join("datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    try:
+        import nilearn
+        found = [os.path.join(os.path.dirname(nilearn.__file__), name)]
+    except ImportError:
+        found = []
+    found += glob.glob(os.path.join(REPO, ".venv", "[Ll]ib", "*", "site-packages", "nilearn", name))
+    found += glob.glob(os.path.join(REPO, ".venv", "Lib", "site-packages", "nilearn", name))   # Windows venv
+    for path in found:
+        if os.path.exists(path):
+            return path
+    pytest.skip("nilearn's ICBM152 template not installed")
 
 
 def _validation_cases(n=3):
@@ -107,15 +125,9 @@ def test_whole_brain_without_roi_through_the_worker(app, logic, hippocampus_mode
     (cdal_core.scan), the segments are named per side, the volume table and the jumps know both sides; the
     result exported for fine-tuning becomes one crop per side, where inference segments. Fine-tuning on it
     leaves that cutting (a registration per head) to its child process, not to Slicer's GUI thread."""
-    import glob
-
     import slicer.util
 
-    found = glob.glob(os.path.join(REPO, ".venv", "lib", "python*", "site-packages", "nilearn", "datasets", "data",
-                                   "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
-    if not found:
-        pytest.skip("nilearn's ICBM152 template not installed")
-    volume = load_volume(found[0], name="ICBM152")
+    volume = load_volume(icbm152_template(), name="ICBM152")
     messages = []
     job = logic.startSegmentation(volume, model=hippocampus_model_only, samples=2, seed=0, device="cpu")
     try:
@@ -175,20 +187,15 @@ def test_whole_brain_without_roi_through_the_worker(app, logic, hippocampus_mode
 def test_fine_tuning_child_names_the_chosen_volumes_when_nothing_can_be_cut(tmp_path, capsys):
     """Labels nowhere near the hippocampi: the child's cutting step fails with the reason, naming the volumes the
     user chose rather than its temporary export folder, and reports the head's warnings as notes first."""
-    import glob
-
     import SimpleITK as sitk
 
     from CDALSegmentationLib import finetune_worker
 
-    found = glob.glob(os.path.join(REPO, ".venv", "lib", "python*", "site-packages", "nilearn", "datasets", "data",
-                                   "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
-    if not found:
-        pytest.skip("nilearn's ICBM152 template not installed")
+    template = icbm152_template()
     heads = tmp_path / "volumes"
     for folder in ("imagesTr", "labelsTr"):
         (heads / folder).mkdir(parents=True)
-    head = sitk.ReadImage(found[0])
+    head = sitk.ReadImage(template)
     labels = np.zeros(sitk.GetArrayViewFromImage(head).shape, np.uint8)
     labels[-30:-20, 90:100, 90:100] = 1  # near the top of the head, far from both hippocampi
     label_image = sitk.GetImageFromArray(labels)

@@ -95,8 +95,9 @@ def test_overlay_display_inferno_low_values_transparent(app, logic, tiny_model, 
     att = result.attentionNode.GetDisplayNode()
     assert att.GetWindow() == pytest.approx(1.0) and att.GetLevel() == pytest.approx(0.5)
     # one colour table for all runs
-    logic.segment(volume, model=tiny_model, **FAST)
-    assert app.scene.GetNodesByClassByName("vtkMRMLColorTableNode", "CDAL Inferno").GetNumberOfItems() <= 1
+    again = logic.segment(volume, model=tiny_model, **FAST)
+    assert app.scene.GetNodesByClassByName("vtkMRMLColorTableNode", "CDAL Inferno").GetNumberOfItems() == 1
+    assert again.uncertaintyNode.GetDisplayNode().GetColorNodeID() == color.GetID()
 
 
 def test_slice_table_consistent_with_uncertainty_volume(app, logic, tiny_model, synthetic_data):
@@ -139,8 +140,8 @@ def test_same_physical_image_permuted_flipped_and_oblique(app, logic, tiny_model
         labels = logic.segment(node, model=tiny_model, **FAST).labelArray()
         back = inverse(labels)
         assert back.shape == base_labels.shape
-        agreement = float((back == base_labels).mean())
-        assert dice(back, base_labels) > 0.9 and agreement > 0.98, (perm, flips, agreement)
+        # the model grid is the same, and so are the seeds: voxel for voxel the same labels
+        assert np.array_equal(back, base_labels), (perm, flips, float((back == base_labels).mean()))
 
     # oblique storage of the same physical image (resampled): the same structures after mapping back
     node = volume_from_sitk(oblique_copy(image, degrees=12.0), "oblique")
