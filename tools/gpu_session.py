@@ -144,10 +144,17 @@ FINETUNE_RUNS = {
                                 source=f"runs/gpu19/r{m + 1}_cv0 (session 19)") for m in range(3)},
     **{f"h{m + 1}_all_ft": dict(base="all0", init="hippocampus", member=m, seed=310 + m, lr_scale=0.3125,
                                 source="Resources/Models/hippocampus (session 18's shipped ensemble)") for m in range(3)},
+    # session 25: the CXR augmentation lead (+0.13 ± 0.13 from two 1,500-step CPU pairs) at GPU length: each shipped
+    # generator restarted twice, the two identical but for the augmentation (``augmentation``: a config whose
+    # augmentation replaces the base's)
+    **{f"cxr_g{m + 1}_{arm}": dict(base="cxr128", init="cxr", member=m, seed=25, batch=32,
+                                   **({"augmentation": "configs/cxr_ft_strongaug.json"} if arm == "strongaug" else {}))
+       for m in range(2) for arm in ("control", "strongaug")},
 }
 # a shipped model's primary keeps D for its attention maps; each run is packed in its own tar (< 16 MiB cap)
 # (session 17: the fold models keep theirs too, so a later restart goes on with the discriminator it trained with)
 WITH_DISCRIMINATOR = {"all0", "cxr", "cxr128", "monuseg", "monuseg_ft", "cxr128_ft", "monuseg_ft2", "cxr128_ft2",
+                      "cxr_g1_control", "cxr_g1_strongaug",
                       "h1_all", "h1_cv0", "r1_cv0", "r1_cv0_ft", "h1_all_ft", *(f"cv{k}" for k in range(4)), *(f"cv{k}_ft" for k in range(4))}
 
 
@@ -301,6 +308,9 @@ def run_config(run: str):
         cfg.seed = spec["seed"]
         cfg.lr_g, cfg.lr_d = cfg.lr_g * spec.get("lr_scale", 1.0), cfg.lr_d * spec.get("lr_scale", 1.0)
         cfg.batch_size = spec.get("batch", cfg.batch_size)
+        if "augmentation" in spec:
+            from cdal_core.config import TrainConfig
+            cfg.augmentation = TrainConfig.load(str(ROOT / spec["augmentation"])).augmentation
         if cfg.augmentation is not None:  # on the GPU; the per-slice MONAI loop would feed it too slowly
             cfg.augmentation = dict(cfg.augmentation, backend="batched")
         return cfg, exclude

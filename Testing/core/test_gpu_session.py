@@ -1,5 +1,7 @@
 """tools/gpu_session.py: training from a data bundle sees exactly the data a normal run sees."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,19 @@ def test_compile_generator_runs_the_generators_training_passes_through_torch_com
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.G.parameters()))
     plain = Trainer(str(data), str(tmp_path / "plain"), TrainConfig.from_dict(TINY_CONFIG), device="cpu")
     assert plain.G_step is plain.G and len(compiled) == 1
+
+
+def test_cxr_augmentation_pair_differs_only_in_its_augmentation():
+    """Session 25's CXR lead at GPU length: the two arms of a pair share everything but the augmentation, the
+    control keeps the shipped recipe's and the test arm takes configs/cxr_ft_strongaug.json's."""
+    gs = load_tool("gpu_session")
+    control, held_out = gs.run_config("cxr_g2_control")
+    strong, held_out_strong = gs.run_config("cxr_g2_strongaug")
+    strong_cfg = json.loads((ROOT / "configs/cxr_ft_strongaug.json").read_text())["augmentation"]
+    shipped_cfg = json.loads((ROOT / "configs/cxr.json").read_text())["augmentation"]
+    assert strong.augmentation == dict(strong_cfg, backend="batched")
+    assert control.augmentation == dict(shipped_cfg, backend="batched")
+    assert held_out == held_out_strong and len(held_out) == 26
+    a, b = control.to_dict(), strong.to_dict()
+    assert {k for k in a if a[k] != b[k]} == {"augmentation"}
+    assert gs.FINETUNE_RUNS["cxr_g2_strongaug"]["member"] == 1 and strong.batch_size == 32
