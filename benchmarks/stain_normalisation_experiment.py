@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="images/ + masks/ folder")
     ap.add_argument("--val-cases", required=True)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--score-training-tiles", action="store_true",
+                    help="score the training tiles instead (in-sample: does normalising hurt where the model fits?)")
     args = ap.parse_args()
     model = load_model(args.model)
     cases = read_png_pairs(args.data)
@@ -75,16 +77,18 @@ def main() -> None:
     round_trip = lab_to_rgb(rgb_to_lab(p2d.read_image_2d(val[0].image, 3)))
     assert np.abs(round_trip - p2d.read_image_2d(val[0].image, 3)).max() < 1e-3, "lαβ round trip is broken"
 
-    plain = p2d.evaluate_pairs(model, val, precision="fp32")
+    scored = train if args.score_training_tiles else val
+    plain = p2d.evaluate_pairs(model, scored, precision="fp32")
     real_read = p2d.read_image_2d
     p2d.read_image_2d = lambda path, channels: reinhard(real_read(path, channels), target_mean, target_std)
-    normalised = p2d.evaluate_pairs(model, val, precision="fp32")
+    normalised = p2d.evaluate_pairs(model, scored, precision="fp32")
     p2d.read_image_2d = real_read
     cls = model.class_names[1]
     a = np.array([r[f"{cls}_dice"] for r in plain["per_image"]])
     b = np.array([r[f"{cls}_dice"] for r in normalised["per_image"]])
     diff = 100 * (b - a)
     report = {"model": args.model, "train_tiles": len(train), "val_tiles": len(val),
+              "scored": "training tiles (in-sample)" if args.score_training_tiles else "validation tiles",
               "target_lab_mean": target_mean.round(4).tolist(), "target_lab_std": target_std.round(4).tolist(),
               "plain": plain["per_class"][cls], "reinhard": normalised["per_class"][cls],
               "uncertainty": {"plain": plain["uncertainty"], "reinhard": normalised["uncertainty"]},
