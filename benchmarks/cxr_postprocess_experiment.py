@@ -31,10 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cdal_core.data import read_case_list, read_png_pairs, select_cases  # noqa: E402
 from cdal_core.model_io import load_model  # noqa: E402
 from cdal_core.predict2d import read_mask_2d  # noqa: E402
-from threshold_experiment_2d import foreground_probability  # noqa: E402
+from threshold_experiment_2d import dice, foreground_probability, train_and_val  # noqa: E402
 
 VARIANTS = ("plain", "largest2", "fill", "both")
 EIGHT = np.ones((3, 3), dtype=bool)
@@ -57,10 +56,6 @@ def clean_ups(mask: np.ndarray) -> Dict[str, np.ndarray]:
             "both": ndimage.binary_fill_holes(two)}
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    return 2.0 * float((pred & truth).sum()) / max(float(pred.sum() + truth.sum()), 1.0)
-
-
 def pieces_and_holes(mask: np.ndarray):
     """Number of 8-connected pieces of ``mask`` and of holes in it (background not connected to the border)."""
     pieces = ndimage.label(mask, structure=EIGHT)[1]
@@ -78,10 +73,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     model = load_model(args.model)
-    cases = read_png_pairs(args.data)
-    val = select_cases(cases, read_case_list(args.val_cases), args.val_cases, args.data)
-    val_names = {c.name for c in val}
-    train = [c for c in cases if c.name not in val_names]
+    train, val = train_and_val(args.data, args.val_cases)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
 

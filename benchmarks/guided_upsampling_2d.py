@@ -27,11 +27,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cdal_core import predict2d  # noqa: E402
-from cdal_core.data import read_case_list, read_png_pairs, select_cases  # noqa: E402
 from cdal_core.model_io import load_model  # noqa: E402
 from cdal_core.predict2d import _resize_maps, read_image_2d, read_mask_2d  # noqa: E402
+from threshold_experiment_2d import dice, train_and_val  # noqa: E402
 
 RADII = (1, 2, 3, 4, 6)                 # in input pixels
 EPSILONS = (1e-4, 1e-3, 1e-2)           # guide in [0, 1]
@@ -82,10 +83,6 @@ def working_probability(model, case, seed: int, cache: Path) -> np.ndarray:
     return p
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    return 2.0 * float((pred & truth).sum()) / max(float(pred.sum() + truth.sum()), 1.0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -99,10 +96,8 @@ def main() -> None:
     model = load_model(args.model)
     if len(model.class_names) != 2:
         sys.exit("this experiment is for two-class models")
-    cases = read_png_pairs(args.data)
-    val = select_cases(cases, read_case_list(args.val_cases), args.val_cases, args.data)
-    val_names = {c.name for c in val}
-    train = [c for c in cases if c.name not in val_names][:args.train_images]
+    train, val = train_and_val(args.data, args.val_cases)
+    train = train[:args.train_images]
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     settings = [(0, 0.0)] + [(r, e) for r in RADII for e in EPSILONS]   # (0, 0): bilinear, as shipped

@@ -22,10 +22,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cdal_core.predict2d as p2d  # noqa: E402
-from cdal_core.data import read_case_list, read_png_pairs, select_cases  # noqa: E402
 from cdal_core.model_io import load_model  # noqa: E402
+from threshold_experiment_2d import train_and_val  # noqa: E402
 
 RGB_TO_LMS = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
 LOG_LMS_TO_LAB = np.diag([1 / np.sqrt(3), 1 / np.sqrt(6), 1 / np.sqrt(2)]) @ np.array(
@@ -67,10 +68,7 @@ def main() -> None:
                     help="score the training tiles instead (in-sample: does normalising hurt where the model fits?)")
     args = ap.parse_args()
     model = load_model(args.model)
-    cases = read_png_pairs(args.data)
-    val = select_cases(cases, read_case_list(args.val_cases), args.val_cases, args.data)
-    names = {c.name for c in val}
-    train = [c for c in cases if c.name not in names]
+    train, val = train_and_val(args.data, args.val_cases)
     stats = [lab_statistics(p2d.read_image_2d(c.image, 3)) for c in train]
     target_mean = np.mean([m for m, _ in stats], axis=0)
     target_std = np.mean([s for _, s in stats], axis=0)

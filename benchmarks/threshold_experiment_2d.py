@@ -45,14 +45,24 @@ def foreground_probability(model, case, seed: int, cache: Path) -> np.ndarray:
     return p
 
 
+def train_and_val(data: str, val_cases: str):
+    """(training cases, validation cases) of an images/ + masks/ folder; the validation cases in their list's order,
+    so that seed + index gives the seeds ``cdal evaluate`` uses (also for the other 2D experiments)."""
+    cases = read_png_pairs(data)
+    val = select_cases(cases, read_case_list(val_cases), val_cases, data)
+    val_names = {c.name for c in val}
+    return [c for c in cases if c.name not in val_names], val
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks (0 when both are empty)."""
+    return 2.0 * float((pred & truth).sum()) / max(float(pred.sum() + truth.sum()), 1.0)
+
+
 def dice_at(p: np.ndarray, truth: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Dice of ``p > t`` against ``truth`` for every t."""
     t = truth.astype(bool)
-    out = []
-    for th in thresholds:
-        pred = p > th
-        out.append(2.0 * float((pred & t).sum()) / max(float(pred.sum() + t.sum()), 1.0))
-    return np.array(out)
+    return np.array([dice(p > th, t) for th in thresholds])
 
 
 def main() -> None:
@@ -67,10 +77,7 @@ def main() -> None:
     model = load_model(args.model)
     if len(model.class_names) != 2:
         sys.exit("this experiment is for two-class models")
-    cases = read_png_pairs(args.data)
-    val = select_cases(cases, read_case_list(args.val_cases), args.val_cases, args.data)
-    val_names = {c.name for c in val}
-    train = [c for c in cases if c.name not in val_names]
+    train, val = train_and_val(args.data, args.val_cases)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
 
