@@ -121,7 +121,7 @@ def _segment_located(image, model, specs, run, progress) -> ScanResult:
         labels[box][mine] = lab[mine]
         sides[box][mine] = SIDE_CODES[region.side]
         uncertainty[box] = np.maximum(uncertainty[box], unc)
-        if att is not None and attention is not None:
+        if att is not None:  # None under with_attention=False, where attention is None too
             attention[box] = np.maximum(attention[box], att)
     info = {**loc.to_dict(), "removed_islands_mm3": {k: round(v, 1) for k, v in removed.items()}}
     result = _assemble(image, model, labels, uncertainty, attention, sides, info, [], run["step_pooling"])
