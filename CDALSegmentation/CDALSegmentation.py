@@ -83,8 +83,15 @@ class CDALSegmentationTest(ScriptedLoadableModuleTest):
     def runTest(self):
         import unittest
 
-        testing = os.path.join(os.path.dirname(_MODULE_DIR), "Testing", "desktop")
+        # ctest runs this module from the build tree (SlicerMacroPythonTesting.cmake's --additional-module-paths),
+        # so CMakeLists.txt names the source tree in CDAL_SOURCE_DIR
+        root = os.environ.get("CDAL_SOURCE_DIR") or os.path.dirname(_MODULE_DIR)
+        testing = os.path.join(root, "Testing", "desktop")
         if not os.path.isfile(os.path.join(testing, "desktop_tests.py")):
+            # under ctest (--testing) a test that finds nothing to run must fail, not pass
+            self.assertFalse(slicer.app.testingEnabled(),
+                             "Testing/desktop/desktop_tests.py is not under %s: set CDAL_SOURCE_DIR to the source "
+                             "tree" % root)
             self.delayDisplay("The desktop tests ship with the source tree only (Testing/desktop).")
             return
         if testing not in sys.path:

@@ -111,6 +111,17 @@ def test_cmake_lists_every_module_python_file():
     assert present == listed, (sorted(present - listed), sorted(listed - present))
 
 
+def test_the_modules_ctest_is_told_where_the_desktop_tests_are():
+    """ctest imports the module from the build tree (SlicerMacroPythonTesting.cmake adds it with
+    --additional-module-paths), where Testing/desktop is not; without CDAL_SOURCE_DIR its test would find nothing."""
+    with open(os.path.join(MODULE_DIR, "CMakeLists.txt")) as f:
+        cmake = f.read()
+    with open(os.path.join(MODULE_DIR, "CDALSegmentation.py")) as f:
+        module = f.read()
+    assert re.search(r"set_property\(TEST py_\$\{MODULE_NAME\} APPEND PROPERTY ENVIRONMENT \"CDAL_SOURCE_DIR=", cmake)
+    assert 'os.environ.get("CDAL_SOURCE_DIR")' in module and "testingEnabled()" in module
+
+
 def test_ui_names_used_in_python_exist_in_ui_file():
     names = uiWidgetNames(UI_FILE)
     sources = glob.glob(os.path.join(MODULE_DIR, "**", "*.py"), recursive=True)

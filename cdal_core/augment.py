@@ -8,7 +8,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandBiasFieldd, RandFlipd,
-                              RandGaussianNoised, RandGaussianSmoothd, RandLambdad, RandScaleIntensityd)
+                              RandGaussianNoised, RandGaussianSmoothd, RandLambdad, RandRotate90d,
+                              RandScaleIntensityd)
+
+# Ruifrok & Johnston's optical-density colours of haematoxylin, eosin and DAB (rows), the usual H&E basis
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 
 
 def build_augmentation(settings: Dict):
@@ -17,6 +22,11 @@ def build_augmentation(settings: Dict):
     ``settings["flip_across_slices"]``: reverse the order of the context slices (the image channels) with
     probability 0.5. That is the mirror image across the slicing plane: for a model that slices sagittally it is
     the left-right mirror of the head, which no in-plane flip gives, so that the model learns both hippocampi.
+
+    ``settings["dihedral"]``: one of the 8 flips and quarter turns of a square slice, uniformly (tissue has no
+    preferred orientation). ``settings["stain_jitter"]`` (batched backend, RGB only): each slice's haematoxylin,
+    eosin and DAB densities are scaled by 1 + a and shifted by b, a and b uniform in [-sigma, sigma] per stain
+    (Tellez et al. 2018), so that a histology model meets the stain variation of other labs.
 
     ``settings["backend"]``: "monai" (default) -> a MONAI ``Compose`` applied slice by slice on the CPU (it
     works on dicts ``{"image": (C, H, W) float in [0, 1], "label": (1, H, W)}``); "batched" -> ``BatchAugmentation``,
@@ -40,6 +50,11 @@ def build_augmentation(settings: Dict):
         transforms.append(RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=int(settings["flip_axis"])))
     if settings.get("flip_across_slices"):
         transforms.append(RandLambdad(keys="image", prob=0.5, func=_reverse_channels))
+    if settings.get("dihedral"):
+        transforms += [RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+                       RandRotate90d(keys=["image", "label"], prob=1.0, max_k=4)]  # k in 1..4: 4 is no turn
+    if float(settings.get("stain_jitter", 0.0)) > 0:
+        raise ValueError("stain_jitter needs the batched augmentation: set \"backend\": \"batched\"")
     transforms += [
         RandAdjustContrastd(keys="image", prob=p, gamma=(0.7, 1.5)),
         RandScaleIntensityd(keys="image", prob=p, factors=0.1),
@@ -74,7 +89,8 @@ class BatchAugmentation:
 
     Same probabilities and ranges as the MONAI pipeline: affine (rotation, scale, translation in pixels;
     bilinear image, nearest label, border padding), left-right flip, gamma contrast, intensity scaling,
-    a cubic bias field, Gaussian blur and Gaussian noise (std drawn in [0, std]).
+    a cubic bias field, Gaussian blur and Gaussian noise (std drawn in [0, std]); on request the 8 flips and
+    quarter turns (``dihedral``) and an H&E stain jitter (``stain_jitter``).
     """
 
     def __init__(self, settings: Dict):
@@ -86,6 +102,8 @@ class BatchAugmentation:
         flip = settings.get("flip_axis")
         self.flip_dim = None if flip is None else 2 + int(flip)   # spatial axis of (C, H, W) -> dim of (B, C, H, W)
         self.flip_across_slices = bool(settings.get("flip_across_slices", False))
+        self.dihedral = bool(settings.get("dihedral", False))
+        self.stain_jitter = float(settings.get("stain_jitter", 0.0))
 
     def __call__(self, images, labels, generator):
         """images (B, C, H, W) float in [0, 1], labels (B, H, W) int64, on any device; draws from ``generator``
@@ -106,6 +124,11 @@ class BatchAugmentation:
         if self.flip_across_slices:  # drawn only when asked for: older runs keep their random stream
             flip = chance(0.5)
             images = torch.where(flip[:, None, None, None], images.flip(1), images)
+        if self.dihedral:  # drawn only when asked for, as above
+            images, labels = _dihedral(images, labels, chance)
+        if self.stain_jitter > 0:
+            s = self.stain_jitter
+            images = hed_jitter(images, 1 + uniform(-s, s, 3), uniform(-s, s, 3))
         lo = images.amin(dim=(1, 2, 3), keepdim=True)
         span = images.amax(dim=(1, 2, 3), keepdim=True) - lo
         gamma = torch.where(chance(self.p), uniform(0.7, 1.5), torch.ones(b, device=dev))[:, None, None, None]
@@ -165,6 +188,33 @@ class BatchAugmentation:
                 out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="replicate"), kernel[:, None, None, :],
                                groups=b * c)
         return out.reshape(b, c, h, w)
+
+
+def _dihedral(images, labels, chance):
+    """Each slice of images (B, C, H, W) and labels (B, H, W) transposed, then flipped along each axis, each with
+    probability 1/2: the 8 symmetries of a square, equally likely."""
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"dihedral augmentation needs square slices, got {tuple(images.shape[-2:])}")
+    for flip_image, flip_label, on in ((lambda x: x.transpose(-1, -2), lambda y: y.transpose(-1, -2), chance(0.5)),
+                                       (lambda x: x.flip(-2), lambda y: y.flip(-2), chance(0.5)),
+                                       (lambda x: x.flip(-1), lambda y: y.flip(-1), chance(0.5))):
+        images = torch.where(on[:, None, None, None], flip_image(images), images)
+        labels = torch.where(on[:, None, None], flip_label(labels), labels)
+    return images, labels
+
+
+def hed_jitter(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """RGB slices (B, 3, H, W) in [0, 1] (1 = no absorption) with their stain densities changed: optical density
+    -log10(I) is split into haematoxylin, eosin and DAB, each becomes ``scale * density + shift`` (scale and shift
+    (B, 3)), and the result is recombined into RGB in [0, 1]."""
+    if images.shape[1] != 3:
+        raise ValueError(f"stain_jitter needs RGB images (3 channels), got {images.shape[1]}")
+    dev = images.device
+    od = -torch.log10(images.float().clamp_min(1e-3))                                   # (B, 3, H, W)
+    stains = torch.einsum("bchw,cs->bshw", od, HED_FROM_RGB.to(dev))                    # (B, 3 stains, H, W)
+    stains = stains * scale[:, :, None, None] + shift[:, :, None, None]
+    od = torch.einsum("bshw,sc->bchw", stains, RGB_FROM_HED.to(dev))
+    return torch.pow(10.0, -od).clamp(0.0, 1.0).to(images.dtype)
 
 
 def affine_theta(angle: torch.Tensor, zoom: torch.Tensor, shift: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -60,8 +60,8 @@ def _json(default: Any) -> str:
 
 
 # the keys augment.build_augmentation / BatchAugmentation and data.Normalisation read
-AUGMENTATION_KEYS = {"affine_probability", "backend", "flip_across_slices", "flip_axis", "probability",
-                     "rotate_degrees", "scale", "translate"}
+AUGMENTATION_KEYS = {"affine_probability", "backend", "dihedral", "flip_across_slices", "flip_axis", "probability",
+                     "rotate_degrees", "scale", "stain_jitter", "translate"}
 NORMALISATION_KEYS = {"lower", "upper", "standardise", "landmarks"}
 
 
@@ -146,6 +146,7 @@ class TrainConfig:
                 raise CDALError(f"unknown {key} settings {typos}: check the spelling (known: {sorted(allowed)})")
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         cfg.check_views()
+        cfg.check_augmentation()
         return cfg
 
     @property
@@ -161,6 +162,21 @@ class TrainConfig:
         axes = [a for a, _ in self.views]
         if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
             raise CDALError(f"slice axes {axes} must be distinct array axes 0, 1 or 2")
+
+    def check_augmentation(self) -> None:
+        """The histology augmentations need what they act on: square slices for ``dihedral``, RGB images and the
+        batched backend for ``stain_jitter``."""
+        aug = self.augmentation or {}
+        if aug.get("dihedral") and any(size[0] != size[1] for _, size in self.views):
+            raise CDALError(f"augmentation dihedral turns slices by quarter turns, which needs square slices; "
+                            f"train_size is {list(self.train_size)}: make it square or drop dihedral")
+        if float(aug.get("stain_jitter", 0.0)) > 0:
+            if int(self.network.get("image_channels", 1)) != 3:
+                raise CDALError("augmentation stain_jitter changes H&E stain densities, which needs RGB images: set "
+                                "network image_channels to 3 or drop stain_jitter")
+            if aug.get("backend", "monai") != "batched":
+                raise CDALError("augmentation stain_jitter runs only in the batched augmentation: set "
+                                "\"backend\": \"batched\"")
 
     @classmethod
     def for_finetuning(cls, card: Dict[str, Any]) -> "TrainConfig":

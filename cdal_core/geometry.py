@@ -25,9 +25,10 @@ def in_plane_axes(slice_axis: int) -> List[int]:
 
 def mirrored_volume_axes(augmentation: Optional[Dict], slice_axis: int) -> Set[int]:
     """The volume axes that ``augmentation`` mirrors for slices cut along ``slice_axis``: its in-plane
-    ``flip_axis`` and, with ``flip_across_slices``, the slicing axis itself (reversed context slices)."""
+    ``flip_axis`` (both in-plane axes with ``dihedral``) and, with ``flip_across_slices``, the slicing axis itself
+    (reversed context slices)."""
     settings = augmentation or {}
-    mirrored = set()
+    mirrored = set(in_plane_axes(slice_axis)) if settings.get("dihedral") else set()
     if settings.get("flip_axis") is not None:
         mirrored.add(in_plane_axes(slice_axis)[int(settings["flip_axis"])])
     if settings.get("flip_across_slices"):

@@ -150,11 +150,16 @@ FINETUNE_RUNS = {
     **{f"cxr_g{m + 1}_{arm}": dict(base="cxr128", init="cxr", member=m, seed=25, batch=32,
                                    **({"augmentation": "configs/cxr_ft_strongaug.json"} if arm == "strongaug" else {}))
        for m in range(2) for arm in ("control", "strongaug")},
+    # session 26: histology augmentation for MoNuSeg (the 8 flips and quarter turns, an H&E stain jitter), the
+    # shipped generator restarted twice, identical but for the augmentation
+    **{f"monuseg_{arm}": dict(base="monuseg", init="monuseg", seed=26,
+                              **({"augmentation": "configs/monuseg_ft_histaug.json"} if arm == "histaug" else {}))
+       for arm in ("control", "histaug")},
 }
 # a shipped model's primary keeps D for its attention maps; each run is packed in its own tar (< 16 MiB cap)
 # (session 17: the fold models keep theirs too, so a later restart goes on with the discriminator it trained with)
 WITH_DISCRIMINATOR = {"all0", "cxr", "cxr128", "monuseg", "monuseg_ft", "cxr128_ft", "monuseg_ft2", "cxr128_ft2",
-                      "cxr_g1_control", "cxr_g1_strongaug",
+                      "cxr_g1_control", "cxr_g1_strongaug", "monuseg_control", "monuseg_histaug",
                       "h1_all", "h1_cv0", "r1_cv0", "r1_cv0_ft", "h1_all_ft", *(f"cv{k}" for k in range(4)), *(f"cv{k}_ft" for k in range(4))}
 
 

@@ -334,6 +334,9 @@ class CDALSegmentationLogic(object):
                             % (volumeNode.GetName(), components, modelName, channels))
         ijkBox = None
         if roiNode is not None:
+            if max(roiNode.GetSize()) <= 0:  # the selector's "Create new ROI" before it is placed in a view
+                raise CDALError("ROI '%s' has not been placed yet: place it on the image in a slice view, or clear "
+                                "the Region selector to segment without one" % roiNode.GetName())
             try:
                 ijkBox = geometry.roiIjkBox(volumeNode, roiNode)
             except ValueError:

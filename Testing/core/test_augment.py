@@ -116,3 +116,82 @@ def test_flip_across_slices_reverses_the_context_slices_of_about_half_the_batch(
     out = plain(images, labels, torch.Generator().manual_seed(0))[0] if backend == "batched" else torch.from_numpy(
         augment_batch(plain, images.numpy(), labels.numpy(), seed=0)[0])
     assert torch.isclose(out, images).all()
+
+
+def _symmetries(x):
+    """The 8 flips and quarter turns of the last two axes, in a fixed order."""
+    out = []
+    for t in (x, x.transpose(-1, -2)):
+        out += [t, t.flip(-2), t.flip(-1), t.flip(-2).flip(-1)]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["batched", "monai"])
+def test_dihedral_draws_all_eight_symmetries_and_moves_the_labels_with_the_image(backend):
+    settings = {"backend": backend, "probability": 0.0, "affine_probability": 0.0, "dihedral": True}
+    pattern = torch.rand(8, 8, generator=torch.Generator().manual_seed(3))   # no symmetry of its own
+    images = pattern[None, None].repeat(64, 1, 1, 1)
+    labels = (pattern > 0.5).long()[None].repeat(64, 1, 1)
+    transform = build_augmentation(settings)
+    if backend == "batched":
+        out_i, out_l = transform(images, labels, torch.Generator().manual_seed(0))
+    else:
+        out_i, out_l = (torch.from_numpy(a) for a in augment_batch(transform, images.numpy(), labels.numpy(), seed=0))
+    seen = set()
+    for img, lab in zip(out_i[:, 0], out_l.long()):
+        which = [k for k, s in enumerate(_symmetries(pattern)) if torch.allclose(img, s, atol=1e-5)]
+        assert len(which) == 1, "every slice is one symmetry of the input"
+        assert torch.equal(lab, _symmetries(labels[0])[which[0]]), "its labels took the same symmetry"
+        seen.add(which[0])
+    assert len(seen) == 8
+
+
+def test_dihedral_refuses_slices_that_are_not_square():
+    from cdal_core.config import TrainConfig
+    from cdal_core.errors import CDALError
+    transform = BatchAugmentation({"dihedral": True})
+    with pytest.raises(ValueError, match="square"):
+        transform(torch.rand(2, 1, 8, 6), torch.zeros(2, 8, 6, dtype=torch.long), torch.Generator())
+    with pytest.raises(CDALError, match="square slices"):
+        TrainConfig.from_dict({"train_size": [64, 48], "augmentation": {"dihedral": True}})
+    TrainConfig.from_dict({"train_size": [64, 64], "augmentation": {"dihedral": True}})
+
+
+def test_dihedral_counts_both_in_plane_axes_as_mirrored():
+    from cdal_core.geometry import mirrored_volume_axes
+    assert mirrored_volume_axes({"dihedral": True}, slice_axis=0) == {1, 2}
+    assert mirrored_volume_axes({"flip_axis": 1}, slice_axis=0) == {2}
+
+
+def test_hed_jitter_is_the_identity_at_rest_and_scales_a_stain_along_its_own_colour():
+    from cdal_core.augment import RGB_FROM_HED, hed_jitter
+    images = torch.rand(4, 3, 5, 5).clamp_min(0.01)
+    same = hed_jitter(images, torch.ones(4, 3), torch.zeros(4, 3))
+    assert torch.allclose(same, images, atol=1e-5)
+    # a pixel of haematoxylin alone: 1.5 x its density is 1.5 x its optical density, the same hue
+    od = 0.4 * RGB_FROM_HED[0]
+    pixel = torch.pow(10.0, -od)[None, :, None, None]
+    out = hed_jitter(pixel, torch.tensor([[1.5, 1.0, 1.0]]), torch.zeros(1, 3))
+    assert torch.allclose(-torch.log10(out[0, :, 0, 0]), 1.5 * od, atol=1e-5)
+    # eosin added to it moves the colour along eosin's direction only
+    out = hed_jitter(pixel, torch.ones(1, 3), torch.tensor([[0.0, 0.1, 0.0]]))
+    assert torch.allclose(-torch.log10(out[0, :, 0, 0]) - od, 0.1 * RGB_FROM_HED[1], atol=1e-5)
+
+
+def test_stain_jitter_changes_colours_per_slice_keeps_labels_and_needs_rgb_and_batches():
+    from cdal_core.config import TrainConfig
+    from cdal_core.errors import CDALError
+    settings = {"backend": "batched", "probability": 0.0, "affine_probability": 0.0, "stain_jitter": 0.05}
+    images = torch.rand(1, 3, 16, 16).repeat(8, 1, 1, 1) * 0.8 + 0.1
+    labels = torch.randint(0, 2, (8, 16, 16))
+    out_i, out_l = build_augmentation(settings)(images, labels, torch.Generator().manual_seed(0))
+    assert torch.equal(out_l, labels)
+    change = (out_i - images).abs().flatten(1).mean(1)
+    assert bool((change > 1e-3).all()) and float(change.std()) > 1e-4, "every slice changed, each its own way"
+    assert float(out_i.min()) >= 0 and float(out_i.max()) <= 1
+    with pytest.raises(CDALError, match="RGB"):
+        TrainConfig.from_dict({"augmentation": {"stain_jitter": 0.05, "backend": "batched"}})
+    with pytest.raises(CDALError, match="batched"):
+        TrainConfig.from_dict({"network": {"image_channels": 3}, "augmentation": {"stain_jitter": 0.05}})
+    with pytest.raises(ValueError, match="batched"):
+        build_augmentation({"stain_jitter": 0.05})

@@ -105,3 +105,18 @@ def test_cxr_augmentation_pair_differs_only_in_its_augmentation():
     a, b = control.to_dict(), strong.to_dict()
     assert {k for k in a if a[k] != b[k]} == {"augmentation"}
     assert gs.FINETUNE_RUNS["cxr_g2_strongaug"]["member"] == 1 and strong.batch_size == 32
+
+
+def test_monuseg_histology_augmentation_pair_differs_only_in_its_augmentation():
+    """Session 26: the control arm keeps the MoNuSeg recipe's augmentation; the test arm adds the quarter turns and
+    the stain jitter of configs/monuseg_ft_histaug.json; both keep their discriminator for the attention map."""
+    gs = load_tool("gpu_session")
+    control, held_out = gs.run_config("monuseg_control")
+    histaug, held_out_histaug = gs.run_config("monuseg_histaug")
+    shipped_cfg = json.loads((ROOT / "configs/monuseg_gpu.json").read_text())["augmentation"]
+    assert control.augmentation == dict(shipped_cfg, backend="batched")
+    assert histaug.augmentation == dict(shipped_cfg, backend="batched", dihedral=True, stain_jitter=0.05)
+    assert held_out == held_out_histaug and len(held_out) == 6
+    a, b = control.to_dict(), histaug.to_dict()
+    assert {k for k in a if a[k] != b[k]} == {"augmentation"}
+    assert {"monuseg_control", "monuseg_histaug"} <= gs.WITH_DISCRIMINATOR

@@ -156,3 +156,10 @@ def test_gpu_chosen_without_one_is_worded_for_the_device_choice(app, logic, tiny
     message = str(info.value)
     assert "no CUDA GPU" in message and "Device" in message and "--device" not in message, message
     assert scene_snapshot(app.scene) == before
+
+
+def test_an_roi_created_but_never_placed_is_named_as_such(app, logic, tiny_model):
+    """The ROI selector's "Create new" gives an ROI with no size until it is placed in a view."""
+    node = _volume(app)
+    roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "new ROI")
+    _expect_error(app, lambda: logic.segment(node, model=tiny_model, roiNode=roi), ["not been placed", "new ROI"])
