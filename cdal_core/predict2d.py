@@ -197,11 +197,17 @@ def _from_view(maps: Optional[np.ndarray], view) -> Optional[np.ndarray]:
 
 def sample_plan(samples: int, num_generators: int, symmetries: int) -> List[Tuple[int, int, int]]:
     """How K samples are spread: ``(generator index, symmetry index, count)``. Generators take contiguous shares
-    (as in 3D); within a share the samples cycle through the symmetries, so K = 5 with 8 symmetries sees 5 of them
-    at the cost of 5 samples."""
+    (as in 3D); sample i takes symmetry i mod S, counted across the generators, so K = 5 with 8 symmetries sees 5
+    of them at the cost of 5 samples, one generator or several."""
     from .inference import split_evenly
-    return [(g, s, n) for g, k in enumerate(split_evenly(samples, num_generators))
-            for s, n in enumerate(split_evenly(k, symmetries)) if n]
+    plan, first = [], 0
+    for g, k in enumerate(split_evenly(samples, num_generators)):
+        counts = [0] * symmetries
+        for i in range(first, first + k):
+            counts[i % symmetries] += 1
+        plan += [(g, s, n) for s, n in enumerate(counts) if n]
+        first += k
+    return plan
 
 
 def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int] = None, samples: int = 5,

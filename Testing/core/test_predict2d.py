@@ -175,6 +175,9 @@ def test_samples_are_spread_over_generators_then_symmetries():
     assert sample_plan(5, 3, 1) == [(0, 0, 2), (1, 0, 2), (2, 0, 1)]
     plan = sample_plan(10, 2, 8)
     assert sum(n for *_, n in plan) == 10 and {g for g, *_ in plan} == {0, 1}
+    # an ensemble's generators take different orientations: 3 + 2 samples see five, not three
+    assert sample_plan(5, 2, 8) == [(0, 0, 1), (0, 1, 1), (0, 2, 1), (1, 3, 1), (1, 4, 1)]
+    assert sample_plan(10, 2, 8) == [(0, s, 1) for s in range(5)] + [(1, s, 1) for s in (0, 1, 5, 6, 7)]
 
 
 def test_symmetries_follow_the_card_and_the_command_line(grey_model, grey_data, tmp_path, monkeypatch):
