@@ -59,6 +59,12 @@ def _json(default: Any) -> str:
     return json.dumps(list(default) if isinstance(default, tuple) else default)
 
 
+def check_stain_input(image_channels: int) -> None:
+    if image_channels != 3:
+        raise CDALError(f"augmentation stain_jitter changes H&E stain densities, which needs RGB images, but the "
+                        f"network takes {image_channels} image channel(s): drop stain_jitter")
+
+
 # the keys augment.build_augmentation / BatchAugmentation and data.Normalisation read
 AUGMENTATION_KEYS = {"affine_probability", "backend", "dihedral", "flip_across_slices", "flip_axis", "probability",
                      "rotate_degrees", "scale", "stain_jitter", "translate"}
@@ -171,9 +177,9 @@ class TrainConfig:
             raise CDALError(f"augmentation dihedral turns slices by quarter turns, which needs square slices; "
                             f"train_size is {list(self.train_size)}: make it square or drop dihedral")
         if float(aug.get("stain_jitter", 0.0)) > 0:
-            if int(self.network.get("image_channels", 1)) != 3:
-                raise CDALError("augmentation stain_jitter changes H&E stain densities, which needs RGB images: set "
-                                "network image_channels to 3 or drop stain_jitter")
+            # a fine-tune takes the model's network, so its RGB input is checked by the trainer (check_stain_input)
+            if "image_channels" in self.network:
+                check_stain_input(int(self.network["image_channels"]))
             if aug.get("backend", "monai") != "batched":
                 raise CDALError("augmentation stain_jitter runs only in the batched augmentation: set "
                                 "\"backend\": \"batched\"")

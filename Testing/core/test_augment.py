@@ -190,7 +190,8 @@ def test_stain_jitter_changes_colours_per_slice_keeps_labels_and_needs_rgb_and_b
     assert bool((change > 1e-3).all()) and float(change.std()) > 1e-4, "every slice changed, each its own way"
     assert float(out_i.min()) >= 0 and float(out_i.max()) <= 1
     with pytest.raises(CDALError, match="RGB"):
-        TrainConfig.from_dict({"augmentation": {"stain_jitter": 0.05, "backend": "batched"}})
+        TrainConfig.from_dict({"network": {"image_channels": 1},
+                               "augmentation": {"stain_jitter": 0.05, "backend": "batched"}})
     with pytest.raises(CDALError, match="batched"):
         TrainConfig.from_dict({"network": {"image_channels": 3}, "augmentation": {"stain_jitter": 0.05}})
     with pytest.raises(ValueError, match="batched"):

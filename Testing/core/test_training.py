@@ -145,6 +145,15 @@ def test_finetune_slices_the_way_the_model_was_trained(synthetic_dir, tiny_model
     assert not (tmp_path / "ft").exists()
 
 
+def test_finetuning_a_grey_model_with_stain_jitter_is_refused_before_any_work(synthetic_dir, tiny_model, tmp_path):
+    """A fine-tune config need not name the network (the model's is kept), so the RGB check waits for it."""
+    cfg = TrainConfig.from_dict({**TINY_CONFIG, "network": {}, "augmentation": {"stain_jitter": 0.05,
+                                                                                 "backend": "batched"}})
+    with pytest.raises(CDALError, match="RGB images.*1 image channel"):
+        Trainer(str(synthetic_dir), str(tmp_path / "ft"), cfg, device="cpu", init_model=str(tiny_model))
+    assert not (tmp_path / "ft").exists()
+
+
 def test_short_cpu_training_reaches_dice_085_on_unseen_volumes(tmp_path):
     """The issue's end-to-end bar: a few CPU minutes of `cdal train`, then `cdal evaluate` on unseen data.
     Bounded by steps, not minutes, so a busy machine makes it slower, never weaker (~2 min on 2 free cores)."""
