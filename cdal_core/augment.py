@@ -26,7 +26,9 @@ def build_augmentation(settings: Dict):
     ``settings["dihedral"]``: one of the 8 flips and quarter turns of a square slice, uniformly (tissue has no
     preferred orientation). ``settings["stain_jitter"]`` (batched backend, RGB only): each slice's haematoxylin,
     eosin and DAB densities are scaled by 1 + a and shifted by b, a and b uniform in [-sigma, sigma] per stain
-    (Tellez et al. 2018), so that a histology model meets the stain variation of other labs.
+    (Tellez et al. 2018), so that a histology model meets the stain variation of other labs. Densities are optical
+    densities, -log10 of the intensity: a shift of b is about a sixth of the same shift in scikit-image's
+    ``rgb2hed`` units, which divide the natural log by ln(1e-6).
 
     ``settings["backend"]``: "monai" (default) -> a MONAI ``Compose`` applied slice by slice on the CPU (it
     works on dicts ``{"image": (C, H, W) float in [0, 1], "label": (1, H, W)}``); "batched" -> ``BatchAugmentation``,

@@ -59,10 +59,12 @@ def _json(default: Any) -> str:
     return json.dumps(list(default) if isinstance(default, tuple) else default)
 
 
-def check_stain_input(image_channels: int) -> None:
-    if image_channels != 3:
-        raise CDALError(f"augmentation stain_jitter changes H&E stain densities, which needs RGB images, but the "
-                        f"network takes {image_channels} image channel(s): drop stain_jitter")
+def check_stain_input(image_channels: int, context_slices: int = 0) -> None:
+    """stain_jitter acts on one RGB image: 3 channels and no context slices (whose channels it would mix up)."""
+    if image_channels != 3 or context_slices != 0:
+        raise CDALError(f"augmentation stain_jitter changes H&E stain densities, which needs one RGB image per "
+                        f"slice, but the network takes {image_channels} image channel(s) with {context_slices} "
+                        f"context slice(s) either side: drop stain_jitter")
 
 
 # the keys augment.build_augmentation / BatchAugmentation and data.Normalisation read
@@ -173,13 +175,23 @@ class TrainConfig:
         """The histology augmentations need what they act on: square slices for ``dihedral``, RGB images and the
         batched backend for ``stain_jitter``."""
         aug = self.augmentation or {}
-        if aug.get("dihedral") and any(size[0] != size[1] for _, size in self.views):
-            raise CDALError(f"augmentation dihedral turns slices by quarter turns, which needs square slices; "
-                            f"train_size is {list(self.train_size)}: make it square or drop dihedral")
-        if float(aug.get("stain_jitter", 0.0)) > 0:
-            # a fine-tune takes the model's network, so its RGB input is checked by the trainer (check_stain_input)
-            if "image_channels" in self.network:
-                check_stain_input(int(self.network["image_channels"]))
+        if not isinstance(aug.get("dihedral", False), bool):
+            raise CDALError(f"augmentation dihedral must be true or false, got {aug['dihedral']!r}")
+        jitter = aug.get("stain_jitter", 0.0)
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter <= 0.5:
+            raise CDALError(f"augmentation stain_jitter must be a number from 0 to 0.5 (e.g. 0.05), got {jitter!r}")
+        if aug.get("dihedral"):
+            if self.extra_views:  # each view would turn a plane that holds the other views' slicing axes
+                raise CDALError("augmentation dihedral is for 2D images and single-view models: drop it or "
+                                "extra_views")
+            if self.train_size[0] != self.train_size[1]:
+                raise CDALError(f"augmentation dihedral turns slices by quarter turns, which needs square slices; "
+                                f"train_size is {list(self.train_size)}: make it square or drop dihedral")
+        if jitter > 0:
+            # a fine-tune takes the model's network, so the trainer checks its input again (check_stain_input)
+            if "image_channels" in self.network or "context_slices" in self.network:
+                check_stain_input(int(self.network.get("image_channels", 1)),
+                                  int(self.network.get("context_slices", 0)))
             if aug.get("backend", "monai") != "batched":
                 raise CDALError("augmentation stain_jitter runs only in the batched augmentation: set "
                                 "\"backend\": \"batched\"")

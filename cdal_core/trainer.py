@@ -66,8 +66,9 @@ class Trainer:
         self.device_noise = self.device.type == "cuda"
         self.bf16 = training_in_bf16(config.amp, self.device)
         self.net_cfg, self.class_names, self.grid, self.norm = self._model_settings(data_dir)
+        config.check_augmentation()  # again: a config may have been built or changed in code
         if float((config.augmentation or {}).get("stain_jitter", 0.0)) > 0:
-            check_stain_input(self.net_cfg.image_channels)
+            check_stain_input(self.net_cfg.image_channels, self.net_cfg.context_slices)
         self._check_run_dir()  # a folder holding another run is refused before the data loads
         self._load_data(data_dir)
         self._prepare_run_dir()  # after settings and data are known to fit: a refused run writes nothing

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from . import geometry
-from .jobs import ProcessJob, pythonModuleCommand
+from .jobs import ProcessJob, pythonModuleCommand, removeTree
 from .segment_worker import isImageModel
 from .paths import ensureCoreOnPath, subprocessEnvironment
 
@@ -282,7 +282,7 @@ class FineTuneJob(ProcessJob):
     def removeTrainingData(self):
         """Delete the exported image copies (privacy, disk) unless the user asked to keep them."""
         if self.dataDir and not self.keepData:
-            shutil.rmtree(self.dataDir, ignore_errors=True)
+            removeTree(self.dataDir)
 
     def onFailed(self):
         self.removeTrainingData()
@@ -365,7 +365,7 @@ def startFineTune(pairs, baseModel="hippocampus", newModelName=None, maxSteps=20
         _, warnings = exportTrainingData(pairs, os.path.join(exportDir, "volumes") if inChild else exportDir,
                                          card, cutHeads=not inChild)
     except Exception:
-        shutil.rmtree(exportDir, ignore_errors=True)  # no half-exported patient images
+        removeTree(exportDir)  # no half-exported patient images
         raise
     runDir = os.path.join(workDir, "run")
     trainDir = os.path.join(exportDir, "crops") if inChild else exportDir

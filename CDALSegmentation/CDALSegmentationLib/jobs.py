@@ -14,9 +14,11 @@ Slicer's main loop does not let Python threads run while Qt idles), on ``subproc
 The job decodes complete lines as UTF-8 (bad bytes replaced), keeps bounded logs, and tells ``listeners``
 (callables taking the job) after every change.
 """
+import atexit
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import threading
@@ -44,6 +46,22 @@ def killProcessTree(pid):
             os.kill(pid, signal.SIGKILL)
     except (OSError, ValueError):
         pass  # already gone
+
+
+# Folders a child being killed still held open (Windows: taskkill is not waited for), retried at the next
+# removal and when Slicer exits: they hold copies of a patient's images
+_pendingRemovals = []
+
+
+def removeTree(path):
+    """Delete a job's temporary folder now, or as soon as a dying child lets go of its files."""
+    for folder in [path] + _pendingRemovals:
+        if folder and os.path.isdir(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+    _pendingRemovals[:] = sorted(set(f for f in [path] + _pendingRemovals if f and os.path.isdir(f)))
+
+
+atexit.register(lambda: [shutil.rmtree(f, ignore_errors=True) for f in _pendingRemovals])
 
 
 def formatDuration(seconds):

@@ -15,14 +15,13 @@ it; RGB as a vector volume) and gives the same outputs on that slice's grid.
 """
 import json
 import os
-import shutil
 import sys
 import tempfile
 
 import numpy as np
 
 from . import geometry
-from .jobs import ProcessJob, pythonModuleCommand
+from .jobs import ProcessJob, pythonModuleCommand, removeTree
 from .paths import ensureCoreOnPath, subprocessEnvironment
 from .segment_worker import isImageModel
 
@@ -954,8 +953,7 @@ class SegmentationJob(ProcessJob):
 
     def cleanup(self):
         self.cancel()
-        if self.workDir and os.path.isdir(self.workDir):
-            shutil.rmtree(self.workDir, ignore_errors=True)
+        removeTree(self.workDir)  # the input's copy lies here
 
 
 __all__ = ["CDALSegmentationLogic", "SegmentationResult", "SegmentationJob", "CDALError", "CancelledError",

@@ -155,6 +155,11 @@ def test_dihedral_refuses_slices_that_are_not_square():
     with pytest.raises(CDALError, match="square slices"):
         TrainConfig.from_dict({"train_size": [64, 48], "augmentation": {"dihedral": True}})
     TrainConfig.from_dict({"train_size": [64, 64], "augmentation": {"dihedral": True}})
+    with pytest.raises(CDALError, match="extra_views"):
+        TrainConfig.from_dict({"train_size": [64, 64], "augmentation": {"dihedral": True},
+                               "extra_views": [{"axis": 2, "size": [64, 64]}]})
+    with pytest.raises(CDALError, match="true or false"):
+        TrainConfig.from_dict({"train_size": [64, 64], "augmentation": {"dihedral": "no"}})
 
 
 def test_dihedral_counts_both_in_plane_axes_as_mirrored():
@@ -165,6 +170,8 @@ def test_dihedral_counts_both_in_plane_axes_as_mirrored():
 
 def test_hed_jitter_is_the_identity_at_rest_and_scales_a_stain_along_its_own_colour():
     from cdal_core.augment import RGB_FROM_HED, hed_jitter
+    # Ruifrok & Johnston (2001): haematoxylin, eosin, DAB
+    assert torch.allclose(RGB_FROM_HED, torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]))
     images = torch.rand(4, 3, 5, 5).clamp_min(0.01)
     same = hed_jitter(images, torch.ones(4, 3), torch.zeros(4, 3))
     assert torch.allclose(same, images, atol=1e-5)
@@ -196,3 +203,10 @@ def test_stain_jitter_changes_colours_per_slice_keeps_labels_and_needs_rgb_and_b
         TrainConfig.from_dict({"network": {"image_channels": 3}, "augmentation": {"stain_jitter": 0.05}})
     with pytest.raises(ValueError, match="batched"):
         build_augmentation({"stain_jitter": 0.05})
+    with pytest.raises(CDALError, match="context slice"):
+        TrainConfig.from_dict({"network": {"image_channels": 3, "context_slices": 1},
+                               "augmentation": {"stain_jitter": 0.05, "backend": "batched"}})
+    for bad in (0.8, -0.1, "0.05"):
+        with pytest.raises(CDALError, match="from 0 to 0.5"):
+            TrainConfig.from_dict({"network": {"image_channels": 3},
+                                   "augmentation": {"stain_jitter": bad, "backend": "batched"}})

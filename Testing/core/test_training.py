@@ -149,8 +149,14 @@ def test_finetuning_a_grey_model_with_stain_jitter_is_refused_before_any_work(sy
     """A fine-tune config need not name the network (the model's is kept), so the RGB check waits for it."""
     cfg = TrainConfig.from_dict({**TINY_CONFIG, "network": {}, "augmentation": {"stain_jitter": 0.05,
                                                                                  "backend": "batched"}})
-    with pytest.raises(CDALError, match="RGB images.*1 image channel"):
+    with pytest.raises(CDALError, match="RGB image.*1 image channel"):
         Trainer(str(synthetic_dir), str(tmp_path / "ft"), cfg, device="cpu", init_model=str(tiny_model))
+    assert not (tmp_path / "ft").exists()
+    # a config changed in code after loading is checked again
+    cfg = TrainConfig.from_dict(TINY_CONFIG)
+    cfg.augmentation = {"dihedral": True}
+    with pytest.raises(CDALError, match="square slices"):
+        Trainer(str(synthetic_dir), str(tmp_path / "ft"), cfg, device="cpu")
     assert not (tmp_path / "ft").exists()
 
 

@@ -144,3 +144,21 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
         assert job.state == "cancelled"
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_a_folder_a_dying_child_still_holds_is_removed_at_the_next_chance(tmp_path, monkeypatch):
+    """On Windows taskkill is not waited for, so a job's copy of the patient's image may still be open when the
+    job cleans up: that folder is retried at the next removal (and when Slicer exits)."""
+    import shutil
+    from CDALSegmentationLib import jobs
+    held, other = tmp_path / "held", tmp_path / "other"
+    for folder in (held, other):
+        folder.mkdir()
+        (folder / "input.nrrd").write_bytes(b"patient")
+    real = shutil.rmtree
+    monkeypatch.setattr(jobs.shutil, "rmtree", lambda *a, **k: None)   # the child still holds the files
+    jobs.removeTree(str(held))
+    assert held.is_dir() and str(held) in jobs._pendingRemovals
+    monkeypatch.setattr(jobs.shutil, "rmtree", real)                    # the child is gone
+    jobs.removeTree(str(other))
+    assert not held.exists() and not other.exists() and jobs._pendingRemovals == []
