@@ -37,6 +37,7 @@ from cdal_core.model_io import load_model  # noqa: E402
 from threshold_experiment_2d import dice, train_and_val  # noqa: E402
 
 VIEWS = [(0.0, 1.0), (-5.0, 1.0), (5.0, 1.0), (0.0, 0.95), (0.0, 1.05)]   # (degrees, zoom)
+ORIGINAL = (p2d.DIHEDRAL, p2d._to_view, p2d._from_view)                   # restored after each patched run
 
 
 def warp(maps: torch.Tensor, degrees: float, zoom: float) -> torch.Tensor:
@@ -95,8 +96,6 @@ def main() -> None:
           f"{summary['paired_mean']:+.2f} ± {summary['paired_se']:.2f}  ({summary['improved']} of {len(rows)} up)")
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
 
-
-ORIGINAL = (p2d.DIHEDRAL, p2d._to_view, p2d._from_view)
 
 if __name__ == "__main__":
     main()

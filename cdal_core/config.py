@@ -59,14 +59,6 @@ def _json(default: Any) -> str:
     return json.dumps(list(default) if isinstance(default, tuple) else default)
 
 
-def check_stain_input(image_channels: int, context_slices: int = 0) -> None:
-    """stain_jitter acts on one RGB image: 3 channels and no context slices (whose channels it would mix up)."""
-    if image_channels != 3 or context_slices != 0:
-        raise CDALError(f"augmentation stain_jitter changes H&E stain densities, which needs one RGB image per "
-                        f"slice, but the network takes {image_channels} image channel(s) with {context_slices} "
-                        f"context slice(s) either side: drop stain_jitter")
-
-
 # the keys augment.build_augmentation / BatchAugmentation and data.Normalisation read
 AUGMENTATION_KEYS = {"affine_probability", "backend", "dihedral", "flip_across_slices", "flip_axis", "probability",
                      "rotate_degrees", "scale", "stain_jitter", "translate"}
@@ -171,9 +163,10 @@ class TrainConfig:
         if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
             raise CDALError(f"slice axes {axes} must be distinct array axes 0, 1 or 2")
 
-    def check_augmentation(self) -> None:
+    def check_augmentation(self, network: Optional[Any] = None) -> None:
         """The histology augmentations need what they act on: square slices for ``dihedral``, RGB images and the
-        batched backend for ``stain_jitter``."""
+        batched backend for ``stain_jitter``. ``network``: the NetworkConfig the run will train (a fine-tune keeps
+        its model's, which the config need not name); without it, what the config's ``network`` says."""
         aug = self.augmentation or {}
         if not isinstance(aug.get("dihedral", False), bool):
             raise CDALError(f"augmentation dihedral must be true or false, got {aug['dihedral']!r}")
@@ -188,10 +181,17 @@ class TrainConfig:
                 raise CDALError(f"augmentation dihedral turns slices by quarter turns, which needs square slices; "
                                 f"train_size is {list(self.train_size)}: make it square or drop dihedral")
         if jitter > 0:
-            # a fine-tune takes the model's network, so the trainer checks its input again (check_stain_input)
-            if "image_channels" in self.network or "context_slices" in self.network:
-                check_stain_input(int(self.network.get("image_channels", 1)),
-                                  int(self.network.get("context_slices", 0)))
+            if network is not None:
+                channels, context = network.image_channels, network.context_slices
+            elif "image_channels" in self.network or "context_slices" in self.network:
+                channels = int(self.network.get("image_channels", 1))
+                context = int(self.network.get("context_slices", 0))
+            else:  # a fine-tune config that does not name the network: checked again on the model's
+                channels, context = 3, 0
+            if channels != 3 or context != 0:  # one RGB image per slice; context slices' channels would be mixed up
+                raise CDALError(f"augmentation stain_jitter changes H&E stain densities, which needs one RGB image "
+                                f"per slice, but the network takes {channels} image channel(s) with {context} context "
+                                f"slice(s) either side: drop stain_jitter")
             if aug.get("backend", "monai") != "batched":
                 raise CDALError("augmentation stain_jitter runs only in the batched augmentation: set "
                                 "\"backend\": \"batched\"")

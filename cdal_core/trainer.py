@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .augment import BatchAugmentation, augment_batch, build_augmentation
-from .config import TrainConfig, check_stain_input
+from .config import TrainConfig
 from .data import (Normalisation, SliceBank, load_png_case, load_volume, read_msd_cases, read_png_pairs,
                    round_up, split_cases)
 from .errors import CDALError
@@ -66,9 +66,7 @@ class Trainer:
         self.device_noise = self.device.type == "cuda"
         self.bf16 = training_in_bf16(config.amp, self.device)
         self.net_cfg, self.class_names, self.grid, self.norm = self._model_settings(data_dir)
-        config.check_augmentation()  # again: a config may have been built or changed in code
-        if float((config.augmentation or {}).get("stain_jitter", 0.0)) > 0:
-            check_stain_input(self.net_cfg.image_channels, self.net_cfg.context_slices)
+        config.check_augmentation(self.net_cfg)  # again, on the network it trains: a fine-tune keeps its model's
         self._check_run_dir()  # a folder holding another run is refused before the data loads
         self._load_data(data_dir)
         self._prepare_run_dir()  # after settings and data are known to fit: a refused run writes nothing
