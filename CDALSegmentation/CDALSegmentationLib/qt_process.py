@@ -6,6 +6,7 @@ reads the child's pipes inside Qt's event loop and tells us through ``readyReadS
 """
 import os
 import subprocess
+import weakref
 
 import qt
 
@@ -36,15 +37,28 @@ def childProcessIDs(pid):
         return []
 
 
+def _call(runnerRef, method, *args):
+    """Call ``method`` of the runner behind the weak reference, if it still exists."""
+    runner = runnerRef()
+    if runner is not None:
+        getattr(runner, method)(*args)
+
+
 class QtProcessRunner(object):
     def __init__(self):
         self.onStdout = self.onStderr = self.onFinished = None
         self.process = qt.QProcess()
         self.process.setProcessChannelMode(qt.QProcess.SeparateChannels)
-        self.process.connect("readyReadStandardOutput()", self._readStdout)
-        self.process.connect("readyReadStandardError()", self._readStderr)
-        self.process.connect("finished(int,QProcess::ExitStatus)", self._finished)
-        self.process.connect("errorOccurred(QProcess::ProcessError)", self._error)
+        # PythonQt's signal receiver (a C++ child of the QProcess) keeps its Python callables alive, and Python's
+        # collector cannot see that reference: a bound method here would make runner -> QProcess -> receiver ->
+        # runner -> job a cycle that is never freed, keeping every finished job and its log. The slots hold the
+        # runner weakly instead, so a finished job, its runner and its QProcess go when the widget drops the job.
+        me = weakref.ref(self)
+        self.process.connect("readyReadStandardOutput()", lambda: _call(me, "_readStdout"))
+        self.process.connect("readyReadStandardError()", lambda: _call(me, "_readStderr"))
+        self.process.connect("finished(int,QProcess::ExitStatus)",
+                             lambda exitCode, exitStatus: _call(me, "_finished", exitCode, exitStatus))
+        self.process.connect("errorOccurred(QProcess::ProcessError)", lambda error: _call(me, "_error", error))
         self._done = False
 
     @property
