@@ -113,7 +113,21 @@ TWO_D_RUNS = {"cxr": dict(seed=0, config="configs/cxr_gpu.json", val="configs/cx
 # Warm restarts of shipped models (session 9): ``base`` names the run whose data, held-out cases and config they
 # use; ``init`` the shipped model they start from (under ``--init-root``, Resources/Models by default; its network
 # and normalisation are kept, as `cdal finetune` does), ``member`` which of an ensemble's generators (0 = the primary, trained with the stored discriminator),
-# ``lr_scale`` the peak learning rate against the config's, ``batch`` the batch size.
+# ``lr_scale`` the peak learning rate against the config's, ``batch`` the batch size, ``all_data`` trains on the
+# base's held-out cases too.
+FINETUNE_RUNS_PAIRS = {
+    # session 25: the CXR augmentation lead (+0.13 ± 0.13 from two 1,500-step CPU pairs) at GPU length: each shipped
+    # generator restarted twice, the two identical but for the augmentation (``augmentation``: a config whose
+    # augmentation replaces the base's)
+    **{f"cxr_g{m + 1}_{arm}": dict(base="cxr128", init="cxr", member=m, seed=25, batch=32,
+                                   **({"augmentation": "configs/cxr_ft_strongaug.json"} if arm == "strongaug" else {}))
+       for m in range(2) for arm in ("control", "strongaug")},
+    # session 26: histology augmentation for MoNuSeg (the 8 flips and quarter turns, an H&E stain jitter), the
+    # shipped generator restarted twice, identical but for the augmentation
+    **{f"monuseg_{arm}": dict(base="monuseg", init="monuseg", seed=26,
+                              **({"augmentation": "configs/monuseg_ft_histaug.json"} if arm == "histaug" else {}))
+       for arm in ("control", "histaug")},
+}
 FINETUNE_RUNS = {
     "monuseg_ft": dict(base="monuseg", init="monuseg", seed=1),
     "cxr128_ft": dict(base="cxr128", init="cxr", seed=1, batch=32),
@@ -144,22 +158,19 @@ FINETUNE_RUNS = {
                                 source=f"runs/gpu19/r{m + 1}_cv0 (session 19)") for m in range(3)},
     **{f"h{m + 1}_all_ft": dict(base="all0", init="hippocampus", member=m, seed=310 + m, lr_scale=0.3125,
                                 source="Resources/Models/hippocampus (session 18's shipped ensemble)") for m in range(3)},
-    # session 25: the CXR augmentation lead (+0.13 ± 0.13 from two 1,500-step CPU pairs) at GPU length: each shipped
-    # generator restarted twice, the two identical but for the augmentation (``augmentation``: a config whose
-    # augmentation replaces the base's)
-    **{f"cxr_g{m + 1}_{arm}": dict(base="cxr128", init="cxr", member=m, seed=25, batch=32,
-                                   **({"augmentation": "configs/cxr_ft_strongaug.json"} if arm == "strongaug" else {}))
+    **FINETUNE_RUNS_PAIRS,
+    # session 27: the shipped 2D models trained on the validation images too (``all_data``: nothing held out), each
+    # arm of the pairs above once its pair has decided; CXR's strong arm is the recipe session 27 refit on the CPU
+    **{f"cxr_g{m + 1}_{arm}_all": dict(FINETUNE_RUNS_PAIRS[f"cxr_g{m + 1}_{arm}"], seed=27, all_data=True)
        for m in range(2) for arm in ("control", "strongaug")},
-    # session 26: histology augmentation for MoNuSeg (the 8 flips and quarter turns, an H&E stain jitter), the
-    # shipped generator restarted twice, identical but for the augmentation
-    **{f"monuseg_{arm}": dict(base="monuseg", init="monuseg", seed=26,
-                              **({"augmentation": "configs/monuseg_ft_histaug.json"} if arm == "histaug" else {}))
+    **{f"monuseg_{arm}_all": dict(FINETUNE_RUNS_PAIRS[f"monuseg_{arm}"], seed=27, all_data=True)
        for arm in ("control", "histaug")},
 }
 # a shipped model's primary keeps D for its attention maps; each run is packed in its own tar (< 16 MiB cap)
 # (session 17: the fold models keep theirs too, so a later restart goes on with the discriminator it trained with)
 WITH_DISCRIMINATOR = {"all0", "cxr", "cxr128", "monuseg", "monuseg_ft", "cxr128_ft", "monuseg_ft2", "cxr128_ft2",
                       "cxr_g1_control", "cxr_g1_strongaug", "monuseg_control", "monuseg_histaug",
+                      "cxr_g1_control_all", "cxr_g1_strongaug_all", "monuseg_control_all", "monuseg_histaug_all",
                       "h1_all", "h1_cv0", "r1_cv0", "r1_cv0_ft", "h1_all_ft", *(f"cv{k}" for k in range(4)), *(f"cv{k}_ft" for k in range(4))}
 
 
@@ -318,7 +329,7 @@ def run_config(run: str):
             cfg.augmentation = TrainConfig.load(str(ROOT / spec["augmentation"])).augmentation
         if cfg.augmentation is not None:  # on the GPU; the per-slice MONAI loop would feed it too slowly
             cfg.augmentation = dict(cfg.augmentation, backend="batched")
-        return cfg, exclude
+        return cfg, ([] if spec.get("all_data") else exclude)
     from cdal_core.config import TrainConfig
     if run in TWO_D_RUNS:
         cfg = TrainConfig.load(str(ROOT / TWO_D_RUNS[run]["config"]))

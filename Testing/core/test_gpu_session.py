@@ -120,3 +120,18 @@ def test_monuseg_histology_augmentation_pair_differs_only_in_its_augmentation():
     a, b = control.to_dict(), histaug.to_dict()
     assert {k for k in a if a[k] != b[k]} == {"augmentation"}
     assert {"monuseg_control", "monuseg_histaug"} <= gs.WITH_DISCRIMINATOR
+
+
+def test_all_data_refits_hold_nothing_out_and_keep_their_pairs_recipe():
+    """Session 27: each arm of the 2D pairs has an all-data twin for shipping, which trains on the validation
+    images too and otherwise keeps its arm's recipe (a new seed); the primaries keep their discriminator."""
+    gs = load_tool("gpu_session")
+    for arm in ("cxr_g1_strongaug", "cxr_g2_control", "monuseg_histaug", "monuseg_control"):
+        paired, held_out = gs.run_config(arm)
+        refit, nothing = gs.run_config(arm + "_all")
+        assert held_out and nothing == []
+        a, b = paired.to_dict(), refit.to_dict()
+        assert {k for k in a if a[k] != b[k]} == {"seed"} and refit.seed == 27
+        assert gs.FINETUNE_RUNS[arm + "_all"].get("member", 0) == gs.FINETUNE_RUNS[arm].get("member", 0)
+    assert {"cxr_g1_strongaug_all", "monuseg_histaug_all"} <= gs.WITH_DISCRIMINATOR
+    assert "cxr_g2_strongaug_all" not in gs.WITH_DISCRIMINATOR
