@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("mask", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--crop", help="row0,col0,row1,col1 of the panel (default: whole image)")
+    ap.add_argument("--note", default="validation image",
+                    help="what the title says of the image and the model (default: validation image)")
     a = ap.parse_args()
     import matplotlib
     matplotlib.use("Agg")
@@ -59,7 +61,7 @@ def main() -> None:
         ax.imshow(img, cmap=cmap)
         ax.set_title(title, fontsize=10)
         ax.axis("off")
-    fig.suptitle(f"{model.card['name']}: {a.image.name} (validation image), Dice {dice:.1f}", fontsize=11)
+    fig.suptitle(f"{model.card['name']}: {a.image.name} ({a.note}), Dice {dice:.1f}", fontsize=11)
     fig.tight_layout()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, dpi=80)

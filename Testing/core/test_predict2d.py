@@ -361,9 +361,10 @@ def test_training_batches_are_patches_and_repeat_exactly(grey_data, tmp_path):
     assert not torch.equal(a, trainer._batch(8)[0])
 
 
-def test_shipped_cxr_model_segments_a_validation_image():
-    """The shipped model (two generators) loads by name and still finds the lungs of a held-out image (Dice 94.7
-    on average)."""
+def test_shipped_cxr_model_segments_a_chest_xray():
+    """The shipped model (two generators) loads by name and finds the lungs of a Shenzhen image. (The image is in
+    configs/cxr_val.txt, which the shipped weights trained on since session 27's refit; the recipe scores 94.9 on
+    average over those 26 images when they are held out.)"""
     from core_settings import SHARED_DATA
     from cdal_core.model_io import list_models, load_model
     from cdal_core.metrics import segmentation_metrics
@@ -374,7 +375,7 @@ def test_shipped_cxr_model_segments_a_validation_image():
     model = load_model("cxr")
     assert model.card["input"]["image_size"] == [128, 128] and model.class_names == ["Background", "Lungs"]
     assert len(model.generators) == 2
-    array = read_image_2d(data / "images" / "CHNCXR_0603_1.png", 1)   # in configs/cxr_val.txt: never trained on
+    array = read_image_2d(data / "images" / "CHNCXR_0603_1.png", 1)
     truth = read_mask_2d(data / "masks" / "CHNCXR_0603_1.png", array.shape[-2:], 2)
     result = segment_image_2d(array, model, seed=0, precision="fp32", with_attention=False)
     assert segmentation_metrics(result.labels.astype(np.int64), truth, 2, (1.0, 1.0))[1]["dice"] > 0.88

@@ -22,7 +22,7 @@ from helpers import scene_snapshot, volume_from_array, volume_from_sitk
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CXR_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "CXR")
-CXR_IMAGE = "CHNCXR_0603_1"  # in configs/cxr_val.txt: never trained on
+CXR_IMAGE = "CHNCXR_0603_1"  # a Shenzhen image from configs/cxr_val.txt
 RUN = dict(samples=3, steps=2, seed=0, device="cpu")
 SPACING, ORIGIN = (0.4, 0.4, 1.0), (12.0, -30.0, 5.0)  # LPS, as ITK would read a TIFF with a resolution
 
