@@ -119,7 +119,10 @@ FINETUNE_RUNS_PAIRS = {
     # session 25: the CXR augmentation lead (+0.13 ± 0.13 from two 1,500-step CPU pairs) at GPU length: each shipped
     # generator restarted twice, the two identical but for the augmentation (``augmentation``: a config whose
     # augmentation replaces the base's)
-    **{f"cxr_g{m + 1}_{arm}": dict(base="cxr128", init="cxr", member=m, seed=25, batch=32,
+    # (from ``cxr_s26``, the model shipped until session 26, trained without the validation images: session 27's
+    # refit has seen them; pack it with ``pack-init cxr_s26=f7b0f38:Resources/Models/cxr`` and pass ``--init-root``)
+    **{f"cxr_g{m + 1}_{arm}": dict(base="cxr128", init="cxr_s26", member=m, seed=25, batch=32,
+                                   source="Resources/Models/cxr at git f7b0f38 (shipped in sessions 12-26)",
                                    **({"augmentation": "configs/cxr_ft_strongaug.json"} if arm == "strongaug" else {}))
        for m in range(2) for arm in ("control", "strongaug")},
     # session 26: histology augmentation for MoNuSeg (the 8 flips and quarter turns, an H&E stain jitter), the
@@ -242,20 +245,44 @@ def prepare(data: Path, out: Path, only: Optional[List[str]] = None) -> None:
         print(f"{f.name}: {f.stat().st_size / 2**20:.1f} MiB")
 
 
+def model_from_git(commit: str, folder: str, out: Path) -> Path:
+    """The model folder ``folder`` (e.g. Resources/Models/cxr) as git holds it at ``commit``, written to ``out``:
+    a shipped model that has since been replaced."""
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", "-C", str(ROOT), *args], check=True, stdout=subprocess.PIPE).stdout
+    names = git("ls-tree", "--name-only", f"{commit}:{folder}").decode().split()
+    if "model.json" not in names:
+        raise SystemExit(f"{folder} at {commit} holds no model card (model.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name == "model.json" or name.endswith(".safetensors"):
+            (out / name).write_bytes(git("show", f"{commit}:{folder}/{name}"))
+    return out
+
+
 def pack_init(models: List[str], dest: Path) -> None:
-    """fp16 copies of model folders (``name=path`` or a shipped name) under ``dest/<name>``: the warm restarts'
-    starting points, at half the bytes of the 64 MiB that may travel to the GPU machine."""
-    from safetensors.torch import load_file, save_file
+    """fp16 copies of model folders (``name=path``, ``name=COMMIT:FOLDER`` for a model as git held it, or a
+    shipped name) under ``dest/<name>``: the warm restarts' starting points, at half the bytes of the 64 MiB that
+    may travel to the GPU machine."""
+    import tempfile
     from cdal_core.model_io import resolve_model
     for spec in models:
         name, _, path = spec.partition("=")
-        src = resolve_model(path or name)
-        (dest / name).mkdir(parents=True, exist_ok=True)
-        (dest / name / "model.json").write_bytes((src / "model.json").read_bytes())
-        for weights in sorted(src.glob("*.safetensors")):
-            half = {k: v.half().contiguous() for k, v in load_file(str(weights)).items()}
-            save_file(half, str(dest / name / weights.name))
-        print(f"{name}: {sum(f.stat().st_size for f in (dest / name).iterdir()) / 2**20:.1f} MiB from {src}")
+        commit, from_git, folder = path.partition(":")
+        with tempfile.TemporaryDirectory() as tmp:
+            as_git = from_git and not Path(path).exists()  # not a folder whose path has a colon (C:\\...)
+            src = model_from_git(commit, folder, Path(tmp) / name) if as_git else resolve_model(path or name)
+            pack_half(src, dest / name)
+            print(f"{name}: {sum(f.stat().st_size for f in (dest / name).iterdir()) / 2**20:.1f} MiB from {spec}")
+
+
+def pack_half(src: Path, out: Path) -> None:
+    """The model folder ``src`` copied to ``out`` with its weights in fp16."""
+    from safetensors.torch import load_file, save_file
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.json").write_bytes((src / "model.json").read_bytes())
+    for weights in sorted(src.glob("*.safetensors")):
+        save_file({k: v.half().contiguous() for k, v in load_file(str(weights)).items()}, str(out / weights.name))
 
 
 # --- training from a bundle (there) ---------------------------------------------------------------------------
@@ -667,7 +694,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / ".gpu")
     p.add_argument("--only", help="comma-separated 2D runs: remake only their bundles")
     p = sub.add_parser("pack-init")
-    p.add_argument("models", nargs="+", help="NAME=MODEL_FOLDER, or a shipped model's name")
+    p.add_argument("models", nargs="+",
+                   help="NAME=MODEL_FOLDER, NAME=COMMIT:MODEL_FOLDER (as git held it), or a shipped model's name")
     p.add_argument("--dest", type=Path, required=True)
     p = sub.add_parser("train")
     p.add_argument("run")

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from cdal_core.config import TrainConfig
 from cdal_core.synthetic import make_msd_dataset
@@ -135,3 +136,24 @@ def test_all_data_refits_hold_nothing_out_and_keep_their_pairs_recipe():
         assert gs.FINETUNE_RUNS[arm + "_all"].get("member", 0) == gs.FINETUNE_RUNS[arm].get("member", 0)
     assert {"cxr_g1_strongaug_all", "monuseg_histaug_all"} <= gs.WITH_DISCRIMINATOR
     assert "cxr_g2_strongaug_all" not in gs.WITH_DISCRIMINATOR
+
+
+def test_cxr_pairs_start_from_the_model_shipped_before_the_refit(tmp_path):
+    """Session 27's refit trained on the 26 validation images, so the CXR pairs (scored on them) start from the
+    model shipped until then, which pack-init takes from git; the packed copy is that model in fp16."""
+    import subprocess
+    gs = load_tool("gpu_session")
+    assert {gs.FINETUNE_RUNS[f"cxr_g{m}_{arm}"]["init"] for m in (1, 2) for arm in ("control", "strongaug")} \
+        == {"cxr_s26"}
+    assert gs.FINETUNE_RUNS["cxr_g1_strongaug_all"]["init"] == "cxr_s26"
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "f7b0f38:Resources/Models/cxr/model.json"],
+                      stderr=subprocess.DEVNULL).returncode != 0:
+        pytest.skip("this checkout does not hold commit f7b0f38 (a shallow clone)")
+    from safetensors.torch import load_file
+    from cdal_core.model_io import load_model
+    gs.pack_init(["cxr_s26=f7b0f38:Resources/Models/cxr"], tmp_path)
+    packed = load_model(tmp_path / "cxr_s26")
+    assert packed.card["training"]["data"]["train_cases"] == 103 and len(packed.generators) == 2
+    assert all(v.dtype == torch.float16 for v in load_file(str(tmp_path / "cxr_s26" / "model.safetensors")).values())
+    with pytest.raises(SystemExit, match="no model card"):
+        gs.model_from_git("f7b0f38", "configs", tmp_path / "nothing")
