@@ -386,9 +386,17 @@ def cmd_evaluate(args) -> int:
 def finish_evaluation(report, model, args, table) -> int:
     """Shared end of ``cdal evaluate`` (3D and 2D): settings into the report, the table, ``--json``."""
     from .model_io import atomic_write_bytes
+    from .evaluation import cases_trained_on
     report["model"] = str(model.path)
     report["steps"], report["samples"] = args.steps or model.default_steps, args.samples
+    names = [row["case"] for row in report.get("per_volume") or report.get("per_image") or []]
+    seen, folder = cases_trained_on(model.card, args.data, names)
+    if seen:
+        report["trained_on_cases"] = seen
     print(table(report))
+    if seen:
+        print(f"note: the model trained on {len(seen)} of these {len(names)} cases ({folder}, outside the held-out "
+              "lists in its card): if this is that data, their scores are not held-out", file=sys.stderr)
     if args.json:
         atomic_write_bytes(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
         print(f"report: {args.json}")

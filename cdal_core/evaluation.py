@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -146,6 +147,32 @@ def _input_slice_axis(image: sitk.Image, model: LoadedModel) -> int:
     world = ref_dir[:, 2 - model.slice_axis]
     itk_axis = int(np.argmax(np.abs(mapping_dir.T @ world)))
     return 2 - itk_axis
+
+
+HELD_OUT_KEYS = ("validation_cases", "model_selection_cases", "held_out_cases")
+
+
+def cases_trained_on(card: Dict, data_folder: str, case_names: Sequence[str]) -> Tuple[List[str], str]:
+    """The names among ``case_names`` that a generator of the model trained on, by its card, and that training
+    folder. A generator trained on a folder named like ``data_folder`` saw every case of it outside its held-out
+    lists; a card without those lists says nothing (empty answer). Matched by the folder's name, not its path,
+    so that a model trained on another machine is recognised."""
+    def folder_name(path: str) -> str:
+        return re.split(r"[\\/]", str(path).rstrip("/\\"))[-1].lower()
+    wanted = folder_name(str(Path(data_folder).resolve()))
+    trainings = [card.get("training") or {}] + [m.get("training") or {} for m in card.get("members") or []]
+    seen, folder = set(), ""
+    for training in trainings:
+        data = training.get("data")
+        if not isinstance(data, dict) or not data.get("folder") or folder_name(data["folder"]) != wanted:
+            continue
+        lists = [data[k] for k in HELD_OUT_KEYS if isinstance(data.get(k), list)]
+        if not lists:
+            continue
+        held_out = set().union(*lists)
+        seen.update(n for n in case_names if n not in held_out)
+        folder = str(data["folder"])
+    return [n for n in case_names if n in seen], folder
 
 
 def mean_foreground_dice(report: Dict) -> float:

@@ -307,3 +307,17 @@ def test_a_refused_training_start_leaves_no_run_behind(tmp_path, tiny_config_fil
     assert_clean_error(cdal("train", "--data", data, "--out", tmp_path / "run", "--config", tiny_config_file,
                             check=False), "label")
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_cases_trained_on_reads_every_generators_card():
+    """A member trained on all of a folder marks every case; a folder of another name or a card without held-out
+    lists marks none; a Windows path in the card still names its folder."""
+    from cdal_core.evaluation import cases_trained_on
+    primary = {"folder": "/data/CXR", "validation_cases": ["a"], "model_selection_cases": ["a"]}
+    member = {"folder": "C:\\Users\\me\\CXR\\", "validation_cases": []}
+    card = {"training": {"data": primary}, "members": [{"training": {"data": member}}]}
+    assert cases_trained_on({"training": {"data": primary}}, "/elsewhere/CXR", ["a", "b"]) == (["b"], "/data/CXR")
+    assert cases_trained_on(card, "/elsewhere/cxr", ["a", "b"])[0] == ["a", "b"]
+    assert cases_trained_on(card, "/elsewhere/MoNuSeg", ["a", "b"])[0] == []
+    assert cases_trained_on({"training": {"data": {"folder": "/data/CXR"}}}, "/x/CXR", ["a"])[0] == []
+    assert cases_trained_on({"training": {"data": "bundle.npz"}}, "/x/CXR", ["a"])[0] == []

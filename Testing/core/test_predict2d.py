@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,6 +299,25 @@ def test_evaluate_json_has_per_class_dice_and_iou(grey_model, grey_data, tmp_pat
     assert report["images"] == 6 and len(report["per_image"]) == 6
     assert {"Foreground_dice", "Foreground_iou"} <= set(report["per_image"][0])
     assert set(report["uncertainty"]) == {"auroc", "ece", "spearman_image"}
+
+
+def test_evaluate_names_the_cases_the_model_trained_on(grey_model, grey_data, tmp_path, capsys):
+    """Scores on training images are not held-out scores: the report lists them (by the card's training folder
+    and held-out lists) and a note says so; the model's own validation images alone get no note."""
+    from cdal_core.model_io import read_card
+    held_out = read_card(Path(grey_model))["training"]["data"]["validation_cases"]
+    assert 0 < len(held_out) < 6
+    report_path = tmp_path / "report.json"
+    assert run("evaluate", "--model", grey_model, "--data", grey_data, "--samples", 1, "--json", report_path) == 0
+    trained = sorted(f"img{i}" for i in range(6) if f"img{i}" not in held_out)
+    assert json.loads(report_path.read_text())["trained_on_cases"] == trained
+    assert f"note: the model trained on {len(trained)} of these 6 cases" in capsys.readouterr().err
+    listed = tmp_path / "held_out.txt"
+    listed.write_text("\n".join(held_out) + "\n")
+    assert run("evaluate", "--model", grey_model, "--data", grey_data, "--cases", listed, "--samples", 1,
+               "--json", tmp_path / "held_out.json") == 0
+    assert "trained_on_cases" not in json.loads((tmp_path / "held_out.json").read_text())
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_evaluate_scores_a_perfect_prediction_as_one(grey_model, grey_data, monkeypatch):
