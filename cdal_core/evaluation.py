@@ -150,28 +150,46 @@ def _input_slice_axis(image: sitk.Image, model: LoadedModel) -> int:
 
 
 HELD_OUT_KEYS = ("validation_cases", "model_selection_cases", "held_out_cases")
+# a folder with one of these names is told apart by its parent too (MoNuSeg/train is not any train/)
+GENERIC_FOLDER_NAMES = {"train", "training", "test", "val", "validation", "data", "images", "imagestr"}
+
+
+def _path_parts(path: str) -> List[str]:
+    return [part.lower() for part in re.split(r"[\\/]", str(path)) if part]
+
+
+def same_data_folder(recorded: str, data_folder: str, relative: bool = False) -> bool:
+    """Whether a card's training folder names ``data_folder``: by its name (and its parent's, for a generic name
+    such as ``train``), not by its whole path, so that a model trained on another machine is recognised. A
+    ``relative`` record (a GPU bundle's source under the shared data) must match in all its parts."""
+    mine, theirs = _path_parts(str(Path(data_folder).resolve())), _path_parts(recorded)
+    if not theirs:
+        return False
+    n = len(theirs) if relative else (2 if theirs[-1] in GENERIC_FOLDER_NAMES else 1)
+    return len(mine) >= n and mine[-n:] == theirs[-n:]
 
 
 def cases_trained_on(card: Dict, data_folder: str, case_names: Sequence[str]) -> Tuple[List[str], str]:
     """The names among ``case_names`` that a generator of the model trained on, by its card, and that training
-    folder. A generator trained on a folder named like ``data_folder`` saw every case of it outside its held-out
-    lists; a card without those lists says nothing (empty answer). Matched by the folder's name, not its path,
-    so that a model trained on another machine is recognised."""
-    def folder_name(path: str) -> str:
-        return re.split(r"[\\/]", str(path).rstrip("/\\"))[-1].lower()
-    wanted = folder_name(str(Path(data_folder).resolve()))
+    folder. A generator trained on ``data_folder`` (``same_data_folder``; a GPU bundle's card names the folder it
+    was made from in ``source_folder``) saw every case of it outside its held-out lists; a card without those
+    lists says nothing (empty answer)."""
     trainings = [card.get("training") or {}] + [m.get("training") or {} for m in card.get("members") or []]
     seen, folder = set(), ""
     for training in trainings:
         data = training.get("data")
-        if not isinstance(data, dict) or not data.get("folder") or folder_name(data["folder"]) != wanted:
+        if not isinstance(data, dict):
+            continue
+        source = data.get("source_folder")
+        recorded = source or data.get("folder")
+        if not recorded or not same_data_folder(str(recorded), data_folder, relative=bool(source)):
             continue
         lists = [data[k] for k in HELD_OUT_KEYS if isinstance(data.get(k), list)]
         if not lists:
             continue
         held_out = set().union(*lists)
         seen.update(n for n in case_names if n not in held_out)
-        folder = str(data["folder"])
+        folder = str(recorded)
     return [n for n in case_names if n in seen], folder
 
 

@@ -177,6 +177,12 @@ WITH_DISCRIMINATOR = {"all0", "cxr", "cxr128", "monuseg", "monuseg_ft", "cxr128_
                       "h1_all", "h1_cv0", "r1_cv0", "r1_cv0_ft", "h1_all_ft", *(f"cv{k}" for k in range(4)), *(f"cv{k}_ft" for k in range(4))}
 
 
+# the folder under ../shared/data each bundle is made from (cards record it, so that `cdal evaluate` can tell
+# which cases of that folder a model trained on)
+BUNDLE_SOURCES = {"hippocampus.npz": "Task04_Hippocampus", "cxr.npz": "CXR", "cxr128.npz": "CXR",
+                  "monuseg.npz": "MoNuSeg/train"}
+
+
 # --- prepare (here) -------------------------------------------------------------------------------------------
 
 def make_folds(names: List[str], val_names: List[str], seed: int = 0) -> List[List[str]]:
@@ -325,7 +331,8 @@ def bundle_trainer_class():
                 self.views = cfg.views
             self.banks = [SliceBank(volumes, axis, net.context_slices, size) for axis, size in self.views]
             self.val_cases, self.val_volumes = [], None
-            self.data_summary = {"folder": self.bundle.name, "train_cases": len(keep),
+            self.data_summary = {"folder": self.bundle.name, "source_folder": BUNDLE_SOURCES.get(self.bundle.name),
+                                 "train_cases": len(keep),
                                  "held_out_cases": sorted(self.exclude),
                                  "train_slices": sum(len(bk) for bk in self.banks),
                                  "slices_with_foreground": round(self.banks[0].foreground_fraction(), 3)}
@@ -602,9 +609,20 @@ def _sync(device: str) -> None:
 
 # --- the session (there) ----------------------------------------------------------------------------------------
 
+def check_inits(runs: List[str], init_root: Optional[Path] = None) -> None:
+    """Refuse, before any device time is spent, runs whose starting model is not under the init root."""
+    root = init_root or ROOT / "Resources/Models"
+    missing = sorted({FINETUNE_RUNS[r]["init"] for r in runs
+                      if r in FINETUNE_RUNS and not (root / FINETUNE_RUNS[r]["init"] / "model.json").is_file()})
+    if missing:
+        raise SystemExit(f"{root} holds no {', '.join(missing)}: pack them there first (pack-init NAME=... "
+                         "--dest DIR, then --init-root DIR; every run of a session reads the same root)")
+
+
 def session(bundles: Path, out: Path, budget_s: float, device: str, runs: List[str], bench_steps: int,
             batch: Optional[int] = None, bench_batch: Optional[int] = None, bench_precisions: str = "bf16,fp32",
             init_root: Optional[Path] = None) -> None:
+    check_inits(runs, init_root)
     start = time.time()
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"cdal_gpu_runs_{int(start)}"  # never resume a stale run
     work.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,11 @@ def childProcessIDs(pid):
         return []
 
 
+# runners killed but not yet reported finished: Cancel drops its job at once, and a QProcess freed before its
+# child's exit is seen would make Qt wait for it on the GUI thread ("Destroyed while process is still running")
+_killedRunners = set()
+
+
 def _call(runnerRef, method, *args):
     """Call ``method`` of the runner behind the weak reference, if it still exists."""
     runner = runnerRef()
@@ -83,6 +88,7 @@ class QtProcessRunner(object):
         self.onStderr(bytes(self.process.readAllStandardError().data()))
 
     def _finished(self, exitCode, exitStatus=None):
+        _killedRunners.discard(self)
         if self._done:
             return
         self._done = True
@@ -92,7 +98,10 @@ class QtProcessRunner(object):
         self.onFinished(-1 if crashed else int(exitCode))
 
     def _error(self, error):
-        if error == qt.QProcess.FailedToStart and not self._done:
+        if error != qt.QProcess.FailedToStart:
+            return
+        _killedRunners.discard(self)
+        if not self._done:
             self._done = True
             self.onStderr(("could not start %s: %s\n" % (self.process.program(), self.process.errorString()))
                           .encode("utf-8"))
@@ -103,6 +112,7 @@ class QtProcessRunner(object):
 
     def kill(self):
         if self.process.state() != qt.QProcess.NotRunning:
+            _killedRunners.add(self)  # until its finished signal
             # PythonSlicer is a launcher running python-real as its child (CTKAppLauncher: Base/ctkAppLauncher.cpp,
             # runProcess), and that child leads its own process group (os.setsid): kill the children's trees first,
             # or killing the launcher alone leaves the worker running

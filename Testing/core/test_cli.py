@@ -321,3 +321,32 @@ def test_cases_trained_on_reads_every_generators_card():
     assert cases_trained_on(card, "/elsewhere/MoNuSeg", ["a", "b"])[0] == []
     assert cases_trained_on({"training": {"data": {"folder": "/data/CXR"}}}, "/x/CXR", ["a"])[0] == []
     assert cases_trained_on({"training": {"data": "bundle.npz"}}, "/x/CXR", ["a"])[0] == []
+
+
+def test_a_generic_folder_name_is_told_apart_by_its_parent_and_a_bundle_by_its_source(tmp_path):
+    from cdal_core.evaluation import cases_trained_on
+    histology = {"folder": "/data/MoNuSeg/train", "validation_cases": []}
+    assert cases_trained_on({"training": {"data": histology}}, tmp_path / "MoNuSeg" / "train", ["a"])[0] == ["a"]
+    assert cases_trained_on({"training": {"data": histology}}, tmp_path / "other" / "train", ["a"])[0] == []
+    bundle = {"folder": "monuseg.npz", "source_folder": "MoNuSeg/train", "held_out_cases": ["b"]}
+    assert cases_trained_on({"training": {"data": bundle}}, tmp_path / "MoNuSeg" / "train", ["a", "b"])[0] == ["a"]
+    assert cases_trained_on({"training": {"data": bundle}}, tmp_path / "train", ["a", "b"])[0] == []
+
+
+def test_the_shipped_models_name_the_shared_cases_they_trained_on():
+    """cxr (refit on all 129 pairs) and hippocampus (every generator on all 195 volumes) trained on every case of
+    their data; monuseg on all tiles but its 6 validation tiles."""
+    from core_settings import ROOT, SHARED_DATA
+    from cdal_core.data import read_case_list
+    from cdal_core.evaluation import cases_trained_on
+    from cdal_core.model_io import list_models, read_card, resolve_model
+    expected = {"cxr": ("CXR", "images", None), "monuseg": ("MoNuSeg/train", "images", "configs/monuseg_val.txt"),
+                "hippocampus": ("Task04_Hippocampus", "imagesTr", None)}
+    for name, (folder, images, held_out) in expected.items():
+        data = SHARED_DATA / folder
+        if name not in list_models() or not (data / images).is_dir():
+            continue
+        cases = sorted(f.name.split(".")[0] for f in (data / images).iterdir() if not f.name.startswith("."))
+        seen, _ = cases_trained_on(read_card(resolve_model(name)), data, cases)
+        held = set(read_case_list(ROOT / held_out)) if held_out else set()
+        assert seen == [c for c in cases if c not in held], name

@@ -151,7 +151,10 @@ def test_cxr_pairs_start_from_the_model_shipped_before_the_refit(tmp_path):
         pytest.skip("this checkout does not hold commit f7b0f38 (a shallow clone)")
     from safetensors.torch import load_file
     from cdal_core.model_io import load_model
+    with pytest.raises(SystemExit, match="holds no cxr_s26"):
+        gs.check_inits(["monuseg_control", "cxr_g1_control"])   # not shipped: refused before any device time
     gs.pack_init(["cxr_s26=f7b0f38:Resources/Models/cxr"], tmp_path)
+    gs.check_inits(["cxr_g1_control", "cxr_g2_strongaug_all"], tmp_path)
     packed = load_model(tmp_path / "cxr_s26")
     assert packed.card["training"]["data"]["train_cases"] == 103 and len(packed.generators) == 2
     assert all(v.dtype == torch.float16 for v in load_file(str(tmp_path / "cxr_s26" / "model.safetensors")).values())
