@@ -177,8 +177,8 @@ WITH_DISCRIMINATOR = {"all0", "cxr", "cxr128", "monuseg", "monuseg_ft", "cxr128_
                       "h1_all", "h1_cv0", "r1_cv0", "r1_cv0_ft", "h1_all_ft", *(f"cv{k}" for k in range(4)), *(f"cv{k}_ft" for k in range(4))}
 
 
-# the folder under ../shared/data each bundle is made from (cards record it, so that `cdal evaluate` can tell
-# which cases of that folder a model trained on)
+# the folder under ../shared/data each bundle is made from (prepare reads it there; cards record it, so that
+# `cdal evaluate` can tell which cases of that folder a model trained on)
 BUNDLE_SOURCES = {"hippocampus.npz": "Task04_Hippocampus", "cxr.npz": "CXR", "cxr128.npz": "CXR",
                   "monuseg.npz": "MoNuSeg/train"}
 
@@ -223,7 +223,7 @@ def bundle_2d(run: str, data: Path, out: Path) -> None:
     from cdal_core.data import load_png_case, read_png_pairs
     c2 = TrainConfig.load(str(ROOT / TWO_D_RUNS[run]["config"]))
     size = c2.image_size or c2.train_size
-    pairs = read_png_pairs(data / ("CXR" if run.startswith("cxr") else "MoNuSeg/train"))
+    pairs = read_png_pairs(data / BUNDLE_SOURCES[f"{run}.npz"])
     vols = [load_png_case(p, size, c2.network["image_channels"]) for p in pairs]
     np.savez_compressed(out / f"{run}.npz", names=np.array([p.name for p in pairs]),
                         images=np.stack([np.round(v.image * 255).astype(np.uint8) for v in vols]),
@@ -239,7 +239,7 @@ def prepare(data: Path, out: Path, only: Optional[List[str]] = None) -> None:
             bundle_2d(run, data, out)
         return
     cfg = TrainConfig.load(str(ROOT / "configs/hippocampus_gpu.json"))
-    names = bundle_msd(data / "Task04_Hippocampus", cfg, out / "hippocampus.npz")
+    names = bundle_msd(data / BUNDLE_SOURCES["hippocampus.npz"], cfg, out / "hippocampus.npz")
     folds = make_folds(names, read_case_list(ROOT / "configs/hippocampus_val.txt"))
     (ROOT / "configs/hippocampus_folds.json").write_text(json.dumps(
         {"comment": "4 folds over the 195 shared volumes: fold 0 is configs/hippocampus_val.txt, the other 146 "
@@ -389,13 +389,18 @@ def bundle_of(run: str, bundles: Path) -> Path:
     return bundles / (f"{run}.npz" if run in TWO_D_RUNS else "hippocampus.npz")
 
 
+def init_folder(run: str, init_root: Optional[Path] = None) -> Path:
+    """The model a warm restart starts from: its ``init`` under ``init_root`` (Resources/Models by default)."""
+    return (init_root or ROOT / "Resources/Models") / FINETUNE_RUNS[run]["init"]
+
+
 def make_trainer(run: str, bundles: Path, out: Path, device: str, batch: Optional[int] = None,
                  init_root: Optional[Path] = None):
     cfg, exclude = run_config(run)
     if batch:
         cfg.batch_size = batch
     spec = FINETUNE_RUNS.get(run, {})
-    init = str((init_root or ROOT / "Resources/Models") / spec["init"]) if "init" in spec else None
+    init = str(init_folder(run, init_root)) if "init" in spec else None
     return bundle_trainer_class()(bundle_of(run, bundles), out / run, cfg, exclude, member=spec.get("member", 0),
                                   device=device, json_progress=True, init_model=init)
 
@@ -611,11 +616,10 @@ def _sync(device: str) -> None:
 
 def check_inits(runs: List[str], init_root: Optional[Path] = None) -> None:
     """Refuse, before any device time is spent, runs whose starting model is not under the init root."""
-    root = init_root or ROOT / "Resources/Models"
     missing = sorted({FINETUNE_RUNS[r]["init"] for r in runs
-                      if r in FINETUNE_RUNS and not (root / FINETUNE_RUNS[r]["init"] / "model.json").is_file()})
+                      if r in FINETUNE_RUNS and not (init_folder(r, init_root) / "model.json").is_file()})
     if missing:
-        raise SystemExit(f"{root} holds no {', '.join(missing)}: pack them there first (pack-init NAME=... "
+        raise SystemExit(f"{init_root or ROOT / 'Resources/Models'} holds no {', '.join(missing)}: pack them there first (pack-init NAME=... "
                          "--dest DIR, then --init-root DIR; every run of a session reads the same root)")
 
 
