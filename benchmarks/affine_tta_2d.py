@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model = load_model(args.model)
-    _, val = train_and_val(args.data, args.val_cases)
+    _, val = train_and_val(args.data, args.val_cases, model.card)
     rows = []
     for i, case in enumerate(val):
         array = p2d.read_image_2d(case.image, model.config.image_channels)

@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     model = load_model(args.model)
-    train, val = train_and_val(args.data, args.val_cases)
+    train, val = train_and_val(args.data, args.val_cases, model.card)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
 

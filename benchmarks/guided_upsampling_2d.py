@@ -96,7 +96,7 @@ def main() -> None:
     model = load_model(args.model)
     if len(model.class_names) != 2:
         sys.exit("this experiment is for two-class models")
-    train, val = train_and_val(args.data, args.val_cases)
+    train, val = train_and_val(args.data, args.val_cases, model.card)
     train = train[:args.train_images]
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def main() -> None:
                     help="score the training tiles instead (in-sample: does normalising hurt where the model fits?)")
     args = ap.parse_args()
     model = load_model(args.model)
-    train, val = train_and_val(args.data, args.val_cases)
+    train, val = train_and_val(args.data, args.val_cases, model.card)
     stats = [lab_statistics(p2d.read_image_2d(c.image, 3)) for c in train]
     target_mean = np.mean([m for m, _ in stats], axis=0)
     target_std = np.mean([s for _, s in stats], axis=0)

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdal_core.data import read_case_list, read_png_pairs, select_cases  # noqa: E402
+from cdal_core.evaluation import cases_trained_on  # noqa: E402
 from cdal_core.model_io import load_model  # noqa: E402
 from cdal_core.predict2d import read_image_2d, read_mask_2d, segment_image_2d  # noqa: E402
 
@@ -45,12 +46,19 @@ def foreground_probability(model, case, seed: int, cache: Path) -> np.ndarray:
     return p
 
 
-def train_and_val(data: str, val_cases: str):
+def train_and_val(data: str, val_cases: str, card: dict):
     """(training cases, validation cases) of an images/ + masks/ folder; the validation cases in their list's order,
-    so that seed + index gives the seeds ``cdal evaluate`` uses (also for the other 2D experiments)."""
+    so that seed + index gives the seeds ``cdal evaluate`` uses (also for the other 2D experiments). Refused when
+    the model of ``card`` trained on validation cases (a refit such as session 27's ``cxr``): its scores there would
+    not be held-out."""
     cases = read_png_pairs(data)
     val = select_cases(cases, read_case_list(val_cases), val_cases, data)
     val_names = {c.name for c in val}
+    seen, folder = cases_trained_on(card, data, sorted(val_names))
+    if seen:
+        raise SystemExit(f"the model trained on {len(seen)} of the {len(val)} validation cases ({folder}): score a "
+                         "model trained without them (e.g. its version before the refit: tools/gpu_session.py pack-init "
+                         "NAME=COMMIT:Resources/Models/<name> --dest DIR)")
     return [c for c in cases if c.name not in val_names], val
 
 
@@ -77,7 +85,7 @@ def main() -> None:
     model = load_model(args.model)
     if len(model.class_names) != 2:
         sys.exit("this experiment is for two-class models")
-    train, val = train_and_val(args.data, args.val_cases)
+    train, val = train_and_val(args.data, args.val_cases, model.card)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
 
