@@ -171,10 +171,17 @@ def cmd_train(args) -> int:
         config = TrainConfig.for_finetuning(read_card(resolve_model(init)))
     else:
         config = TrainConfig.load(args.config)
-    ensure_writable_folder(Path(args.out), "--out")
-    model_dir = train(args.data, args.out, config, max_steps=args.max_steps, max_minutes=args.max_minutes,
-                      device=args.device, init_model=init, json_progress=args.json_progress,
-                      init_generator=getattr(args, "generator", 1) - 1)
+    out = Path(args.out)
+    new_folder = not out.exists()
+    ensure_writable_folder(out, "--out")
+    try:
+        model_dir = train(args.data, args.out, config, max_steps=args.max_steps, max_minutes=args.max_minutes,
+                          device=args.device, init_model=init, json_progress=args.json_progress,
+                          init_generator=getattr(args, "generator", 1) - 1)
+    except BaseException:
+        if new_folder and out.is_dir() and not any(out.iterdir()):  # a refused run leaves no empty folder behind
+            out.rmdir()
+        raise
     if not args.json_progress:
         print(f"model: {model_dir}")
     return 0

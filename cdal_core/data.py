@@ -217,7 +217,8 @@ def _label_names(raw: Dict) -> Dict[int, str]:
 def _cases_without_json(root: Path, require_labels: bool) -> Tuple[List[Case], Dict[int, str]]:
     images = sorted(p for p in (root / "imagesTr").glob("*") if p.name.endswith(VOLUME_SUFFIXES))
     if not images:
-        raise CDALError(f"{root}: no dataset.json and no imagesTr/*.nii.gz: give an MSD-style dataset folder")
+        raise CDALError(f"{root}: no dataset.json and no imagesTr/*.nii.gz: give an MSD-style dataset folder "
+                        f"(or, for 2D images, a folder with images/ and masks/){_dataset_subfolder_hint(root)}")
     cases = []
     for img in images:
         stem = stem_of(img).removesuffix("_0000")
@@ -226,6 +227,13 @@ def _cases_without_json(root: Path, require_labels: bool) -> Tuple[List[Case], D
             raise CDALError(f"{img}: has no label in labelsTr/: add it or remove the image")
         cases.append(Case(stem, img, lab))
     return cases, {}
+
+
+def _dataset_subfolder_hint(root: Path) -> str:
+    """'; did you mean X?' when a dataset sits one folder down (``MoNuSeg/`` given for ``MoNuSeg/train/``)."""
+    found = sorted(sub for sub in root.iterdir() if sub.is_dir() and (
+        (sub / "dataset.json").is_file() or (sub / "imagesTr").is_dir() or (sub / "images").is_dir()))
+    return f"; did you mean {found[0]}?" if found else ""
 
 
 def read_case_list(path: os.PathLike) -> List[str]:

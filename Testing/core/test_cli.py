@@ -306,7 +306,11 @@ def test_a_refused_training_start_leaves_no_run_behind(tmp_path, tiny_config_fil
         "training": [{"image": "./imagesTr/c0.nii.gz", "label": "./labelsTr/c0.nii.gz"}]}))
     assert_clean_error(cdal("train", "--data", data, "--out", tmp_path / "run", "--config", tiny_config_file,
                             check=False), "label")
-    assert not (tmp_path / "run" / "config.json").exists()
+    assert not (tmp_path / "run").exists()  # not even an empty folder
+    (tmp_path / "mine").mkdir()  # a folder the user made is theirs: kept
+    assert_clean_error(cdal("train", "--data", data, "--out", tmp_path / "mine", "--config", tiny_config_file,
+                            check=False), "label")
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
 
 
 def test_cases_trained_on_reads_every_generators_card():

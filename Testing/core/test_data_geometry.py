@@ -111,6 +111,22 @@ def test_msd_reader_catches_lies(synthetic_dir, tmp_path):
         read_msd_cases(bad)
 
 
+def test_a_dataset_one_folder_down_is_named(synthetic_dir, tmp_path):
+    """A user who hands in ``MoNuSeg/`` for ``MoNuSeg/train/`` is told where the data is."""
+    parent = tmp_path / "MoNuSeg"
+    (parent / "train" / "images").mkdir(parents=True)
+    with pytest.raises(CDALError, match=r"images/ and masks/.*did you mean .*MoNuSeg/train\?"):
+        read_msd_cases(parent)
+    (tmp_path / "Task04").mkdir()
+    (tmp_path / "Task04" / "Task04_Hippocampus").symlink_to(synthetic_dir)
+    with pytest.raises(CDALError, match=r"did you mean .*Task04_Hippocampus\?"):
+        read_msd_cases(tmp_path / "Task04")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CDALError) as err:
+        read_msd_cases(tmp_path / "empty")
+    assert "did you mean" not in str(err.value)
+
+
 def test_labels_outside_the_classes_are_rejected(synthetic_dir):
     cases, _ = read_msd_cases(synthetic_dir)
     with pytest.raises(CDALError, match="label values"):
