@@ -218,7 +218,7 @@ def _cases_without_json(root: Path, require_labels: bool) -> Tuple[List[Case], D
     images = sorted(p for p in (root / "imagesTr").glob("*") if p.name.endswith(VOLUME_SUFFIXES))
     if not images:
         raise CDALError(f"{root}: no dataset.json and no imagesTr/*.nii.gz: give an MSD-style dataset folder "
-                        f"(or, for 2D images, a folder with images/ and masks/){_dataset_subfolder_hint(root)}")
+                        f"(or, for 2D images, a folder with images/ and masks/){dataset_subfolder_hint(root)}")
     cases = []
     for img in images:
         stem = stem_of(img).removesuffix("_0000")
@@ -229,7 +229,7 @@ def _cases_without_json(root: Path, require_labels: bool) -> Tuple[List[Case], D
     return cases, {}
 
 
-def _dataset_subfolder_hint(root: Path) -> str:
+def dataset_subfolder_hint(root: Path) -> str:
     """'; did you mean X?' when a dataset sits one folder down (``MoNuSeg/`` given for ``MoNuSeg/train/``)."""
     found = sorted(sub for sub in root.iterdir() if sub.is_dir() and (
         (sub / "dataset.json").is_file() or (sub / "imagesTr").is_dir() or (sub / "images").is_dir()))

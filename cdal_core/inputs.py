@@ -20,7 +20,7 @@ from typing import List, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .data import PNG_SUFFIXES, VOLUME_SUFFIXES, stem_of
+from .data import PNG_SUFFIXES, VOLUME_SUFFIXES, dataset_subfolder_hint, stem_of
 from .errors import CDALError
 
 MAX_SLICE_MM = 2.0           # the model was trained at 1 mm; beyond ~2 mm a hippocampus spans too few slices
@@ -61,7 +61,8 @@ def list_inputs(path: Path) -> List[ScanInput]:
     if series:
         return series
     raise CDALError(f"{path}: holds no .nii.gz/.nii/.nrrd/.mha volumes and no DICOM series: give a volume file, a "
-                    "folder of them, a folder holding one DICOM series, or a folder of such folders")
+                    "folder of them, a folder holding one DICOM series, or a folder of such folders (2D models: "
+                    f"PNG/JPEG/TIFF images, or a folder with images/){dataset_subfolder_hint(path)}")
 
 
 def read_scan(item: ScanInput, allow_thick_slices: bool = False, thin_slices_expected: bool = True) -> Scan:

@@ -211,6 +211,12 @@ def test_a_folder_without_scans_gives_one_line_without_itk_warnings(tmp_path, ca
     assert "No Series were found" not in captured.err + captured.out
 
 
+def test_a_folder_of_2d_images_one_level_down_is_named(tmp_path):
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    with pytest.raises(CDALError, match=r"did you mean .*train\?"):
+        list_inputs(tmp_path)
+
+
 def test_config_typos_inside_augmentation_and_normalisation_are_named():
     """A misspelt nested key would silently keep its default: a CT user's "standardize": false would still get
     histogram standardisation."""
