@@ -56,6 +56,15 @@ def ensure_writable_folder(folder: Path, option: str) -> None:
         raise CDALError(f"{folder}: cannot write there ({exc.strerror or exc}): choose another {option}") from None
 
 
+def remove_empty_folders(folders: Sequence[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is still empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def check_output_file(path: Path, option: str, overwrite: bool) -> None:
     """A file the command will write: not a folder, not an existing file unless ``overwrite``, and its folder
     writable (created if needed), all checked before any work."""
@@ -172,15 +181,14 @@ def cmd_train(args) -> int:
     else:
         config = TrainConfig.load(args.config)
     out = Path(args.out)
-    new_folder = not out.exists()
+    created = [f for f in (out, *out.parents) if not f.exists()]  # the folders this command makes, deepest first
     ensure_writable_folder(out, "--out")
     try:
         model_dir = train(args.data, args.out, config, max_steps=args.max_steps, max_minutes=args.max_minutes,
                           device=args.device, init_model=init, json_progress=args.json_progress,
                           init_generator=getattr(args, "generator", 1) - 1)
     except BaseException:
-        if new_folder and out.is_dir() and not any(out.iterdir()):  # a refused run leaves no empty folder behind
-            out.rmdir()
+        remove_empty_folders(created)  # a refused run leaves no empty folders behind
         raise
     if not args.json_progress:
         print(f"model: {model_dir}")

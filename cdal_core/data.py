@@ -231,8 +231,11 @@ def _cases_without_json(root: Path, require_labels: bool) -> Tuple[List[Case], D
 
 def dataset_subfolder_hint(root: Path) -> str:
     """'; did you mean X?' when a dataset sits one folder down (``MoNuSeg/`` given for ``MoNuSeg/train/``)."""
-    found = sorted(sub for sub in root.iterdir() if sub.is_dir() and (
-        (sub / "dataset.json").is_file() or (sub / "imagesTr").is_dir() or (sub / "images").is_dir()))
+    try:
+        found = sorted(sub for sub in root.iterdir() if sub.is_dir() and (
+            (sub / "dataset.json").is_file() or (sub / "imagesTr").is_dir() or (sub / "images").is_dir()))
+    except OSError:  # an unreadable folder: the message stands without the hint
+        return ""
     return f"; did you mean {found[0]}?" if found else ""
 
 

@@ -304,9 +304,9 @@ def test_a_refused_training_start_leaves_no_run_behind(tmp_path, tiny_config_fil
     (data / "dataset.json").write_text(json.dumps({
         "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
         "training": [{"image": "./imagesTr/c0.nii.gz", "label": "./labelsTr/c0.nii.gz"}]}))
-    assert_clean_error(cdal("train", "--data", data, "--out", tmp_path / "run", "--config", tiny_config_file,
-                            check=False), "label")
-    assert not (tmp_path / "run").exists()  # not even an empty folder
+    assert_clean_error(cdal("train", "--data", data, "--out", tmp_path / "runs" / "new" / "run", "--config",
+                            tiny_config_file, check=False), "label")
+    assert not (tmp_path / "runs").exists()  # not even the empty folders it made
     (tmp_path / "mine").mkdir()  # a folder the user made is theirs: kept
     assert_clean_error(cdal("train", "--data", data, "--out", tmp_path / "mine", "--config", tiny_config_file,
                             check=False), "label")
