@@ -302,6 +302,8 @@ class Trainer:
         if self.is_2d:  # predict2d resizes inputs to this and slides train_size windows over it
             card["input"]["image_size"] = list(cfg.image_size or cfg.train_size)
             card["normalisation"] = dict(NORMALISATION_2D)
+            if self._orientation_free():  # samples spread over flips and transposes (predict2d)
+                card["input"]["test_time_symmetries"] = True
         else:
             # each sample pools its steps' predictions: free, and on the hippocampus (fold 0, session 23) three
             # generators gained +0.10-0.14 / +0.13-0.68 Dice; the 2D models did not gain: they keep Algorithm 2
@@ -311,6 +313,12 @@ class Trainer:
             # cross-validation, session 17: +0.20 / +0.22 Dice on the hippocampus at the same cost)
             card["input"]["test_time_mirror"] = True
         return card
+
+    def _orientation_free(self) -> bool:
+        """Whether the 2D model sees images with no preferred orientation: its start model's card said so (a
+        fine-tune of monuseg keeps what it was measured with), or it trained on all 8 flips and quarter turns."""
+        started = bool(self.init and self.init.card.get("input", {}).get("test_time_symmetries"))
+        return started or bool((self.cfg.augmentation or {}).get("dihedral"))
 
     # -- one step ------------------------------------------------------------------------------------------
     def _batch(self, step: int):
