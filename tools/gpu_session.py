@@ -127,7 +127,10 @@ FINETUNE_RUNS_PAIRS = {
        for m in range(2) for arm in ("control", "strongaug")},
     # session 26: histology augmentation for MoNuSeg (the 8 flips and quarter turns, an H&E stain jitter), the
     # shipped generator restarted twice, identical but for the augmentation
-    **{f"monuseg_{arm}": dict(base="monuseg", init="monuseg", seed=26,
+    # (from ``monuseg_s27``, the model shipped until session 27, trained without the validation tiles: session 28's
+    # refit has seen them; pack it with ``pack-init monuseg_s27=f325ee2:Resources/Models/monuseg``)
+    **{f"monuseg_{arm}": dict(base="monuseg", init="monuseg_s27", seed=26,
+                              source="Resources/Models/monuseg at git f325ee2 (shipped in sessions 10-27)",
                               **({"augmentation": "configs/monuseg_ft_histaug.json"} if arm == "histaug" else {}))
        for arm in ("control", "histaug")},
 }

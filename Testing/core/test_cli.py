@@ -338,13 +338,13 @@ def test_a_generic_folder_name_is_told_apart_by_its_parent_and_a_bundle_by_its_s
 
 
 def test_the_shipped_models_name_the_shared_cases_they_trained_on():
-    """cxr (refit on all 129 pairs) and hippocampus (every generator on all 195 volumes) trained on every case of
-    their data; monuseg on all tiles but its 6 validation tiles."""
+    """cxr (refit on all 129 pairs), monuseg (refit on all 30 tiles) and hippocampus (every generator on all 195
+    volumes) trained on every case of their data."""
     from core_settings import ROOT, SHARED_DATA
     from cdal_core.data import read_case_list
     from cdal_core.evaluation import cases_trained_on
     from cdal_core.model_io import list_models, read_card, resolve_model
-    expected = {"cxr": ("CXR", "images", None), "monuseg": ("MoNuSeg/train", "images", "configs/monuseg_val.txt"),
+    expected = {"cxr": ("CXR", "images", None), "monuseg": ("MoNuSeg/train", "images", None),
                 "hippocampus": ("Task04_Hippocampus", "imagesTr", None)}
     for name, (folder, images, held_out) in expected.items():
         data = SHARED_DATA / folder

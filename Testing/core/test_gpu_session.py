@@ -160,3 +160,22 @@ def test_cxr_pairs_start_from_the_model_shipped_before_the_refit(tmp_path):
     assert all(v.dtype == torch.float16 for v in load_file(str(tmp_path / "cxr_s26" / "model.safetensors")).values())
     with pytest.raises(SystemExit, match="no model card"):
         gs.model_from_git("f7b0f38", "configs", tmp_path / "nothing")
+
+
+def test_monuseg_pairs_start_from_the_model_shipped_before_the_refit(tmp_path):
+    """Session 28's refit trained on the 6 validation tiles, so the MoNuSeg pair (scored on them) and its all-data
+    twins start from the model shipped until then, packed from git."""
+    import subprocess
+    gs = load_tool("gpu_session")
+    assert {gs.FINETUNE_RUNS[f"monuseg_{arm}{all_}"]["init"] for arm in ("control", "histaug")
+            for all_ in ("", "_all")} == {"monuseg_s27"}
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "f325ee2:Resources/Models/monuseg/model.json"],
+                      stderr=subprocess.DEVNULL).returncode != 0:
+        pytest.skip("this checkout does not hold commit f325ee2 (a shallow clone)")
+    from cdal_core.model_io import load_model
+    with pytest.raises(SystemExit, match="holds no monuseg_s27"):
+        gs.check_inits(["monuseg_histaug"])
+    gs.pack_init(["monuseg_s27=f325ee2:Resources/Models/monuseg"], tmp_path)
+    gs.check_inits(["monuseg_control", "monuseg_histaug_all"], tmp_path)
+    packed = load_model(tmp_path / "monuseg_s27")
+    assert packed.card["training"]["data"]["train_cases"] == 24 and packed.card["input"]["test_time_symmetries"]
