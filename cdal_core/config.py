@@ -205,6 +205,8 @@ class TrainConfig:
         cfg.lr_g, cfg.lr_d, cfg.max_steps = cfg.lr_g / 2, cfg.lr_d / 2, 200
         cfg.slice_axis = int(inp.get("slice_axis", cfg.slice_axis))
         cfg.train_size = list(inp.get("train_size", cfg.train_size))
+        if inp.get("image_size"):  # 2D: patches come from images at the size the model trained at
+            cfg.image_size = list(inp.get("train_image_size") or inp["image_size"])
         cfg.extra_views = [dict(v) for v in inp.get("extra_views", [])]
         cfg.check_views()
         return cfg

@@ -300,7 +300,12 @@ class Trainer:
                       "cdal_version": __version__},
             validation=scores or {})
         if self.is_2d:  # predict2d resizes inputs to this and slides train_size windows over it
-            card["input"]["image_size"] = list(cfg.image_size or cfg.train_size)
+            trained_at = list(cfg.image_size or cfg.train_size)
+            card["input"]["image_size"] = trained_at
+            start = self.init.card.get("input", {}) if self.init else {}
+            if start.get("train_image_size") == trained_at:  # a start model segmented at another size keeps it
+                card["input"]["image_size"] = list(start["image_size"])
+                card["input"]["train_image_size"] = trained_at
             card["normalisation"] = dict(NORMALISATION_2D)
             if self._orientation_free():  # samples spread over flips and transposes (predict2d)
                 card["input"]["test_time_symmetries"] = True

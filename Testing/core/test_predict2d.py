@@ -542,3 +542,33 @@ def test_a_finetune_keeps_its_models_test_time_symmetries_and_dihedral_training_
                     augmentation={"probability": 0.0, "affine_probability": 0.0, "dihedral": True})
     turned = train(str(data), str(tmp_path / "turned"), TrainConfig.from_dict(dihedral), max_steps=1, device="cpu")
     assert read_card(turned)["input"]["test_time_symmetries"] is True
+
+
+def test_a_config_free_finetune_trains_at_the_models_training_size_and_keeps_its_working_size(rgb_model, tmp_path):
+    """``cdal finetune`` without --config used to cut patches from images resized to the patch size (a MoNuSeg tile
+    at 256 instead of 512). It now resizes them as the model trained (``input.train_image_size``, else
+    ``image_size``), and a model segmented at another size than it trained keeps that size."""
+    import json
+    import shutil
+    from cdal_core.config import TrainConfig
+    from cdal_core.model_io import read_card
+    from cdal_core.trainer import train
+    data = _dataset(tmp_path / "rgb", rgb=True, n=3)
+    plain = TrainConfig.for_finetuning(read_card(rgb_model))
+    assert plain.image_size == [64, 64] and plain.train_size == [32, 32]
+    start = tmp_path / "start"
+    shutil.copytree(rgb_model, start)
+    card = json.loads((start / "model.json").read_text())
+    card["input"].update(image_size=[80, 80], train_image_size=[64, 64])
+    (start / "model.json").write_text(json.dumps(card))
+    cfg = TrainConfig.for_finetuning(card)
+    assert cfg.image_size == [64, 64]
+    cfg.val_fraction = 0.0
+    tuned = read_card(train(str(data), str(tmp_path / "tuned"), cfg, max_steps=1, device="cpu",
+                            init_model=str(start)))
+    assert tuned["input"]["image_size"] == [80, 80] and tuned["input"]["train_image_size"] == [64, 64]
+    other = TrainConfig.for_finetuning(card)
+    other.image_size, other.val_fraction = [48, 48], 0.0   # trained at another size: the start's 80 says nothing
+    retrained = read_card(train(str(data), str(tmp_path / "other"), other, max_steps=1, device="cpu",
+                                init_model=str(start)))
+    assert retrained["input"]["image_size"] == [48, 48] and "train_image_size" not in retrained["input"]
