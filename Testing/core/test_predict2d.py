@@ -567,6 +567,11 @@ def test_a_config_free_finetune_trains_at_the_models_training_size_and_keeps_its
     tuned = read_card(train(str(data), str(tmp_path / "tuned"), cfg, max_steps=1, device="cpu",
                             init_model=str(start)))
     assert tuned["input"]["image_size"] == [80, 80] and tuned["input"]["train_image_size"] == [64, 64]
+    given = TrainConfig.from_dict(dict(TINY_CONFIG, train_size=[32, 32], val_fraction=0.0))  # a --config without it
+    assert given.image_size is None
+    from_config = read_card(train(str(data), str(tmp_path / "given"), given, max_steps=1, device="cpu",
+                                  init_model=str(start)))
+    assert from_config["input"]["image_size"] == [80, 80] and from_config["input"]["train_image_size"] == [64, 64]
     other = TrainConfig.for_finetuning(card)
     other.image_size, other.val_fraction = [48, 48], 0.0   # trained at another size: the start's 80 says nothing
     retrained = read_card(train(str(data), str(tmp_path / "other"), other, max_steps=1, device="cpu",
