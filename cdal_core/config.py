@@ -17,6 +17,14 @@ POSITIVE_SETTINGS = ("batch_size", "max_steps", "lr_g", "lr_d", "train_num_steps
                      "num_classes", "image_channels", "num_res_blocks")
 
 
+def trained_image_size(model_input: Dict[str, Any]) -> Optional[List[int]]:
+    """The size a 2D model's images were resized to in training, from its card's ``input``: ``train_image_size``
+    where it segments at another size, else ``image_size``; None for a volume model."""
+    if not model_input.get("image_size"):
+        return None
+    return list(model_input.get("train_image_size") or model_input["image_size"])
+
+
 def check_setting_types(defaults: Any, settings: Dict[str, Any], what: str) -> None:
     """Refuse a setting whose JSON type differs from its default's (a number given as text, a list as a number)
     and non-positive sizes, with the setting's name, before it fails somewhere inside training."""
@@ -205,8 +213,7 @@ class TrainConfig:
         cfg.lr_g, cfg.lr_d, cfg.max_steps = cfg.lr_g / 2, cfg.lr_d / 2, 200
         cfg.slice_axis = int(inp.get("slice_axis", cfg.slice_axis))
         cfg.train_size = list(inp.get("train_size", cfg.train_size))
-        if inp.get("image_size"):  # 2D: patches come from images at the size the model trained at
-            cfg.image_size = list(inp.get("train_image_size") or inp["image_size"])
+        cfg.image_size = trained_image_size(inp)
         cfg.extra_views = [dict(v) for v in inp.get("extra_views", [])]
         cfg.check_views()
         return cfg

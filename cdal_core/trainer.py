@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .augment import BatchAugmentation, augment_batch, build_augmentation
-from .config import TrainConfig
+from .config import TrainConfig, trained_image_size
 from .data import (Normalisation, SliceBank, load_png_case, load_volume, read_msd_cases, read_png_pairs,
                    round_up, split_cases)
 from .errors import CDALError
@@ -139,9 +139,8 @@ class Trainer:
             if not 0 <= self.init_generator < len(self.init.generators):
                 raise CDALError(f"{self.init_model} has {len(self.init.generators)} generator(s), so there is no "
                                 f"generator {self.init_generator + 1}: pick one from 1 to {len(self.init.generators)}")
-            start = self.init.card.get("input", {})
-            if start.get("image_size") and cfg.image_size is None:  # 2D: resize images as the model trained
-                cfg.image_size = list(start.get("train_image_size") or start["image_size"])
+            if cfg.image_size is None:  # 2D: resize images as the model trained
+                cfg.image_size = trained_image_size(self.init.card.get("input", {}))
             return (self.init.config, self.init.class_names, self.init.grid, self.init.normalisation)
         net = NetworkConfig.from_dict(cfg.network) if cfg.network else NetworkConfig()
         grid = ModelGrid(cfg.orientation, cfg.spacing)
