@@ -33,7 +33,8 @@ DEFAULT_MODEL = "hippocampus"
 INPUT_VOLUME_ROLE = "CDALSegmentation.inputVolume"
 #: attribute marking our output nodes (the input selector hides them)
 OUTPUT_ATTRIBUTE = "CDALSegmentation.output"
-PLOT_CHART_ATTRIBUTE = "CDALSegmentation.plotChart"
+#: node reference from a slice table to its chart (not an attribute: importing a scene renumbers references only)
+PLOT_CHART_ROLE = "CDALSegmentation.plotChart"
 CENTRE_ATTRIBUTE = "CDALSegmentation.centre."  # + "left" / "right": "R,A,S" on the volume table
 SIDE_NAMES = {1: "left", 2: "right", 3: "unknown"}
 REVIEW_DESCRIPTION = {"Check": "'review': this structure's mean uncertainty is far above what the model showed on "
@@ -562,12 +563,31 @@ class CDALSegmentationLogic(object):
             for node in result.nodes():
                 node.SetNodeReferenceID(INPUT_VOLUME_ROLE, volumeNode.GetID())
                 node.SetAttribute(OUTPUT_ATTRIBUTE, node.GetClassName())
+            self._fileBeside(volumeNode, result.nodes())
         except Exception:
             for node in result.nodes():
                 if node.GetScene() is scene:
                     scene.RemoveNode(node)
             raise
         return result
+
+    @staticmethod
+    def _fileBeside(sourceNode, nodes):
+        """Put ``nodes`` where ``sourceNode`` is in the subject hierarchy (a DICOM series' study, a user's folder),
+        so that they are listed, exported and deleted with it; a source at the top level leaves them there."""
+        import slicer
+
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(sourceNode.GetScene())
+        sourceItem = hierarchy.GetItemByDataNode(sourceNode) if hierarchy is not None else 0
+        parent = hierarchy.GetItemParent(sourceItem) if sourceItem else 0
+        if not parent or parent == hierarchy.GetSceneItemID():
+            return
+        for node in nodes:
+            item = hierarchy.GetItemByDataNode(node)  # desktop Slicer makes one for every new data node
+            if item:
+                hierarchy.SetItemParent(item, parent)
+            else:
+                hierarchy.CreateItem(parent, node)
 
     @staticmethod
     def _uniqueName(scene, name):
@@ -580,9 +600,11 @@ class CDALSegmentationLogic(object):
 
         segNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", self._uniqueName(scene, name))
         segNode.CreateDefaultDisplayNodes()
-        segNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        # parent first: the reference geometry is stored in the segmentation's own frame, and Slicer multiplies in
+        # any linear transform between the volume and the segmentation (so set later, it would apply twice)
         if volumeNode.GetParentTransformNode() is not None:
             segNode.SetAndObserveTransformNodeID(volumeNode.GetParentTransformNode().GetID())
+        segNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         matrix = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(matrix)
         segmentation = segNode.GetSegmentation()
@@ -812,7 +834,7 @@ class CDALSegmentationLogic(object):
     def slicePlot(self, tableNode):
         """The uncertainty-per-slice chart of a table, created once and reused (vtkMRMLPlotChartNode)."""
         scene = tableNode.GetScene()
-        chart = scene.GetNodeByID(tableNode.GetAttribute(PLOT_CHART_ATTRIBUTE) or "")
+        chart = tableNode.GetNodeReference(PLOT_CHART_ROLE)
         if chart is not None:
             return chart
         name = tableNode.GetName() + " plot"
@@ -828,7 +850,8 @@ class CDALSegmentationLogic(object):
         chart.SetXAxisTitle("Slice (K)")
         chart.SetYAxisTitle("Mean variance")
         chart.SetLegendVisibility(False) if hasattr(chart, "SetLegendVisibility") else None
-        tableNode.SetAttribute(PLOT_CHART_ATTRIBUTE, chart.GetID())
+        tableNode.SetNodeReferenceID(PLOT_CHART_ROLE, chart.GetID())
+        self._fileBeside(tableNode, [series, chart])
         return chart
 
     # ---- fine-tuning (see finetune.py) ---------------------------------------------------------------------

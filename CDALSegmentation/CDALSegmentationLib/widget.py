@@ -105,6 +105,7 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
         self.segmentPanel.abort()  # kill the child, remove its temp folder, hide the progress bar
         self.fineTunePanel.abort()
         self.setParameterNode(None)
+        self._overlayState = None  # it holds the closing scene's volumes: let them go now
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:

@@ -106,6 +106,51 @@ def test_outputs_are_hidden_from_the_input_selector_and_plot_is_reused(app, logi
     assert logic.slicePlot(result.sliceTableNode) is not None
 
 
+def test_results_are_filed_under_the_input_study(app, logic):
+    """A DICOM series sits under its patient and study: the results go there too (Data module), so that deleting or
+    exporting the study takes them along. An input at the top level leaves its results at the top level."""
+    volume, prepared, arrays, report = _case(app)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient 1")
+    study = hierarchy.CreateStudyItem(patient, "MR brain 2026")
+    hierarchy.CreateItem(study, volume)
+    result = logic.createOutputNodes(prepared, arrays, report)
+    chart = logic.slicePlot(result.sliceTableNode)
+    filed = result.nodes() + [chart, chart.GetNthPlotSeriesNode(0)]
+    assert len(filed) == 7
+    for node in filed:
+        assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study, node.GetName()
+
+    loose, prepared, arrays, report = _case(app, name="B")
+    result = logic.createOutputNodes(prepared, arrays, report)
+    for node in result.nodes():
+        item = hierarchy.GetItemByDataNode(node)
+        assert not item or hierarchy.GetItemParent(item) == hierarchy.GetSceneItemID(), node.GetName()
+
+
+def test_plot_of_an_imported_scene_is_its_own_chart(app, logic, tmp_path):
+    """A saved scene added to one that already has a chart: node IDs clash and MRML renumbers the imported nodes.
+    'Show plot' on the imported table must show the imported chart, not this session's."""
+    saved = slicer.vtkMRMLScene()
+    older = saved.AddNewNodeByClass("vtkMRMLTableNode", "older scan slice uncertainty")
+    olderChart = logic.slicePlot(older)
+    saved.SetURL(str(tmp_path / "older.mrml"))
+    saved.Commit()
+    current = app.scene.AddNewNodeByClass("vtkMRMLTableNode", "current scan slice uncertainty")
+    currentChart = logic.slicePlot(current)
+    url = app.scene.GetURL()
+    app.scene.SetURL(str(tmp_path / "older.mrml"))
+    try:
+        assert app.scene.Import()
+    finally:
+        app.scene.SetURL(url)
+    imported = app.scene.GetFirstNodeByName("older scan slice uncertainty")
+    assert imported is not None and imported is not current
+    chart = logic.slicePlot(imported)
+    assert chart is not currentChart and chart.GetName() == olderChart.GetName()
+    assert logic.slicePlot(current) is currentChart
+
+
 class _Slicer56Table(object):
     """A real table node seen through Slicer 5.6's API (no SetUseColumnTitleAsColumnHeader)."""
 

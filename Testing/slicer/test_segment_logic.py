@@ -8,6 +8,7 @@ import SimpleITK as sitk
 
 import slicer
 import slicer.util
+import vtk
 from CDALSegmentationLib import geometry
 from CDALSegmentationLib.logic import CDALSegmentationLogic, foregroundClasses, readModelCard
 
@@ -209,12 +210,24 @@ def test_ras_nifti_and_lps_nrrd_files_and_parent_transform(app, logic, tiny_mode
     assert np.allclose(geometry.ijkToRasArray(a), geometry.ijkToRasArray(b), atol=1e-5)
     assert np.allclose(geometry.ijkToRasArray(a), geometry.ijkToRasFromSitk(source), atol=1e-5)
     transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    moved = vtk.vtkMatrix4x4()
+    moved.SetElement(0, 3, 50.0)  # a registered scan: 50 mm to the right, not hardened
+    moved.SetElement(2, 3, -7.0)
+    transform.SetMatrixTransformToParent(moved)
     b.SetAndObserveTransformNodeID(transform.GetID())
     la = logic.segment(a, model=tiny_model, **FAST)
     lb = logic.segment(b, model=tiny_model, **FAST)
     assert np.array_equal(la.labelArray(), lb.labelArray())
     for node in (lb.segmentationNode, lb.uncertaintyNode, lb.attentionNode):
         assert node.GetTransformNodeID() == transform.GetID()
+    # Segment Editor edits on the segmentation's stored reference geometry, which lives in the segmentation's own
+    # (here: transformed) frame, so it must be the volume's local grid, not the grid moved once more by the transform
+    segmentation = lb.segmentationNode.GetSegmentation()
+    stored = segmentation.GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    matrix, extent = vtk.vtkMatrix4x4(), [0] * 6
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(stored, matrix, extent)
+    storedIjkToRas = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    assert np.allclose(storedIjkToRas, geometry.ijkToRasArray(b), atol=1e-5), storedIjkToRas
 
 
 def test_model_summary_tells_sampling_ensemble_and_dice_with_standard_error(tmp_path):
