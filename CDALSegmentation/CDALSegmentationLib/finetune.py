@@ -192,12 +192,13 @@ def _exportImagePairs(pairs, outDir, card, channels):
 
 
 def _imagePixels(image, channels, name):
-    """(H, W) or (H, W, 3) pixels of a single-slice image; a grey image stored as RGB (equal channels) is grey."""
+    """(H, W) or (H, W, 3) pixels of a single-slice image; a grey image stored as RGB (equal channels) is grey and
+    alpha is ignored, as Segment does (``logic._checkImageChannels``)."""
     import SimpleITK as sitk
 
     pixels = sitk.GetArrayFromImage(image)[0]
     if pixels.ndim == 3 and channels == 1:
-        if not all(np.array_equal(pixels[..., 0], pixels[..., c]) for c in range(1, pixels.shape[-1])):
+        if not all(np.array_equal(pixels[..., 0], pixels[..., c]) for c in range(1, min(3, pixels.shape[-1]))):
             raise CDALError("%s is a colour image but the model expects greyscale: convert it to greyscale first"
                             % name)
         pixels = pixels[..., 0]

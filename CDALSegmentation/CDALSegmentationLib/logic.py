@@ -263,6 +263,15 @@ def _namesHint(names):
     return " (%s)" % ", ".join(names) if names else ""
 
 
+def _imageFileName(volumeNode):
+    """The file name of a volume read from a 2D image format (PNG, JPEG, TIFF, BMP), else None."""
+    storage = volumeNode.GetStorageNode()
+    fileName = storage.GetFileName() if storage is not None else None
+    if fileName and os.path.splitext(fileName)[1].lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        return os.path.basename(fileName)
+    return None
+
+
 def _size(dims):
     return "x".join(str(d) for d in dims)
 
@@ -362,6 +371,12 @@ class CDALSegmentationLogic(object):
     @staticmethod
     def _checkImageShape(volumeNode, dims, modelName):
         """A 2D image model takes one slice (I x J x 1: how Slicer loads a PNG/TIFF), never a 3D volume."""
+        stackedFrom = _imageFileName(volumeNode)
+        if min(dims) > 1 and stackedFrom:
+            raise CDALError("%s was loaded as a stack of %d images (from %s) but model '%s' segments one 2D image: "
+                            "Slicer reads numbered file names such as 00000001_000.png as a series. Load the image "
+                            "again with Add Data > Show Options > Single File ticked (or save one page of a "
+                            "multi-page TIFF)" % (volumeNode.GetName(), dims[2], stackedFrom, modelName))
         if min(dims) > 1:
             raise CDALError("%s is a 3D volume (%s voxels) but model '%s' segments 2D images: select a 2D image (a "
                             "PNG/TIFF loaded as one slice), or choose a 3D model%s"

@@ -168,8 +168,9 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
         self.ui.applyButton.enabled = segmenting or (not busy and bool(p and p.inputVolume and self.currentModel()))
         self.ui.inputSelector.enabled = not segmenting  # results belong to the volume being segmented
         self.ui.roiSelector.enabled = not segmenting
+        slices = p.sliceTable.GetNumberOfRows() if p and p.sliceTable else 0
         for button in (self.ui.mostUncertainButton, self.ui.plotButton):
-            button.enabled = bool(p and p.sliceTable)
+            button.enabled = slices > 1  # a 2D image's one row has nothing to rank or plot
         self.ui.copyVolumesButton.enabled = bool(p and p.volumeTable)
         for side, button in (("left", self.ui.jumpLeftButton), ("right", self.ui.jumpRightButton)):
             button.enabled = bool(p and self.logic.centreRAS(p.volumeTable, side))

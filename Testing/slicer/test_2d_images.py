@@ -198,6 +198,24 @@ def test_grey_stored_as_rgb_segments_as_grey(app, logic, cxr_model):
     assert grey.labelArray().any() and np.array_equal(as_rgb.labelArray(), grey.labelArray())
 
 
+def test_grey_rgba_x_ray_segments_and_exports_as_grey(app, logic, cxr_model, tmp_path):
+    """A grey X-ray saved as RGBA (alpha 255) loads as a 4-component vector volume: Segment reads it as grey, and so
+    must the fine-tune export (it compared the alpha channel too and called the image colour)."""
+    from CDALSegmentationLib import finetune
+
+    pixels = _chest_xray()[0][::4, ::4].copy()
+    rgba = np.concatenate([np.repeat(pixels[..., None], 3, axis=-1), np.full(pixels.shape + (1,), 255, pixels.dtype)],
+                          axis=-1)
+    volume = _slice_node(rgba, "xray rgba")
+    assert volume.GetImageData().GetNumberOfScalarComponents() == 4
+    result = logic.segment(volume, model=cxr_model, **RUN)
+    grey = logic.segment(_slice_node(pixels, "xray grey"), model=cxr_model, **RUN)
+    assert np.array_equal(result.labelArray(), grey.labelArray())
+    finetune.exportTrainingData([(volume, result.segmentationNode)], str(tmp_path / "data"), readModelCard(cxr_model))
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "data" / "images" / "xray-rgba.tif")))
+    assert np.array_equal(exported, pixels)
+
+
 def test_roi_crops_a_2d_image(app, logic, cxr_model):
     pixels = _chest_xray()[0][::2, ::2].copy()
     volume = _slice_node(pixels, "xray")
@@ -240,6 +258,18 @@ def test_3d_volume_into_2d_model_is_refused(app, logic, cxr_model):
     message = _refused(app, lambda: logic.segment(volume, model=cxr_model), "3D volume", "2D images", "cxr")
     if "hippocampus" in listModels():
         assert "(hippocampus" in message or ", hippocampus" in message, message  # names a 3D model to use
+
+
+def test_numbered_image_files_loaded_as_a_stack_are_named(app, logic, cxr_model):
+    """Slicer reads 00000001_000.png, _001, _002 (a patient's follow-ups, NIH ChestX-ray14 names) as one 3-slice
+    volume unless Single File is ticked: the refusal says so and how to reload, not only '3D volume'."""
+    volume = volume_from_array(np.random.default_rng(0).normal(100, 20, (3, 30, 40)).astype(np.float32),
+                               np.eye(4), "00000001_000")
+    storage = app.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName("/data/xrays/00000001_000.png")
+    volume.SetAndObserveStorageNodeID(storage.GetID())
+    _refused(app, lambda: logic.segment(volume, model=cxr_model), "stack of 3 images", "00000001_000.png",
+             "Single File", "cxr")
 
 
 def test_2d_image_into_3d_model_is_refused(app, logic, cxr_model):
