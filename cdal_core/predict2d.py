@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -215,7 +215,8 @@ def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int]
                      early_exit: bool = True, with_attention: bool = True,
                      symmetries: Optional[bool] = None,
                      output_size: Optional[Tuple[int, int]] = None,
-                     step_pooling: Optional[str] = None) -> ImageResult:
+                     step_pooling: Optional[str] = None,
+                     progress: Optional[Callable[[float], None]] = None) -> ImageResult:
     """``(ch, H, W)`` raw image -> labels, probabilities, uncertainty and attention at ``(H, W)`` (or at
     ``output_size``: the card's ``image_size`` gives the maps at the model's working resolution).
 
@@ -223,7 +224,8 @@ def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int]
     ``symmetries`` (default: the card's ``input.test_time_symmetries``, for images with no preferred orientation
     such as tissue) also spreads them over flips and transposes of the image, mapped back before pooling: the same
     cost, and the uncertainty then includes disagreement between orientations. ``step_pooling``: see
-    ``inference.segment_image``."""
+    ``inference.segment_image``. ``progress(fraction of samples done)`` is called after each generator and
+    orientation (a whole MoNuSeg tile takes tens of seconds on a laptop CPU)."""
     from .inference import (EARLY_EXIT, MAX_STEPS, _scale_attention, adapted_threads, pool_views, resolve_device,
                             resolve_precision, step_weights_for)
     start = time.perf_counter()
@@ -250,6 +252,8 @@ def segment_image_2d(array: np.ndarray, model: LoadedModel, steps: Optional[int]
             maps = _sliding_window(_to_view(image, orientations[o]), model, model.generators[g], schedule, k, rng,
                                    window, with_attention, EARLY_EXIT if early_exit else None, step_weights)
             views.append((k, tuple(_from_view(m, orientations[o]) for m in maps)))
+            if progress is not None:
+                progress(sum(n for n, _ in views) / samples)
     probs, variance, attention = pool_views(views)
     # back to the input's pixels: interpolate the probabilities, then argmax
     probs = _resize_maps(probs, (height, width))

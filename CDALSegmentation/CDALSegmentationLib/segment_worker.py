@@ -57,7 +57,8 @@ def segmentSlice(image, model, samples=5, steps=None, seed=None, device="cpu", p
     if progress is not None:
         progress(0.0, "Segmenting the image")
     array = image_array_2d(image, model.config.image_channels, "input")
-    r = segment_image_2d(array, model, steps=steps, samples=samples, seed=seed, device=device)
+    onSamples = None if progress is None else (lambda done: progress(0.95 * done, "Segmenting the image"))
+    r = segment_image_2d(array, model, steps=steps, samples=samples, seed=seed, device=device, progress=onSamples)
 
     def onImageGrid(values):
         out = sitk.GetImageFromArray(values.reshape(tuple(reversed(image.GetSize()))))

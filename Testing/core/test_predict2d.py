@@ -188,7 +188,10 @@ def test_symmetries_follow_the_card_and_the_command_line(grey_model, grey_data, 
     image = p2d.read_image_2d(grey_data / "images" / "img0.png", 1)
     model = load_model(grey_model)
     plain = p2d.segment_image_2d(image, model, samples=4, seed=0, precision="fp32")
-    turned = p2d.segment_image_2d(image, model, samples=4, seed=0, precision="fp32", symmetries=True)
+    done = []
+    turned = p2d.segment_image_2d(image, model, samples=4, seed=0, precision="fp32", symmetries=True,
+                                  progress=done.append)
+    assert done == [0.25, 0.5, 0.75, 1.0], "a progress report after each orientation (Slicer's bar)"
     assert turned.labels.shape == plain.labels.shape
     assert not np.allclose(turned.probabilities, plain.probabilities)  # other orientations were sampled
     # a card that asks for them gets them by default
