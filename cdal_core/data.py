@@ -37,6 +37,9 @@ def read_image(path: os.PathLike) -> sitk.Image:
         raise CDALError(f"{path}: file not found: check the path")
     if path.is_dir():
         raise CDALError(f"{path}: is a folder, expected an image file (.nii.gz, .nrrd, .mha)")
+    if path.name.lower().endswith(".gz"):
+        from .inputs import verify_gzip  # ITK reads a cut .gz stream as zeros: a cut download would train as data
+        verify_gzip(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:

@@ -108,7 +108,7 @@ def _read_file(path: Path) -> Scan:
     if nifti:
         header, raw = _nifti_raw(path)  # reads every byte: a cut file fails here
     elif path.name.lower().endswith(".gz"):
-        _verify_gzip(path)
+        verify_gzip(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -142,7 +142,7 @@ def unreadable(path: Path, text: str) -> CDALError:
     return CDALError(f"{path}: cannot be read as an image ({first}): is it a complete {formats}?")
 
 
-def _verify_gzip(path: Path) -> None:
+def verify_gzip(path: Path) -> None:
     """Decompress the whole stream (CRC and length checked): a cut or damaged download is an error, not zeros."""
     try:
         with gzip.open(path, "rb") as f:

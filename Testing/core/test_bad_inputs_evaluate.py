@@ -117,6 +117,22 @@ def test_label_geometry_within_rounding_and_integral_floats_are_accepted(model, 
         evaluate(model, shifted)
 
 
+@pytest.mark.parametrize("cut", ["imagesTr", "labelsTr"])
+def test_a_cut_download_is_refused_not_read_as_zeros(model, tmp_path, cut):
+    """ITK reads a truncated .nii.gz as zeros past the cut: evaluate would score a half-empty label, and training
+    would learn from it. Both read through data.read_image, which now checks the whole compressed stream."""
+    root = one_case(tmp_path)
+    path = root / cut / "case_000.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(CDALError, match="truncated or corrupt") as err:
+        evaluate(model, root)
+    assert str(path) in str(err.value) and "download it again" in str(err.value)
+    with pytest.raises(CDALError, match="truncated or corrupt"):
+        load_volume(Case("case_000", root / "imagesTr" / "case_000.nii.gz", root / "labelsTr" / "case_000.nii.gz"),
+                    ModelGrid(spacing=(1.0, 1.0, 1.0)), Normalisation(), num_classes=3)
+
+
 def test_training_reads_labels_with_the_same_checks(tmp_path):
     _, lab = make_volume(np.random.default_rng(5), shape=(20, 28, 24))
     cases, _ = read_msd_cases(one_case(tmp_path, label=moved(lab, origin=(0.0, 3.0, 0.0))))
