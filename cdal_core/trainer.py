@@ -16,7 +16,7 @@ import platform
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -96,6 +96,7 @@ class Trainer:
         self.history: List[Dict] = []
         self._fg_found: List[float] = []  # the last logged values (_watch_for_collapse)
         self._collapse_said = False
+        self._pending_validation = False  # stopped while validating: the resumed run validates this step first
         self._resume()
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -110,8 +111,16 @@ class Trainer:
         """Refuses an ``out`` folder that holds a different run (the same one resumes)."""
         saved = self.out / "config.json"
         if not saved.exists():
+            if (self.out / "model").exists():  # a model this run did not make (its record would be beside it)
+                raise CDALError(f"{self.out / 'model'}: already holds a model that no run in {self.out} made, and "
+                                "training would replace it: use a new --out folder")
             return
-        prev, mine = json.loads(saved.read_text()), self._run_record()
+        try:
+            prev, mine = json.loads(saved.read_text()), self._run_record()
+            prev["config"].items()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CDALError(f"{saved}: is not the record of a cdal run (cdal train writes one in its --out folder): "
+                            "use a new --out folder") from None
         # a setting the saved run predates had its default value there
         a, b = {**TrainConfig().to_dict(), **prev["config"]}, dict(mine["config"])
         a.pop("max_steps", None), b.pop("max_steps", None)
@@ -271,6 +280,7 @@ class Trainer:
         self.step, self.best, self.best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
         self.seconds = float(state["seconds"])
         self.history = json.loads(state["history"])
+        self._pending_validation = bool(state.get("pending_validation", False))
         self._emit({"event": "resumed", "step": self.step})
 
     def save_checkpoint(self) -> None:
@@ -279,7 +289,7 @@ class Trainer:
         state = {"G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.step,
                  "best": self.best, "best_step": self.best_step, "seconds": self.seconds,
-                 "history": json.dumps(self.history)}
+                 "history": json.dumps(self.history), "pending_validation": self._pending_validation}
         tmp = self.out / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.out / CHECKPOINT)
@@ -456,6 +466,11 @@ class Trainer:
         report["step"] = self.step
         return report
 
+    def _has_model(self) -> bool:
+        """A whole exported model: its card is renamed into place last (``save_model``), so a folder that a kill
+        left empty, or with weights only, is exported again."""
+        return (self.out / "model" / "model.json").is_file()
+
     def export_model(self, scores: Optional[Dict]) -> Path:
         return save_model(self.out / "model", self.card(scores), self.G_ema, self.D)
 
@@ -464,13 +479,14 @@ class Trainer:
         cfg = self.cfg
         target = int(max_steps if max_steps is not None else cfg.max_steps)
         if self.step >= target:
-            if not (self.out / "model").exists():  # first, so "done" is said only once the model is there
+            if not self._has_model():  # first, so "done" is said only once the model is there
                 self.export_model(self._validated(self.validate()))
             self._emit({"event": "done", "step": self.step, "model": str(self.out / "model"),
                         "message": f"already trained to step {self.step}"})
             return self.out / "model"
         deadline = time.time() + 60 * max_minutes if max_minutes else None
-        restore = _raise_on_sigterm()
+        stopper = _StopBetweenSteps()
+        restore = stopper.install()
         plain = self._plain_progress()
         plain_every = max(cfg.log_every, (target // PLAIN_PROGRESS_LINES) // cfg.log_every * cfg.log_every)
         bar = tqdm(total=target, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
@@ -479,10 +495,16 @@ class Trainer:
         last_val = -1
         t_run, first_step = time.time(), self.step
         try:
+            if self._pending_validation:  # the last run was stopped while validating this step
+                self._validate_and_keep_best()
+                last_val = self.step
             while self.step < target:
                 t0 = time.time()
-                stats = self.train_step()
+                with stopper.deferring():
+                    stats = self.train_step()
                 self.seconds += time.time() - t0
+                if stopper.requested:
+                    raise KeyboardInterrupt
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == target:
                     rate = (self.step - first_step) / max(time.time() - t_run, 1e-6)
@@ -497,7 +519,9 @@ class Trainer:
                               f"d {stats['loss_d']:.3f}", file=sys.stderr, flush=True)
                     self._watch_for_collapse(stats["fg_found"])
                 if self.step % cfg.val_every == 0:
+                    self._pending_validation = True
                     self._validate_and_keep_best()
+                    self._pending_validation = False
                     last_val = self.step
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -506,7 +530,8 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             self._emit({"event": "interrupted", "step": self.step})
-            self.save_checkpoint()
+            if not stopper.in_step:  # a second signal inside a step: keep the last checkpoint, whole steps only
+                self.save_checkpoint()
             raise
         finally:
             bar.close()
@@ -545,7 +570,7 @@ class Trainer:
         self.history.append({"step": self.step, "mean_dice": report["mean_dice"]})
         self._log({"event": "validation", **{k: v for k, v in report.items() if k != "per_class"},
                    "per_class_dice": {k: round(v["dice"], 4) for k, v in report["per_class"].items()}})
-        if report["mean_dice"] > self.best or not (self.out / "model").exists():
+        if report["mean_dice"] > self.best or not self._has_model():
             self.best, self.best_step = report["mean_dice"], self.step
             self.export_model(report)
             # the checkpoint must know this best at once: resumed from an older one after a hard kill, a later,
@@ -697,15 +722,37 @@ def _hours_minutes(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-def _raise_on_sigterm():
-    """Turn SIGTERM into KeyboardInterrupt so a killed run still writes its checkpoint."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, previous)
+class _StopBetweenSteps:
+    """Ctrl-C (SIGINT) and SIGTERM stop a run between training steps, so its checkpoint resumes exactly.
+
+    A signal inside a step lets the step finish first: stopped halfway, D and its optimiser would be saved one
+    update ahead of G and the step counter. A second signal stops at once, without a checkpoint (the last one
+    stays). Elsewhere (validation, logging) a signal raises KeyboardInterrupt as usual."""
+
+    def __init__(self) -> None:
+        self.in_step = False
+        self.requested = False
+
+    def install(self):
+        def handler(signum, frame):
+            if self.in_step and not self.requested:
+                self.requested = True
+                print("cdal: stopping after this training step (again to stop at once)", file=sys.stderr, flush=True)
+                return
+            raise KeyboardInterrupt
+        try:
+            previous = [(sig, signal.signal(sig, handler)) for sig in (signal.SIGINT, signal.SIGTERM)]
+        except ValueError:  # not the main thread: signals go elsewhere
+            return lambda: None
+        return lambda: [signal.signal(sig, old) for sig, old in previous]
+
+    @contextmanager
+    def deferring(self):
+        self.in_step = True
+        try:
+            yield
+        finally:
+            self.in_step = False
 
 
 def train(data_dir: str, out_dir: str, config: TrainConfig, max_steps: Optional[int] = None,

@@ -71,6 +71,80 @@ def test_interrupted_run_resumes_from_its_checkpoint(synthetic_dir, tiny_config_
     assert (run / "model" / "model.json").exists()
 
 
+def test_ctrl_c_inside_a_step_finishes_the_step_and_resumes_exactly(synthetic_dir, tmp_path, monkeypatch):
+    """A signal halfway through a step (after D's update, before G's) used to checkpoint D one update ahead of G
+    and the step counter: the resumed run then differed from a straight one. Now the step finishes first."""
+    cfg = TrainConfig.from_dict(TINY_CONFIG)
+    straight = tmp_path / "straight"
+    train(str(synthetic_dir), str(straight), cfg, max_steps=4, device="cpu")
+    sync = Trainer._sync_grads
+
+    def interrupt_during_second_step(self, module):
+        if self.step == 1 and module is self.D:  # D's gradients are ready, its update comes next
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # let the handler run here, mid-step
+        return sync(self, module)
+
+    monkeypatch.setattr(Trainer, "_sync_grads", interrupt_during_second_step)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        train(str(synthetic_dir), str(stopped), cfg, max_steps=4, device="cpu")
+    assert _checkpoint(stopped)["step"] == 2, "the interrupted step was finished and saved"
+    monkeypatch.setattr(Trainer, "_sync_grads", sync)
+    train(str(synthetic_dir), str(stopped), cfg, max_steps=4, device="cpu")
+    a, b = _checkpoint(straight), _checkpoint(stopped)
+    for part in ("G", "D", "G_ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+
+
+def test_a_run_stopped_while_validating_validates_that_step_when_resumed(synthetic_dir, tmp_path, monkeypatch):
+    cfg = TrainConfig.from_dict({**TINY_CONFIG, "val_every": 2})
+    validate = Trainer.validate
+
+    def stopped_while_validating(self):
+        raise KeyboardInterrupt  # as Ctrl-C during the minutes a validation can take
+
+    monkeypatch.setattr(Trainer, "validate", stopped_while_validating)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(str(synthetic_dir), str(run), cfg, max_steps=4, device="cpu")
+    assert _checkpoint(run)["step"] == 2 and _checkpoint(run)["pending_validation"]
+    monkeypatch.setattr(Trainer, "validate", validate)
+    train(str(synthetic_dir), str(run), cfg, max_steps=4, device="cpu")
+    log = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r.get("event") == "validation"] == [2, 4]
+
+
+def test_a_model_folder_left_incomplete_is_exported_again(synthetic_dir, tmp_path):
+    """Killed while exporting, a run left model/ without its card; resuming said 'already trained' and pointed to
+    a folder no command could load."""
+    cfg = TrainConfig.from_dict(TINY_CONFIG)
+    run = tmp_path / "run"
+    train(str(synthetic_dir), str(run), cfg, max_steps=2, device="cpu")
+    (run / "model" / "model.json").unlink()
+    train(str(synthetic_dir), str(run), cfg, max_steps=2, device="cpu")
+    from cdal_core.model_io import load_model
+    assert load_model(run / "model").card["training"]["steps"] == 2
+
+
+def test_an_out_folder_with_a_foreign_config_or_model_is_refused(synthetic_dir, tiny_model, tmp_path):
+    """--out holding the user's own config.json (not a run record) gave a KeyError; --out holding a model with no
+    run record beside it (e.g. fine-tuning ft/model into ft) had that model replaced silently."""
+    cfg = TrainConfig.from_dict(TINY_CONFIG)
+    mine = tmp_path / "exp1"
+    mine.mkdir()
+    (mine / "config.json").write_text(json.dumps(TINY_CONFIG))
+    with pytest.raises(CDALError, match="is not the record of a cdal run"):
+        train(str(synthetic_dir), str(mine), cfg, max_steps=1, device="cpu")
+    ft = tmp_path / "ft"
+    shutil.copytree(tiny_model, ft / "model")
+    before = (ft / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(CDALError, match="already holds a model"):
+        train(str(synthetic_dir), str(ft), cfg, max_steps=1, device="cpu", init_model=str(ft / "model"))
+    assert (ft / "model" / "model.safetensors").read_bytes() == before
+
+
 def test_changed_settings_are_not_mixed_into_a_run(synthetic_dir, tmp_path):
     cfg = TrainConfig.from_dict(TINY_CONFIG)
     train(str(synthetic_dir), str(tmp_path / "r"), cfg, max_steps=1, device="cpu")
