@@ -56,6 +56,19 @@ def ensure_writable_folder(folder: Path, option: str) -> None:
         raise CDALError(f"{folder}: cannot write there ({exc.strerror or exc}): choose another {option}") from None
 
 
+def keep_outputs_apart(source: Path, out_dir: Path, inputs: Iterable[Path], outputs: Iterable[Path]) -> None:
+    """Outputs never replace an input, and never go into the input folder itself: a later run over that folder
+    would read them as scans (``x_seg_seg.nii.gz``), and ``--overwrite`` would replace a user's own ``x_seg``."""
+    source, out_dir = Path(source), Path(out_dir)
+    if source.is_dir() and out_dir.exists() and out_dir.resolve() == source.resolve():
+        raise CDALError(f"{out_dir}: --output is the input folder, so the next run over it would take these "
+                        f"outputs for inputs: choose another folder, e.g. {source.name}-cdal beside it")
+    taken = {Path(p).resolve() for p in inputs}
+    for path in outputs:
+        if Path(path).resolve() in taken:
+            raise CDALError(f"{path}: is an input and would be replaced by an output: choose another --output")
+
+
 def remove_empty_folders(folders: Sequence[Path]) -> None:
     """Remove each of ``folders`` (deepest first) that is still empty; stop at the first that is not."""
     for folder in folders:
@@ -162,13 +175,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CDALError as exc:
         print(f"cdal: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a disk that filled up, or a folder that stopped being writable, after the checks
+        print(f"cdal: error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if args.command in ("train", "finetune"):
-            print("cdal: interrupted (the run saved its checkpoint: re-run the same command to resume)",
+            print("cdal: interrupted (re-run the same command to resume from the run's last checkpoint)",
                   file=sys.stderr)
         else:
             print("cdal: interrupted (outputs are written whole or not at all: re-run to finish)", file=sys.stderr)
         return 130
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a failed read or write: which file, what the system said, what to do."""
+    import errno
+    where = f"{exc.filename}: " if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        fix = "free some space on that disk, or write to another folder, then re-run"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a folder you can write to, then re-run"
+    else:
+        fix = "check the file and the disk, then re-run"
+    return f"{where}{exc.strerror or exc}: {fix}"
 
 
 def cmd_train(args) -> int:
@@ -229,6 +258,8 @@ def cmd_predict(args) -> int:
         raise CDALError(f"two inputs would both write {twice}_seg.nii.gz: rename one, or run them separately")
     planned = {item.stem: {**{k: out_dir / f"{item.stem}_{k}.nii.gz" for k in OUTPUT_KINDS},
                            "report": out_dir / f"{item.stem}_report.json"} for item in inputs}
+    keep_outputs_apart(Path(args.input), out_dir, [item.path for item in inputs],
+                       [f for files in planned.values() for f in files.values()])
     existing = [str(f) for files in planned.values() for f in files.values() if f.exists()]
     if existing and not args.overwrite:
         raise CDALError(f"{existing[0]} already exists ({len(existing)} outputs would be replaced): "
@@ -346,6 +377,7 @@ def write_outputs_together(images, texts) -> None:
                 Path(tmp).write_bytes(content)
             else:
                 sitk.WriteImage(content, tmp, True)
+                check_written_nifti(Path(tmp), path, content)
             make_readable(tmp)
         for tmp, path in staged:
             os.replace(tmp, path)
@@ -353,6 +385,27 @@ def write_outputs_together(images, texts) -> None:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_written_nifti(written: Path, path: Path, image) -> None:
+    """ITK's NIfTI writer only prints a warning when the disk fills up (NRRD, MHA, PNG raise): check the file
+    (the whole compressed stream of a .nii.gz, the size of a .nii) before it is renamed into place."""
+    import errno
+    import gzip
+    import zlib
+    import SimpleITK as sitk
+    name = path.name.lower()
+    try:
+        if name.endswith(".nii.gz"):
+            with gzip.open(written, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        elif name.endswith(".nii"):
+            needed = 352 + sitk.GetArrayViewFromImage(image).nbytes  # header + voxels
+            if written.stat().st_size < needed:
+                raise EOFError(f"{written.stat().st_size} of {needed} bytes")
+    except (EOFError, OSError, zlib.error) as exc:
+        raise OSError(errno.ENOSPC, f"written incompletely ({exc}), is the disk full?", str(path)) from None
 
 
 def write_image_atomic(image, path: Path) -> None:

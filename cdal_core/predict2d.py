@@ -340,7 +340,8 @@ def write_outputs(result: ImageResult, paths: Dict[str, Path], num_classes: int,
 def predict_images(args) -> int:
     """``cdal predict`` for 2D images: writes the five outputs of every input (three with ``--no-attention``) into
     ``--output`` (a folder a few images at a time on the CPU, see ``cli.run_each``)."""
-    from .cli import drop_stale, ensure_writable_folder, run_each, step_pooling_choice, symmetries_choice
+    from .cli import (drop_stale, ensure_writable_folder, keep_outputs_apart, run_each, step_pooling_choice,
+                      symmetries_choice)
     from .inference import check_takes_volumes, resolve_device
     from .model_io import load_model
     inputs = list_images(Path(args.input))
@@ -352,6 +353,7 @@ def predict_images(args) -> int:
     if len(set(stems)) != len(stems):  # e.g. a.png and a.jpg: the second would replace the first's outputs
         twice = sorted({s for s in stems if stems.count(s) > 1})[0]
         raise CDALError(f"two inputs would both write {twice}_seg.png: rename one, or run them separately")
+    keep_outputs_apart(Path(args.input), out_dir, inputs, [f for files in planned.values() for f in files.values()])
     existing = [str(f) for files in planned.values() for f in files.values() if f.exists()]
     if existing and not args.overwrite:
         raise CDALError(f"{existing[0]} already exists ({len(existing)} outputs would be replaced): "

@@ -291,7 +291,11 @@ class Trainer:
                  "best": self.best, "best_step": self.best_step, "seconds": self.seconds,
                  "history": json.dumps(self.history), "pending_validation": self._pending_validation}
         tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except BaseException:  # a full disk: leave no partial file taking the space (the last checkpoint stays)
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.out / CHECKPOINT)
 
     def card(self, scores: Optional[Dict] = None) -> Dict:

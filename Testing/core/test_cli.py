@@ -280,6 +280,80 @@ def test_outputs_of_one_input_are_written_all_or_none(tmp_path):
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a_seg.nii.gz"))).shape == (4, 5, 6)
 
 
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_nifti_cut_short_by_a_full_disk_is_not_renamed_into_place(tmp_path, monkeypatch, suffix):
+    """ITK's NIfTI writer only warns when the disk is full; the cut file used to be published under its final
+    name (cdal crop printed success over 0-byte crops)."""
+    from cdal_core.cli import main, write_outputs_together
+    real = sitk.WriteImage
+
+    def disk_full(image, path, *args):
+        real(image, path, *args)
+        with open(path, "r+b") as f:  # what a full disk leaves: the start of the file
+            f.truncate(os.path.getsize(path) // 2)
+
+    monkeypatch.setattr(sitk, "WriteImage", disk_full)
+    image = to_image(np.random.default_rng(0).random((8, 9, 10)).astype(np.float32))
+    with pytest.raises(OSError, match="written incompletely"):
+        write_outputs_together([(image, tmp_path / ("a_seg" + suffix))], {tmp_path / "a_report.json": b"{}"})
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(sitk, "WriteImage", real)
+    write_outputs_together([(image, tmp_path / ("a_seg" + suffix))], {})
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / ("a_seg" + suffix)))).shape == (8, 9, 10)
+
+
+def test_a_disk_that_fills_up_mid_run_gets_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import errno
+    import cdal_core.cli as cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "scan_seg.nii.gz"))
+
+    monkeypatch.setitem(cli.COMMANDS, "info", full)
+    assert cli.main(["info", "hippocampus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("cdal: error: ") and "scan_seg.nii.gz" in err, err
+    assert "No space left on device" in err and "free some space" in err
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_file(tmp_path, monkeypatch, synthetic_dir):
+    import errno
+    import torch
+    from cdal_core.config import TrainConfig
+    from cdal_core.trainer import Trainer
+    from core_settings import TINY_CONFIG
+    trainer = Trainer(str(synthetic_dir), str(tmp_path / "run"), TrainConfig.from_dict(TINY_CONFIG), device="cpu")
+    trainer._prepare_run_dir()
+
+    def full(state, path):
+        open(path, "wb").write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError):
+        trainer.save_checkpoint()
+    assert not (tmp_path / "run" / "checkpoint.pt.tmp").exists()
+
+
+def test_outputs_never_go_over_inputs_or_into_the_input_folder(tiny_model, volume_file, tmp_path):
+    """--output equal to the input folder: the user's own x_seg was called 'an output' (and replaced with
+    --overwrite), and the next run over the folder segmented the outputs as scans."""
+    import shutil
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(volume_file, scans / "sub01.nii.gz")
+    shutil.copy(volume_file, scans / "sub01_seg.nii.gz")  # a manual label the user keeps beside the scan
+    before = (scans / "sub01_seg.nii.gz").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert_clean_error(cdal("predict", "--model", tiny_model, "--input", scans, "--output", scans, *extra,
+                                check=False), "is the input folder", "choose another folder")
+    assert (scans / "sub01_seg.nii.gz").read_bytes() == before
+    assert sorted(p.name for p in scans.iterdir()) == ["sub01.nii.gz", "sub01_seg.nii.gz"]
+    from cdal_core.cli import keep_outputs_apart
+    with pytest.raises(Exception, match="is an input and would be replaced"):
+        keep_outputs_apart(scans / "sub01.nii.gz", scans, [scans / "sub01_seg.nii.gz"], [scans / "sub01_seg.nii.gz"])
+
+
 @pytest.mark.parametrize("settings, words", [
     ({"batch_size": -3}, ["batch_size", "above 0"]),
     ({"network": {"base_channels": "x"}}, ["base_channels", "whole number"]),

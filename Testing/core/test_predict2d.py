@@ -264,6 +264,16 @@ def test_no_overwrite_without_the_flag(grey_model, grey_data, tmp_path, capsys):
     assert (out / "img0_attention.tif").read_bytes() != b"precious"
 
 
+def test_the_input_folder_is_not_an_output_folder(grey_model, grey_data, tmp_path, capsys):
+    import shutil
+    images = tmp_path / "images"
+    shutil.copytree(grey_data / "images", images)
+    before = sorted(p.name for p in images.iterdir())
+    assert_error(run("predict", "--model", grey_model, "--input", images, "--output", images, "--overwrite"), capsys,
+                 "is the input folder", "choose another folder")
+    assert sorted(p.name for p in images.iterdir()) == before
+
+
 def test_no_attention_writes_three_outputs_with_the_same_labels(grey_model, grey_data, tmp_path, capsys):
     src = grey_data / "images" / "img0.png"
     full, lean = tmp_path / "full", tmp_path / "lean"
