@@ -39,6 +39,9 @@ def template_path() -> Path:
 
 DEMO_OUTPUTS = ("icbm152_seg.nii.gz", "icbm152_uncertainty.nii.gz", "icbm152_attention.nii.gz",
                 "icbm152_report.json", "icbm152_hippocampus.png")
+#: what the fallback without a shipped model writes instead (it trains on generated data, then segments a case)
+SYNTHETIC_DEMO_OUTPUTS = ("synthetic_data", "synthetic_run", "case_000_seg.nii.gz", "case_000_uncertainty.nii.gz",
+                          "case_000_attention.nii.gz", "case_000_report.json")
 
 
 def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False) -> int:
@@ -49,12 +52,13 @@ def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False) -> in
     from .scan import format_report, segment_scan
 
     out_dir = Path(out_dir)
-    existing = [name for name in DEMO_OUTPUTS if (out_dir / name).exists()]
+    shipped = "hippocampus" in list_models()
+    existing = [name for name in (DEMO_OUTPUTS if shipped else SYNTHETIC_DEMO_OUTPUTS) if (out_dir / name).exists()]
     if existing and not overwrite:
         raise CDALError(f"{out_dir / existing[0]}: already exists (an earlier demo run): pass --overwrite to "
                         "replace it, or choose another --output")
     ensure_writable_folder(out_dir, "--output")
-    if "hippocampus" not in list_models():
+    if not shipped:
         return _synthetic_demo(out_dir, device)
     start = time.perf_counter()
     dev = str(resolve_device(device))

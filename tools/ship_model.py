@@ -68,9 +68,15 @@ def main() -> None:
         card["validation"] = validation_block(args.validation, args.cases)
     atomic_write_bytes(tmp / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
     load_model(tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    if dst.exists():  # swap by renames: a crash in between leaves the old model whole (beside), never half of it
+        old = dst.with_name("." + dst.name + ".replaced")
+        if old.exists():
+            shutil.rmtree(old)
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dst)
     print(f"shipped {dst}")
     if "quality" not in card and not is_2d:
         print("no review limits in the card (cdal_core.quality): evaluate held-out scans with a replica of this "

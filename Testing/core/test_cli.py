@@ -265,6 +265,19 @@ def test_a_demo_run_never_replaces_an_earlier_one_silently(tmp_path):
     assert (tmp_path / "icbm152_report.json").read_text() == "an earlier run"
 
 
+def test_the_demo_without_a_shipped_model_never_replaces_its_earlier_files_silently(tmp_path, monkeypatch):
+    """Without a shipped model the demo trains on generated data and writes other files: those are checked too
+    (it used to pass --overwrite for them)."""
+    import cdal_core.model_io
+    from cdal_core.demo import run_demo
+    from cdal_core.errors import CDALError
+    monkeypatch.setattr(cdal_core.model_io, "list_models", lambda: [])
+    (tmp_path / "case_000_seg.nii.gz").write_bytes(b"an earlier result")
+    with pytest.raises(CDALError, match="case_000_seg.nii.gz: already exists"):
+        run_demo(tmp_path)
+    assert (tmp_path / "case_000_seg.nii.gz").read_bytes() == b"an earlier result"
+
+
 def test_outputs_of_one_input_are_written_all_or_none(tmp_path):
     """An error (or Ctrl-C) while writing leaves neither new files nor temporaries, and keeps the old set."""
     from cdal_core.cli import write_outputs_together

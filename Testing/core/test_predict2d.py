@@ -458,6 +458,11 @@ def test_ship_model_ships_a_2d_model_with_its_validation(grey_model, grey_data, 
     card = load_model("discs").card
     assert card["validation"]["images"] == 6 and "seconds_per_image" in card["validation"]
     assert card["normalisation"]["method"] == "min-max" and card["training"]["recipe"] == "test"
+    again = subprocess.run([sys.executable, str(root / "tools/ship_model.py"), str(grey_model), "discs",
+                            "--data", str(grey_data), "--recipe", "test 2", "--overwrite"], capture_output=True, env=env)
+    assert again.returncode == 0, again.stderr.decode("utf-8", "replace")
+    assert sorted(p.name for p in shipped.iterdir()) == ["discs"], "the replaced model is swapped out, not left"
+    assert load_model("discs").card["training"]["recipe"] == "test 2"
 
 
 def test_a_folder_of_images_in_parallel_matches_one_at_a_time(grey_model, grey_data, tmp_path):
