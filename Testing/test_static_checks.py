@@ -142,6 +142,31 @@ def test_parses_as_python39(path):
     assert "from __future__ import annotations" not in source or "parameterNodeWrapper" not in source
 
 
+SLICER_SHIPS = {"numpy", "simpleitk"}  # Slicer's SuperBuild: External_python-numpy, External_SimpleITK
+
+
+def runtimeRequirements(pyproject):
+    """Lower-cased package names of ``[project] dependencies`` in a pyproject.toml text (no tomllib on 3.9)."""
+    block = re.search(r"^dependencies\s*=\s*\[(.*?)\]", pyproject, re.S | re.M).group(1)
+    return {re.split(r"[<>=!~\[ ;]", item.strip().strip('"\''))[0].lower()
+            for item in block.split(",") if item.strip()}
+
+
+def missingFromSlicerInstall(pyproject, requiredPackages):
+    offered = {pipName or name for name, pipName in requiredPackages} | {"torch"}
+    return sorted(runtimeRequirements(pyproject) - SLICER_SHIPS - {n.lower() for n in offered})
+
+
+def test_slicer_installs_every_package_cdal_core_needs():
+    """The module installs cdal_core's requirements itself (with consent); one missing there fails only in the
+    child process, in desktop Slicer (nibabel did: Fine-tune's validation reads NIfTI with it)."""
+    import sys
+    sys.path.insert(0, os.path.join(MODULE_DIR))
+    from CDALSegmentationLib.dependencies import REQUIRED_PACKAGES
+    with open(os.path.join(REPO, "pyproject.toml")) as f:
+        assert missingFromSlicerInstall(f.read(), REQUIRED_PACKAGES) == []
+
+
 # ---- each check can fail -------------------------------------------------------------------------------------
 def test_checks_catch_deliberate_breaks():
     assert undefinedSlicerVariables("INSTALL_DIR ${Slicer_INSTALL_QTSCRIPTEDMODULES_DIR}") == [
@@ -152,3 +177,5 @@ def test_checks_catch_deliberate_breaks():
     assert python39Problems("x: int | str = 1\n")
     assert not python39Problems("from __future__ import annotations\ndef f(a: int | None): pass\n")
     assert not python39Problems("from typing import Optional\ndef f(a: Optional[int]): pass\n")
+    pyproject = '[project]\ndependencies = [\n    "torch>=2.1",\n    "numpy>=1.24",\n    "nibabel>=5",\n]\n'
+    assert missingFromSlicerInstall(pyproject, [("torch", None)]) == ["nibabel"]

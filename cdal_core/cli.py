@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines (for GUIs)")
 
     p = sub.add_parser("predict", help="segment volumes or 2D images: writes <stem>_seg/_uncertainty/_attention "
-                                       "(.nii.gz for volumes, .png/.tif for images) and <stem>_report.json")
+                                       "(.nii.gz for volumes, .png/.tif for images), and <stem>_report.json for volumes")
     p.add_argument("--model", required=True, help="a shipped model (hippocampus, cxr or monuseg) or a model "
                                                   "folder")
     p.add_argument("--input", required=True,

@@ -6,7 +6,10 @@ buttons) and a re-entrant ``ensure`` returns False at once.
 """
 import importlib.util
 
-REQUIRED_PACKAGES = [("torch", None), ("monai", "monai"), ("safetensors", "safetensors"), ("tqdm", "tqdm")]
+#: (import name, pip name): cdal_core's requirements (pyproject.toml) that Slicer does not ship (it has numpy and
+#: SimpleITK). nibabel reads NIfTI training data in Fine-tune's validation.
+REQUIRED_PACKAGES = [("torch", None), ("monai", "monai"), ("safetensors", "safetensors"), ("tqdm", "tqdm"),
+                     ("nibabel", "nibabel")]
 
 
 def missingPackages(findSpec=importlib.util.find_spec):
