@@ -47,7 +47,9 @@ def runInSlicer():
 
     suite = unittest.TestLoader().loadTestsFromModule(desktop_tests)
     result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
-    ok = result.wasSuccessful() and result.testsRun > 0
+    ok = result.wasSuccessful() and result.testsRun > len(result.skipped)  # all skipped (no torch, no model): not a pass
+    if result.skipped and len(result.skipped) == result.testsRun:
+        print("every desktop test was skipped (%s): install what is missing, then run again" % result.skipped[0][1])
     print("CDALSegmentation desktop tests: %s (%d run, %d failures, %d errors, %d skipped)" % (
         "PASSED" if ok else "FAILED", result.testsRun, len(result.failures), len(result.errors),
         len(result.skipped)))

@@ -91,7 +91,8 @@ def python39Problems(source, path="<source>"):
 
 PYTHON_FILES = sorted(glob.glob(os.path.join(MODULE_DIR, "**", "*.py"), recursive=True)
                       + glob.glob(os.path.join(REPO, "cdal_core", "**", "*.py"), recursive=True)
-                      + [os.path.join(REPO, "Testing", "run_tests.py")])
+                      + [os.path.join(REPO, "Testing", "run_tests.py"),
+                         os.path.join(REPO, "Testing", "desktop", "desktop_tests.py")])
 
 
 # ---- the checks ----------------------------------------------------------------------------------------------

@@ -427,17 +427,19 @@ def test_a_generic_folder_name_is_told_apart_by_its_parent_and_a_bundle_by_its_s
 def test_the_shipped_models_name_the_shared_cases_they_trained_on():
     """cxr (refit on all 129 pairs), monuseg (refit on all 30 tiles) and hippocampus (every generator on all 195
     volumes) trained on every case of their data."""
-    from core_settings import ROOT, SHARED_DATA
-    from cdal_core.data import read_case_list
+    from core_settings import SHARED_DATA
     from cdal_core.evaluation import cases_trained_on
     from cdal_core.model_io import list_models, read_card, resolve_model
-    expected = {"cxr": ("CXR", "images", None), "monuseg": ("MoNuSeg/train", "images", None),
-                "hippocampus": ("Task04_Hippocampus", "imagesTr", None)}
-    for name, (folder, images, held_out) in expected.items():
+    expected = {"cxr": ("CXR", "images"), "monuseg": ("MoNuSeg/train", "images"),
+                "hippocampus": ("Task04_Hippocampus", "imagesTr")}
+    checked = []
+    for name, (folder, images) in expected.items():
         data = SHARED_DATA / folder
         if name not in list_models() or not (data / images).is_dir():
             continue
         cases = sorted(f.name.split(".")[0] for f in (data / images).iterdir() if not f.name.startswith("."))
         seen, _ = cases_trained_on(read_card(resolve_model(name)), data, cases)
-        held = set(read_case_list(ROOT / held_out)) if held_out else set()
-        assert seen == [c for c in cases if c not in held], name
+        assert cases and seen == cases, name
+        checked.append(name)
+    if not checked:
+        pytest.skip("neither the shipped models nor ../shared/data are here")

@@ -302,9 +302,16 @@ def test_label_boundaries_mark_both_sides_of_every_edge():
 
 
 def test_boundary_weight_trains(synthetic_dir, tmp_path):
-    cfg = TrainConfig.from_dict({**TINY_CONFIG, "boundary_weight": 4.0})
-    train(str(synthetic_dir), str(tmp_path / "run"), cfg, max_steps=2, device="cpu")
-    assert _checkpoint(tmp_path / "run")["step"] == 2
+    """The same seeded step with and without boundary weighting: it reaches the generator's loss (a setting that
+    was read but ignored would give identical weights)."""
+    runs = {}
+    for weight in (0.0, 4.0):
+        cfg = TrainConfig.from_dict({**TINY_CONFIG, "boundary_weight": weight})
+        train(str(synthetic_dir), str(tmp_path / str(weight)), cfg, max_steps=2, device="cpu")
+        runs[weight] = _checkpoint(tmp_path / str(weight))
+    assert runs[4.0]["step"] == 2
+    differ = [k for k in runs[0.0]["G"] if not torch.equal(runs[0.0]["G"][k], runs[4.0]["G"][k])]
+    assert differ, "boundary_weight changed nothing in the generator"
 
 
 def test_progress_to_a_log_file_is_plain_lines(synthetic_dir, tiny_config_file, tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from cdal_core.config import TrainConfig
 from cdal_core.errors import CDALError
-from cdal_core.inference import pool_views, resolve_precision, segment_image
+from cdal_core.inference import cpu_has_native_bf16, pool_views, resolve_precision, segment_image
 from cdal_core.model_io import load_model
 from cdal_core.trainer import Trainer, _view_augmentation
 
@@ -73,7 +73,7 @@ def test_precision_names():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == torch.float32
     assert resolve_precision("bf16", cpu) == torch.bfloat16
-    assert resolve_precision("auto", cpu) in (torch.float32, torch.bfloat16)
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     with pytest.raises(CDALError, match="precision"):
         resolve_precision("fp8", cpu)
 

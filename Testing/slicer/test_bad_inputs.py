@@ -60,7 +60,7 @@ def test_missing_model_and_bad_model_folder(app, logic, tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "model.json").write_text("{not json")
-    _expect_error(app, lambda: logic.segment(node, model=str(broken)), ["model"])
+    _expect_error(app, lambda: logic.segment(node, model=str(broken)), ["cannot be read", "re-download or re-export"])
 
 
 def test_incompatible_model_weights(app, logic, tiny_model, tmp_path):

@@ -37,7 +37,9 @@ def icbm152_template() -> str:
 
 
 def _validation_cases(n=3):
-    """First cases of the project's validation split (not used to train the shipped model)."""
+    """First cases of the project's fold-0 validation split. Three of the shipped model's four generators have
+    trained on them too (since session 9 they train on all 195 volumes), so this checks the MRML path against the
+    model's known quality on these cases, not its held-out accuracy."""
     path = os.path.join(REPO, "configs", "hippocampus_val.txt")
     if os.path.exists(path):
         names = [l.strip() for l in open(path) if l.strip() and not l.startswith("#")]
@@ -117,7 +119,7 @@ def test_real_hippocampus_dice(app, logic, hippocampus_model, capsys):
     report.append("mean Dice: " + ", ".join("%s %.3f" % kv for kv in mean.items()))
     with capsys.disabled():
         print("\n[hippocampus via MRML] " + "\n[hippocampus via MRML] ".join(report))
-    assert min(mean.values()) > 0.6, mean
+    assert min(mean.values()) > 0.8, mean  # the same cases through cdal_core alone score ~0.87-0.89
 
 
 def test_whole_brain_without_roi_through_the_worker(app, logic, hippocampus_model_only, tmp_path, user_models):
