@@ -525,7 +525,6 @@ class Trainer:
                 if self.step % cfg.val_every == 0:
                     self._pending_validation = True
                     self._validate_and_keep_best()
-                    self._pending_validation = False
                     last_val = self.step
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -566,6 +565,7 @@ class Trainer:
 
     def _validate_and_keep_best(self) -> None:
         report = self.validate()
+        self._pending_validation = False  # done: the checkpoint written with a new best must not ask for it again
         if self.rank != 0:
             return
         if report is None:  # nothing to validate on: the latest weights are the model
