@@ -391,20 +391,17 @@ def check_written_nifti(written: Path, path: Path, image) -> None:
     """ITK's NIfTI writer only prints a warning when the disk fills up (NRRD, MHA, PNG raise): check the file
     (the whole compressed stream of a .nii.gz, the size of a .nii) before it is renamed into place."""
     import errno
-    import gzip
-    import zlib
     import SimpleITK as sitk
+    from .inputs import GZIP_ERRORS, read_whole_gzip
     name = path.name.lower()
     try:
         if name.endswith(".nii.gz"):
-            with gzip.open(written, "rb") as f:
-                while f.read(1 << 24):
-                    pass
+            read_whole_gzip(written)
         elif name.endswith(".nii"):
             needed = 352 + sitk.GetArrayViewFromImage(image).nbytes  # header + voxels
             if written.stat().st_size < needed:
                 raise EOFError(f"{written.stat().st_size} of {needed} bytes")
-    except (EOFError, OSError, zlib.error) as exc:
+    except GZIP_ERRORS as exc:
         raise OSError(errno.ENOSPC, f"written incompletely ({exc}), is the disk full?", str(path)) from None
 
 

@@ -142,13 +142,22 @@ def unreadable(path: Path, text: str) -> CDALError:
     return CDALError(f"{path}: cannot be read as an image ({first}): is it a complete {formats}?")
 
 
+#: what reading a cut or damaged gzip stream raises
+GZIP_ERRORS = (EOFError, OSError, zlib.error)
+
+
+def read_whole_gzip(path: Path) -> None:
+    """Decompress the whole stream, checking its CRC and length; raises one of ``GZIP_ERRORS`` if it is cut."""
+    with gzip.open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
 def verify_gzip(path: Path) -> None:
-    """Decompress the whole stream (CRC and length checked): a cut or damaged download is an error, not zeros."""
+    """A cut or damaged download is an error, not zeros (ITK reads past the cut as zeros)."""
     try:
-        with gzip.open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
-    except (EOFError, OSError, zlib.error) as exc:
+        read_whole_gzip(path)
+    except GZIP_ERRORS as exc:
         raise CDALError(f"{path}: the compressed file is truncated or corrupt ({exc}): copy or download it again")
 
 

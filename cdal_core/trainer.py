@@ -116,11 +116,13 @@ class Trainer:
                                 "training would replace it: use a new --out folder")
             return
         try:
-            prev, mine = json.loads(saved.read_text()), self._run_record()
-            prev["config"].items()
-        except (ValueError, KeyError, TypeError, AttributeError):
+            prev = json.loads(saved.read_text())
+        except ValueError:
+            prev = None
+        if not isinstance(prev, dict) or not isinstance(prev.get("config"), dict):
             raise CDALError(f"{saved}: is not the record of a cdal run (cdal train writes one in its --out folder): "
-                            "use a new --out folder") from None
+                            "use a new --out folder")
+        mine = self._run_record()
         # a setting the saved run predates had its default value there
         a, b = {**TrainConfig().to_dict(), **prev["config"]}, dict(mine["config"])
         a.pop("max_steps", None), b.pop("max_steps", None)

@@ -265,9 +265,11 @@ def _namesHint(names):
 
 def _imageFileName(volumeNode):
     """The file name of a volume read from a 2D image format (PNG, JPEG, TIFF, BMP), else None."""
+    from cdal_core.data import PNG_SUFFIXES  # numpy and SimpleITK only: no torch in the GUI process
+
     storage = volumeNode.GetStorageNode()
     fileName = storage.GetFileName() if storage is not None else None
-    if fileName and os.path.splitext(fileName)[1].lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+    if fileName and fileName.lower().endswith(PNG_SUFFIXES):
         return os.path.basename(fileName)
     return None
 
