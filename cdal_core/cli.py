@@ -310,7 +310,7 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
     from .inference import check_takes_volumes
     from .inputs import read_scan
     from .localise import expects_thin_slices
-    from .model_io import atomic_write_bytes
+    from .model_io import json_bytes
     from .scan import format_report, segment_scan
 
     scan = read_scan(item, allow_thick_slices=args.allow_thick_slices,
@@ -334,7 +334,7 @@ def _predict_one(item, model, files, roi, device: str, args, progress_bar: bool 
     images = [(result.labels, files["seg"]), (result.uncertainty, files["uncertainty"])]
     if result.attention is not None:
         images.append((result.attention, files["attention"]))
-    write_outputs_together(images, {files["report"]: (json.dumps(report, indent=1) + "\n").encode()})
+    write_outputs_together(images, {files["report"]: json_bytes(report, indent=1)})
     written = [path for _, path in images] + [files["report"]]
     stale = drop_stale(files.values(), written)
     notes = [f"{', '.join(stale)} of an earlier run removed"] if stale else []
@@ -450,7 +450,7 @@ def cmd_evaluate(args) -> int:
 
 def finish_evaluation(report, model, args, table) -> int:
     """Shared end of ``cdal evaluate`` (3D and 2D): settings into the report, the table, ``--json``."""
-    from .model_io import atomic_write_bytes
+    from .model_io import atomic_write_bytes, json_bytes
     from .evaluation import cases_trained_on
     report["model"] = str(model.path)
     report["steps"], report["samples"] = args.steps or model.default_steps, args.samples
@@ -463,7 +463,7 @@ def finish_evaluation(report, model, args, table) -> int:
         print(f"note: the model trained on {len(seen)} of these {len(names)} cases ({folder}, outside the held-out "
               "lists in its card): if this is that data, their scores are not held-out", file=sys.stderr)
     if args.json:
-        atomic_write_bytes(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
+        atomic_write_bytes(Path(args.json), json_bytes(report))
         print(f"report: {args.json}")
     return 0
 

@@ -48,7 +48,7 @@ def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False) -> in
     from tqdm import tqdm
     from .cli import ensure_writable_folder, on_terminal, write_outputs_together
     from .inference import resolve_device
-    from .model_io import list_models, load_model
+    from .model_io import json_bytes, list_models, load_model
     from .scan import format_report, segment_scan
 
     out_dir = Path(out_dir)
@@ -72,7 +72,7 @@ def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False) -> in
     images = [(output, out_dir / f"icbm152_{name}.nii.gz") for name, output in
               (("seg", result.labels), ("uncertainty", result.uncertainty), ("attention", result.attention))]
     report = {"input": str(template_path()), "model": str(model.path), **result.report}
-    write_outputs_together(images, {out_dir / "icbm152_report.json": (json.dumps(report, indent=1) + "\n").encode()})
+    write_outputs_together(images, {out_dir / "icbm152_report.json": json_bytes(report, indent=1)})
     figure = out_dir / "icbm152_hippocampus.png"
     _figure(_side_crops(image, result), model.class_names, figure)
     total = time.perf_counter() - start

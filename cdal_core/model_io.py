@@ -13,6 +13,7 @@ A model is named by a path or by the name of a shipped model (``Resources/Models
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -201,6 +202,26 @@ def make_readable(path: os.PathLike) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def finite_or_none(value):
+    """``value`` with every NaN or infinite float (also inside dicts, lists and numpy scalars) replaced by None:
+    strict JSON has no NaN, and a report's reader (jq, JavaScript, pandas with a schema) rejects a bare ``NaN``.
+    None reads as "no value" (a metric undefined for that case, e.g. a Spearman over constant values)."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_bytes(obj, indent: int = 2) -> bytes:
+    """``obj`` as strict JSON (non-finite numbers written as null), newline-terminated, for reports and cards."""
+    return (json.dumps(finite_or_none(obj), indent=indent, allow_nan=False) + "\n").encode()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +255,7 @@ def save_model(directory: os.PathLike, card: Dict, generator: Generator,
         save_file(tensors, weights_tmp, metadata={"format": MODEL_FORMAT})
         card_tmp = _staging_path(directory / CARD_NAME)
         staged.append(card_tmp)
-        Path(card_tmp).write_bytes((json.dumps(card, indent=2) + "\n").encode())
+        Path(card_tmp).write_bytes(json_bytes(card))
         for tmp in staged:
             make_readable(tmp)
         os.replace(weights_tmp, directory / WEIGHTS_NAME)
@@ -297,7 +318,7 @@ def save_member(directory: os.PathLike, generator: Generator, info: Optional[Dic
         old = members[replace - 1]["weights"]
         card["members"] = members[:replace - 1] + [entry] + members[replace:]
     card.pop("quality", None)  # review limits belong to the weights they were measured with (cdal_core.quality)
-    atomic_write_bytes(directory / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
+    atomic_write_bytes(directory / CARD_NAME, json_bytes(card))
     if replace is not None:
         (directory / old).unlink(missing_ok=True)
     return entry

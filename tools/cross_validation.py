@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_reports, also when imported as a module (tests)
-from compare_reports import mean_se  # noqa: E402
+from compare_reports import is_number, finite_or_null, mean_se  # noqa: E402
+
+
+def _scores(rows: List[Dict], key: str) -> List[float]:
+    """The rows' ``key`` in %, leaving out cases without a score (null, or NaN in older reports)."""
+    return [100 * row[key] for row in rows if is_number(row[key])]
+
+
+def _mean_of_numbers(values: List) -> Optional[float]:
+    numbers = [v for v in values if is_number(v)]
+    return round(sum(numbers) / len(numbers), 4) if numbers else None
 
 
 def pool(reports: List[Dict], folds: Optional[List[List[str]]] = None) -> Dict:
@@ -38,14 +48,14 @@ def pool(reports: List[Dict], folds: Optional[List[List[str]]] = None) -> Dict:
     keys = sorted(k for k in rows[0] if k.endswith("_dice"))
     summary = {"cases": len(rows), "folds": len(reports)}
     for key in keys:
-        mean, se = mean_se([100 * row[key] for row in rows])
-        fold_means = [mean_se([100 * row[key] for row in report["per_volume"]])[0] for report in reports]
+        mean, se = mean_se(_scores(rows, key))
+        fold_means = [mean_se(_scores(report["per_volume"], key))[0] for report in reports]
         summary[key] = {"mean": round(mean, 2), "se_cases": round(se, 2),
                         "fold_means": [round(m, 2) for m in fold_means],
                         "se_folds": round(mean_se(fold_means)[1], 2)}
     uncertainty = [r["uncertainty"] for r in reports if r.get("uncertainty")]
     if len(uncertainty) == len(reports):
-        summary["uncertainty_fold_mean"] = {k: round(sum(u[k] for u in uncertainty) / len(uncertainty), 4)
+        summary["uncertainty_fold_mean"] = {k: _mean_of_numbers([u.get(k) for u in uncertainty])
                                             for k in uncertainty[0]}
     return {"per_volume": rows, "summary": summary, "models": [r.get("model") for r in reports]}
 
@@ -68,7 +78,7 @@ def main(argv=None) -> None:
         print("  uncertainty (mean over folds):", s["uncertainty_fold_mean"])
     if args.json:
         tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(pooled, indent=1) + "\n")
+        tmp.write_text(json.dumps(finite_or_null(pooled), indent=1, allow_nan=False) + "\n")
         tmp.replace(args.json)
 
 

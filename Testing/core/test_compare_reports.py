@@ -80,3 +80,29 @@ def test_pooled_recipes_are_also_compared_fold_by_fold():
     assert r["paired_by_fold"] == [3.0, 0.0]
     assert r["paired_se_folds"] == pytest.approx(1.5)
     assert r["paired_se"] < r["paired_se_folds"]  # the per-case s.e. misses the run-to-run spread
+
+
+def test_cases_without_a_score_are_left_out_of_the_pairing_and_counted():
+    base = _report([0.70, None, 0.90, float("nan")])
+    cand = _report([0.72, 0.85, 0.92, 0.50])
+    r = load_tool("compare_reports").compare(base, cand)
+    assert r["Anterior_dice"]["paired_diff"] == pytest.approx(2.0)  # only c0 and c2 have both scores
+    assert r["cases_without_a_score"] == {"Anterior_dice": 2}
+
+
+def test_pooled_folds_skip_missing_scores_and_write_strict_json(tmp_path):
+    cv = load_tool("cross_validation")
+    folds = [["a", "b"], ["c"]]
+    reports = [_fold_report(folds[0], [0.80, None]), _fold_report(folds[1], [0.60])]
+    reports[1]["uncertainty"] = {"auroc": None}
+    pooled = cv.pool(reports, folds)
+    s = pooled["summary"]
+    assert s["Anterior_dice"]["fold_means"] == [80.0, 60.0]
+    assert s["uncertainty_fold_mean"] == {"auroc": 0.9}
+    paths = []
+    for k, r in enumerate(reports):
+        paths.append(tmp_path / f"f{k}.json")
+        paths[-1].write_text(__import__("json").dumps(r))
+    cv.main([str(p) for p in paths] + ["--json", str(tmp_path / "pooled.json")])
+    text = (tmp_path / "pooled.json").read_text()
+    assert "NaN" not in text and __import__("json").loads(text)["per_volume"][1]["Anterior_dice"] is None

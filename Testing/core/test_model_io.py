@@ -293,3 +293,19 @@ def test_an_interrupted_export_keeps_the_previous_weights_and_card_together(tiny
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in Path(tiny_model).iterdir())
     save_model(folder, card, model.generators[0], model.discriminator)
     assert json.loads((folder / "model.json").read_text())["description"] == "a newer export"
+
+
+def test_reports_and_cards_are_strict_json_with_undefined_metrics_as_null():
+    import json
+    import numpy as np
+    from cdal_core.model_io import json_bytes
+
+    report = {"spearman": float("nan"), "hd95": [1.5, float("inf")], "auroc": np.float32("nan"), "n": np.int64(3),
+              "nested": {"ok": 0.25}}
+    text = json_bytes(report).decode()
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    back = json.loads(text, parse_constant=refuse)  # a strict reader: NaN / Infinity would raise here
+    assert back == {"spearman": None, "hd95": [1.5, None], "auroc": None, "n": 3, "nested": {"ok": 0.25}}

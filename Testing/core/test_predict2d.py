@@ -595,3 +595,20 @@ def test_a_config_free_finetune_trains_at_the_models_training_size_and_keeps_its
     retrained = read_card(train(str(data), str(tmp_path / "other"), other, max_steps=1, device="cpu",
                                 init_model=str(start)))
     assert retrained["input"]["image_size"] == [48, 48] and "train_image_size" not in retrained["input"]
+
+
+def test_evaluate_json_is_strict_where_a_metric_is_undefined(grey_model, grey_data, tmp_path):
+    """One image has no image-level rank correlation: the report writes null there, not a bare NaN that strict
+    JSON readers (jq, JavaScript) reject."""
+    one = tmp_path / "one.txt"
+    one.write_text("img0\n")
+    report_path = tmp_path / "report.json"
+    assert run("evaluate", "--model", grey_model, "--data", grey_data, "--cases", one, "--samples", 1,
+               "--json", report_path) == 0
+    text = report_path.read_text()
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the report")
+
+    report = json.loads(text, parse_constant=refuse)
+    assert report["images"] == 1 and report["uncertainty"]["spearman_image"] is None
