@@ -258,9 +258,9 @@ def cmd_predict(args) -> int:
         raise CDALError(f"two inputs would both write {twice}_seg.nii.gz: rename one, or run them separately")
     planned = {item.stem: {**{k: out_dir / f"{item.stem}_{k}.nii.gz" for k in OUTPUT_KINDS},
                            "report": out_dir / f"{item.stem}_report.json"} for item in inputs}
-    keep_outputs_apart(Path(args.input), out_dir, [item.path for item in inputs],
-                       [f for files in planned.values() for f in files.values()])
-    existing = [str(f) for files in planned.values() for f in files.values() if f.exists()]
+    outputs = [f for files in planned.values() for f in files.values()]
+    keep_outputs_apart(Path(args.input), out_dir, [item.path for item in inputs], outputs)
+    existing = [str(f) for f in outputs if f.exists()]
     if existing and not args.overwrite:
         raise CDALError(f"{existing[0]} already exists ({len(existing)} outputs would be replaced): "
                         "pass --overwrite or choose another --output")

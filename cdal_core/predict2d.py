@@ -353,8 +353,9 @@ def predict_images(args) -> int:
     if len(set(stems)) != len(stems):  # e.g. a.png and a.jpg: the second would replace the first's outputs
         twice = sorted({s for s in stems if stems.count(s) > 1})[0]
         raise CDALError(f"two inputs would both write {twice}_seg.png: rename one, or run them separately")
-    keep_outputs_apart(Path(args.input), out_dir, inputs, [f for files in planned.values() for f in files.values()])
-    existing = [str(f) for files in planned.values() for f in files.values() if f.exists()]
+    outputs = [f for files in planned.values() for f in files.values()]
+    keep_outputs_apart(Path(args.input), out_dir, inputs, outputs)
+    existing = [str(f) for f in outputs if f.exists()]
     if existing and not args.overwrite:
         raise CDALError(f"{existing[0]} already exists ({len(existing)} outputs would be replaced): "
                         "pass --overwrite or choose another --output")

@@ -91,6 +91,32 @@ class _PreparedInput(object):
         self.ijkToRas = geometry.ijkToRasArray(volumeNode)
         self.volumeID = volumeNode.GetID()
         self.volumeName = volumeNode.GetName()
+        self.voxelStamp = _voxelStamp(volumeNode)
+
+    def inputChangedSince(self):
+        """What changed in the input volume since it was prepared (None when nothing did): a background run's
+        results belong to the voxels and grid it was given, not to a volume hardened, resampled or moved to
+        another sequence frame meanwhile."""
+        node = self.volumeNode
+        if node.GetImageData() is None or tuple(node.GetImageData().GetDimensions()) != self.fullDimensions:
+            return "its voxels were replaced"
+        if not np.allclose(geometry.ijkToRasArray(node), self.ijkToRas, rtol=0, atol=1e-6):
+            return "its position or orientation changed (e.g. a hardened transform)"
+        if _voxelStamp(node) != self.voxelStamp:
+            return "its voxel values changed"
+        return None
+
+
+def _voxelStamp(volumeNode):
+    """Which voxel array the volume holds, and its modification time: both change when the voxels are edited or
+    replaced (a sequence frame change, Crop/Resample in place, slicer.util.arrayFromVolumeModified)."""
+    imageData = volumeNode.GetImageData()
+    scalars = imageData.GetPointData().GetScalars() if imageData is not None else None
+    if scalars is None:
+        return None
+    # the C++ objects' addresses: a Python wrapper's id() changes whenever VTK re-wraps the same object
+    return (imageData.GetAddressAsString("vtkImageData"), imageData.GetMTime(),
+            scalars.GetAddressAsString("vtkDataArray"), scalars.GetMTime())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -549,6 +575,10 @@ class CDALSegmentationLogic(object):
         """Paste the (cropped) outputs into full-size arrays and create the nodes. All or nothing."""
         volumeNode = prepared.volumeNode
         scene = volumeNode.GetScene()
+        changed = prepared.inputChangedSince()
+        if changed:
+            raise CDALError("input volume %s was changed while it was segmented (%s), so the results would not "
+                            "match it: nothing was added; segment it again" % (prepared.volumeName, changed))
         full = self._pasteIntoFullGrid(prepared, arrays)
         base = "%s CDAL" % prepared.volumeName
         classes = foregroundClasses(prepared.card)

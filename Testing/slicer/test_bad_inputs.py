@@ -163,3 +163,37 @@ def test_an_roi_created_but_never_placed_is_named_as_such(app, logic, tiny_model
     node = _volume(app)
     roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "new ROI")
     _expect_error(app, lambda: logic.segment(node, model=tiny_model, roiNode=roi), ["not been placed", "new ROI"])
+
+
+@pytest.mark.parametrize("change", ["none", "harden", "voxels", "replace"])
+def test_a_volume_changed_during_a_background_run_gets_no_results(app, logic, tiny_model, change):
+    """The results of a background run belong to the voxels and grid it was given. A volume hardened, edited or
+    replaced (a sequence frame, Crop Volume in place) before the run finished gets one line and no nodes; a
+    volume only looked at (its range computed, shown with auto window/level) gets its results."""
+    import vtk
+
+    node = _volume(app)
+    job = logic.startSegmentation(node, model=tiny_model, samples=1, steps=1, device="cpu")
+    try:
+        if change == "none":
+            node.GetImageData().GetScalarRange()
+            node.CreateDefaultDisplayNodes()
+            node.GetDisplayNode().AutoWindowLevelOn()
+        elif change == "harden":
+            matrix = vtk.vtkMatrix4x4()
+            node.GetIJKToRASMatrix(matrix)
+            matrix.SetElement(0, 3, matrix.GetElement(0, 3) + 50.0)
+            node.SetIJKToRASMatrix(matrix)
+        elif change == "voxels":
+            slicer.util.arrayFromVolume(node)[2] += 50.0
+            slicer.util.arrayFromVolumeModified(node)
+        else:
+            slicer.util.updateVolumeFromArray(node, np.zeros((12, 20, 24), np.float32))
+        assert job.wait(timeout=180, interval=0.2) == "done", (job.error, job.stderrLines[-3:])
+        if change == "none":
+            assert logic.finishSegmentation(job).segmentationNode is not None
+        else:
+            _expect_error(app, lambda: logic.finishSegmentation(job),
+                          ["was changed while it was segmented", "segment it again"])
+    finally:
+        job.cleanup()
