@@ -59,14 +59,33 @@ def ensure_writable_folder(folder: Path, option: str) -> None:
 def keep_outputs_apart(source: Path, out_dir: Path, inputs: Iterable[Path], outputs: Iterable[Path]) -> None:
     """Outputs never replace an input, and never go into the input folder itself: a later run over that folder
     would read them as scans (``x_seg_seg.nii.gz``), and ``--overwrite`` would replace a user's own ``x_seg``."""
-    source, out_dir = Path(source), Path(out_dir)
-    if source.is_dir() and out_dir.exists() and out_dir.resolve() == source.resolve():
-        raise CDALError(f"{out_dir}: --output is the input folder, so the next run over it would take these "
-                        f"outputs for inputs: choose another folder, e.g. {source.name}-cdal beside it")
-    taken = {Path(p).resolve() for p in inputs}
+    source, out_dir, inputs = Path(source), Path(out_dir), [Path(p) for p in inputs]
+    # a folder run: the folder given, and the folders its inputs were read from (a 2D dataset's images/); a single
+    # file may have its outputs beside it
+    folders = [source] + [p.parent for p in inputs] if source.is_dir() else []
+    if out_dir.exists() and out_dir.resolve() in {f.resolve() for f in folders}:
+        held = source if out_dir.resolve() == source.resolve() else out_dir
+        raise CDALError(f"{out_dir}: --output is the folder the inputs are read from, so the next run over it would "
+                        f"take these outputs for inputs: choose another folder, e.g. {held.name}-cdal beside it")
+    taken = {p.resolve() for p in inputs}
     for path in outputs:
         if Path(path).resolve() in taken:
             raise CDALError(f"{path}: is an input and would be replaced by an output: choose another --output")
+
+
+def keep_report_apart(report: Optional[str], data: Path, cases: Sequence, case_list: Optional[str]) -> None:
+    """``evaluate --json`` never replaces what it reads, ``--overwrite`` or not: a case's image or label, the
+    dataset's dataset.json, or the ``--cases`` list."""
+    if not report:
+        return
+    reads = [Path(data) / "dataset.json"] + [Path(p) for c in cases for p in (c.image, c.label) if p is not None]
+    if case_list:
+        reads.append(Path(case_list))
+    target = Path(report).resolve()
+    for path in reads:
+        if path.exists() and path.resolve() == target:
+            raise CDALError(f"{report}: --json would replace {path}, which this evaluation reads: "
+                            "write the report elsewhere, e.g. report.json beside the data folder")
 
 
 def remove_empty_folders(folders: Sequence[Path]) -> None:
@@ -428,6 +447,7 @@ def cmd_evaluate(args) -> int:
     cases, _ = read_msd_cases(args.data)
     if args.cases:
         cases = select_cases(cases, read_case_list(args.cases), args.cases, args.data)
+    keep_report_apart(args.json, Path(args.data), cases, args.cases)
     progress = {"bar": None, "done": 0}  # the bar opens with the first finished volume: a refusal before any
     # work stays one clean line
 

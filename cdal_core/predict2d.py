@@ -394,6 +394,8 @@ def evaluate_images(args) -> int:
     cases = read_png_pairs(root)
     if args.cases:
         cases = select_cases(cases, read_case_list(args.cases), args.cases, args.data)
+    from .cli import keep_report_apart
+    keep_report_apart(args.json, root, cases, args.cases)
     device = resolve_device(args.device)
     model = load_model(args.model, device=str(device))
     model_sizes(model)

@@ -205,6 +205,10 @@ class Trainer:
             raise CDALError(f"{root}: 2D images have one view only: remove extra_views from the config")
         self.views = [(0, image_size)] if self.is_2d else cfg.views
         self.banks = [SliceBank(volumes, axis, net.context_slices, size) for axis, size in self.views]
+        if not any(np.any(v.label) for v in volumes):
+            raise CDALError(f"{root}: none of the {len(volumes)} training labels marks any structure (every label "
+                            "is background), so there is nothing to learn: check that the labels/masks are the "
+                            "right files and hold the structures")
         self._check_crops_keep_the_labels(volumes, root)
         self.val_volumes = [loader(c) for c in self.val_cases] if self.is_2d else None
         self.data_summary = {"folder": str(root.resolve()), "train_cases": len(train_cases),

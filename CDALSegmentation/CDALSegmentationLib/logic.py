@@ -23,7 +23,7 @@ import numpy as np
 from . import geometry
 from .jobs import ProcessJob, pythonModuleCommand, removeTree
 from .paths import ensureCoreOnPath, subprocessEnvironment
-from .segment_worker import isImageModel
+from .segment_worker import informativeLine, isImageModel
 
 ensureCoreOnPath()
 from cdal_core.errors import CancelledError, CDALError  # noqa: E402  (pure Python, no torch)
@@ -347,8 +347,10 @@ class CDALSegmentationLogic(object):
         if volumeNode.GetScene() is None:
             raise CDALError("%s is not in a scene: add it to the scene first" % volumeNode.GetName())
         imageData = volumeNode.GetImageData()
-        if imageData is None or imageData.GetNumberOfPoints() == 0:
+        if (imageData is None or imageData.GetNumberOfPoints() == 0
+                or imageData.GetPointData().GetScalars() is None):
             raise CDALError("%s has no image data: load the image again" % volumeNode.GetName())
+        self._checkGrid(volumeNode)
         dims = imageData.GetDimensions()
         modelPath = resolveModelPath(model)
         card = readModelCard(modelPath)
@@ -395,6 +397,20 @@ class CDALSegmentationLogic(object):
         elif coreData is not None:
             coreData.check_volume(image, channels, name=volumeNode.GetName())
         return _PreparedInput(volumeNode, image, ijkBox, modelPath, card)
+
+    @staticmethod
+    def _checkGrid(volumeNode):
+        """Spacing and directions a grid can have: both come from the file's header or Volume Information edits,
+        and a zero spacing or a singular direction matrix would fail deep inside resampling."""
+        spacing = volumeNode.GetSpacing()
+        if not all(np.isfinite(v) and v > 0 for v in spacing):
+            raise CDALError("%s has a voxel spacing of %s mm: every spacing must be positive; set it in Volumes > "
+                            "Volume Information, or fix the file's header" % (volumeNode.GetName(),
+                                                                               " x ".join("%g" % v for v in spacing)))
+        matrix = geometry.ijkToRasArray(volumeNode)
+        if not np.isfinite(matrix).all() or abs(np.linalg.det(matrix[:3, :3])) < 1e-9 * float(np.prod(spacing)):
+            raise CDALError("%s has a degenerate orientation (two of its image axes point the same way): fix the "
+                            "directions in Volumes > Volume Information, or reload the image" % volumeNode.GetName())
 
     @staticmethod
     def _checkImageShape(volumeNode, dims, modelName):
@@ -507,9 +523,17 @@ class CDALSegmentationLogic(object):
         import SimpleITK as sitk
 
         prepared = self.prepareInput(volumeNode, model, roiNode)
-        workDir = tempfile.mkdtemp(prefix="cdal-segment-")
-        inputPath = os.path.join(workDir, "input.nrrd")
-        sitk.WriteImage(prepared.image, inputPath, True)
+        workDir = inputPath = None
+        try:
+            workDir = tempfile.mkdtemp(prefix="cdal-segment-")
+            inputPath = os.path.join(workDir, "input.nrrd")
+            sitk.WriteImage(prepared.image, inputPath, False)  # uncompressed: seconds faster for a whole head
+        except (OSError, RuntimeError) as exc:  # SimpleITK raises RuntimeError for a full disk
+            if workDir:
+                removeTree(workDir)
+            raise CDALError("could not write a temporary copy of %s for the segmentation (%s): free disk space in "
+                            "%s, or point TMPDIR at a disk with room, and run again"
+                            % (prepared.volumeName, informativeLine(exc), tempfile.gettempdir()))
         args = ["--input", inputPath, "--model", prepared.modelPath, "--output-dir", os.path.join(workDir, "out"),
                 "--samples", int(samples), "--device", device or "auto",
                 "--localise", "off" if roiNode is not None else "auto"]  # a user's ROI wins

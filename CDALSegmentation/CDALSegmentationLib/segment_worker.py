@@ -12,9 +12,11 @@ is localised by ``cdal_core.scan.segment_scan``; an ROI crop from the GUI arrive
 image (a PNG/TIFF as Slicer loads it) through ``cdal_core.predict2d``, as ``cdal predict`` does.
 """
 import argparse
+import errno
 import json
 import os
 import sys
+import tempfile
 import time
 
 OUTPUT_FILES = {"labels": "labels.nrrd", "uncertainty": "uncertainty.nrrd", "attention": "attention.nrrd",
@@ -173,12 +175,25 @@ def main(argv=None):
         return _fail(str(exc))
     except MemoryError:
         return _fail("out of memory: use an ROI to segment a smaller region, or fewer samples")
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         text = str(exc)
         if "out of memory" in text.lower():
             return _fail("GPU out of memory: choose Device CPU, use an ROI, or fewer samples")
-        _emit({"event": "error", "message": text.splitlines()[0] if text else exc.__class__.__name__})
+        if "no space" in text.lower() or getattr(exc, "errno", None) == errno.ENOSPC:
+            return _fail("the disk is full (%s): free disk space in %s, or point TMPDIR at a disk with room, and "
+                         "run again" % (informativeLine(exc), tempfile.gettempdir()))
+        _emit({"event": "error", "message": informativeLine(exc)})
         raise
+
+
+def informativeLine(exc):
+    """The line of an exception's text that says what went wrong: ITK's multi-line errors open with a source
+    location and end in an "ITK ERROR" line (a failed write: "... No space left on device")."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    for line in lines:
+        if "ITK ERROR" in line or "No space" in line or "Permission denied" in line:
+            return line
+    return lines[-1] if lines else exc.__class__.__name__
 
 
 if __name__ == "__main__":

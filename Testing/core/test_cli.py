@@ -256,6 +256,21 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tiny_model, 
     assert report.read_text() == "my notes"
 
 
+def test_evaluate_never_writes_its_report_over_what_it_reads(tiny_model, synthetic_dir, tmp_path):
+    """--overwrite replaces an earlier report, never the dataset.json, an image or label, or the --cases list."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    listed = tmp_path / "cases.txt"
+    listed.write_text("case_000\ncase_001\n")
+    targets = [data / "dataset.json", data / "labelsTr" / "case_001.nii.gz", listed]
+    before = [t.read_bytes() for t in targets]
+    for target in targets:
+        assert_clean_error(cdal("evaluate", "--model", tiny_model, "--data", data, "--cases", listed, "--json",
+                                target, "--overwrite", check=False), "would replace", "which this evaluation reads")
+    assert [t.read_bytes() for t in targets] == before
+
+
 def test_a_demo_run_never_replaces_an_earlier_one_silently(tmp_path):
     from cdal_core.demo import run_demo
     from cdal_core.errors import CDALError
@@ -359,7 +374,7 @@ def test_outputs_never_go_over_inputs_or_into_the_input_folder(tiny_model, volum
     before = (scans / "sub01_seg.nii.gz").read_bytes()
     for extra in ([], ["--overwrite"]):
         assert_clean_error(cdal("predict", "--model", tiny_model, "--input", scans, "--output", scans, *extra,
-                                check=False), "is the input folder", "choose another folder")
+                                check=False), "is the folder the inputs are read from", "choose another folder")
     assert (scans / "sub01_seg.nii.gz").read_bytes() == before
     assert sorted(p.name for p in scans.iterdir()) == ["sub01.nii.gz", "sub01_seg.nii.gz"]
     from cdal_core.cli import keep_outputs_apart

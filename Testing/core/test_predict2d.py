@@ -270,8 +270,14 @@ def test_the_input_folder_is_not_an_output_folder(grey_model, grey_data, tmp_pat
     shutil.copytree(grey_data / "images", images)
     before = sorted(p.name for p in images.iterdir())
     assert_error(run("predict", "--model", grey_model, "--input", images, "--output", images, "--overwrite"), capsys,
-                 "is the input folder", "choose another folder")
+                 "is the folder the inputs are read from", "choose another folder")
     assert sorted(p.name for p in images.iterdir()) == before
+    # a dataset folder (images/ + masks/) read from images/: images/ is an input folder too
+    dataset = tmp_path / "dataset"
+    shutil.copytree(grey_data, dataset)
+    assert_error(run("predict", "--model", grey_model, "--input", dataset, "--output", dataset / "images"), capsys,
+                 "is the folder the inputs are read from", "images-cdal")
+    assert sorted(p.name for p in (dataset / "images").iterdir()) == before
 
 
 def test_no_attention_writes_three_outputs_with_the_same_labels(grey_model, grey_data, tmp_path, capsys):
@@ -612,3 +618,14 @@ def test_evaluate_json_is_strict_where_a_metric_is_undefined(grey_model, grey_da
 
     report = json.loads(text, parse_constant=refuse)
     assert report["images"] == 1 and report["uncertainty"]["spearman_image"] is None
+
+
+def test_evaluate_never_writes_its_report_over_a_mask(grey_model, grey_data, tmp_path, capsys):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(grey_data, data)
+    mask = data / "masks" / "img1.png"
+    before = mask.read_bytes()
+    assert_error(run("evaluate", "--model", grey_model, "--data", data, "--json", mask, "--overwrite"), capsys,
+                 "would replace", "which this evaluation reads")
+    assert mask.read_bytes() == before

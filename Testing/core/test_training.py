@@ -145,6 +145,21 @@ def test_an_out_folder_with_a_foreign_config_or_model_is_refused(synthetic_dir, 
     assert (ft / "model" / "model.safetensors").read_bytes() == before
 
 
+def test_training_on_labels_that_mark_nothing_is_refused(synthetic_dir, tmp_path):
+    """All-background labels (the wrong files, an export that lost its segments) trained silently into a model."""
+    import SimpleITK as sitk
+    data = tmp_path / "blank"
+    shutil.copytree(synthetic_dir, data)
+    for label in (data / "labelsTr").glob("*.nii.gz"):
+        image = sitk.ReadImage(str(label))
+        blank = sitk.Image(image.GetSize(), image.GetPixelID())
+        blank.CopyInformation(image)
+        sitk.WriteImage(blank, str(label))
+    with pytest.raises(CDALError, match="every label is background"):
+        train(str(data), str(tmp_path / "r"), TrainConfig.from_dict(TINY_CONFIG), max_steps=1, device="cpu")
+    assert not (tmp_path / "r" / "model").exists()
+
+
 def test_changed_settings_are_not_mixed_into_a_run(synthetic_dir, tmp_path):
     cfg = TrainConfig.from_dict(TINY_CONFIG)
     train(str(synthetic_dir), str(tmp_path / "r"), cfg, max_steps=1, device="cpu")

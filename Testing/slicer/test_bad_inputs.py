@@ -197,3 +197,56 @@ def test_a_volume_changed_during_a_background_run_gets_no_results(app, logic, ti
                           ["was changed while it was segmented", "segment it again"])
     finally:
         job.cleanup()
+
+
+def test_a_full_disk_for_the_temporary_copy_is_one_line_and_leaves_nothing(app, logic, tiny_model, tmp_path,
+                                                                           monkeypatch):
+    """SimpleITK reports a full disk as a ten-line RuntimeError opening with its source path; the partial copy of
+    the patient's image was left in the temporary folder."""
+    import tempfile
+    import SimpleITK as sitk
+
+    def full_disk(image, path, *args):
+        open(path, "wb").write(b"partial")
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: /tmp/SimpleITK-build/"
+                           "itkNrrdImageIO.cxx:1349:\nITK ERROR: NrrdImageIO(0x55): Write: Error writing "
+                           "input.nrrd:\n[nrrd] nrrdSave: No space left on device")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(sitk, "WriteImage", full_disk)
+    node = _volume(app, name="patient")
+    message = _expect_error(app, lambda: logic.startSegmentation(node, model=tiny_model, samples=1, steps=1,
+                                                                 device="cpu"),
+                            ["temporary copy of patient", "TMPDIR", "ITK ERROR"])
+    assert "itkNrrdImageIO.cxx" not in message
+    assert not list(tmp_path.glob("cdal-segment-*"))
+
+
+def test_the_worker_names_a_full_disk_and_the_fix():
+    from CDALSegmentationLib.segment_worker import informativeLine
+    exc = RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: /src/itkNrrdImageIO.cxx:1349:\n"
+                       "ITK ERROR: NrrdImageIO(0x5): Write: Error writing labels.nrrd: No space left on device")
+    assert informativeLine(exc).startswith("ITK ERROR") and "No space" in informativeLine(exc)
+    assert informativeLine(RuntimeError("")) == "RuntimeError"
+
+
+@pytest.mark.parametrize("defect, words", [("zero spacing", ["spacing of 1 x 0 x 2 mm", "Volume Information"]),
+                                           ("singular", ["degenerate orientation", "Volume Information"]),
+                                           ("no voxels", ["no image data", "load the image again"])])
+def test_a_grid_no_resampling_can_use_is_refused_in_one_line(app, logic, tiny_model, defect, words):
+    """Such headers gave a ten-line RuntimeError, a message full of "nan", or an AttributeError."""
+    import vtk
+
+    node = _volume(app)
+    if defect == "zero spacing":
+        node.SetSpacing(1.0, 0.0, 2.0)
+    elif defect == "singular":
+        directions = vtk.vtkMatrix4x4()
+        directions.SetElement(1, 1, 0.0)
+        directions.SetElement(0, 1, 1.0)  # the J axis points along I
+        node.SetIJKToRASDirectionMatrix(directions)
+    else:
+        empty = vtk.vtkImageData()
+        empty.SetDimensions(22, 20, 12)  # points, but no voxel values allocated
+        node.SetAndObserveImageData(empty)
+    _expect_error(app, lambda: logic.segment(node, model=tiny_model, samples=1, steps=1), words)

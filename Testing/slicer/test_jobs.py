@@ -52,6 +52,18 @@ def test_exit_code_and_last_stderr_line_make_the_error():
     assert seen[-1][0] == "failed"
 
 
+@pytest.mark.parametrize("exit_code", [-9, -1, 137])
+def test_a_child_killed_from_outside_is_named_as_such_not_by_its_last_warning(exit_code):
+    """The out-of-memory killer (-9 from subprocess, -1 from the Qt runner's crash exit, 137 through a launcher)
+    leaves no error event; the last stderr line is an unrelated warning, so it must not become the message."""
+    job, _ = _job()
+    job._runner.stderr(b"UserWarning: TypedStorage is deprecated\n")
+    job._runner.finish(exit_code)
+    assert job.state == "failed"
+    assert "stopped from outside" in job.error and "out of memory" in job.error and "Warning" not in job.error
+    assert job.stderrLines == ["UserWarning: TypedStorage is deprecated"]  # the log keeps it
+
+
 def test_error_event_wins_over_stderr():
     job, _ = _job()
     job._runner.stdout(b'{"event": "error", "message": "GPU out of memory: choose Device CPU"}\n')
