@@ -516,15 +516,43 @@ def crop_dataset(source: Path, out: Path, card: Dict,
     they are. One case's files are written together, the dataset.json last. ``on_case(i, n, name, sides)`` after
     each case (sides: "left", "right" or "whole (crop-sized)"), ``on_warning(text)`` for what a case leaves out.
     Returns (crops written, cases read). Used by ``cdal crop`` and by Slicer's fine-tuning child."""
-    import numpy as np
-    import SimpleITK as sitk
-    from .data import check_volume, read_image, read_label_map, read_msd_cases
-    from .localise import training_crops
+    from .data import read_msd_cases
     from .model_io import atomic_write_bytes
     cases, _ = read_msd_cases(source)
     for folder in ("imagesTr", "labelsTr"):
         ensure_writable_folder(out / folder, "--out")
     training = []
+    try:
+        _crop_cases(cases, out, card, training, on_case, on_warning)
+    except BaseException:  # a refused case: remove this run's crops, so that the corrected re-run can use ``out``
+        for entry in training:
+            for key in ("image", "label"):
+                (out / entry[key]).unlink(missing_ok=True)
+        _remove_if_empty(out)
+        raise
+    if not training:  # the warnings said why per scan; without this the trainer would only say "no cases"
+        _remove_if_empty(out)
+        raise CDALError(f"{source}: none of its {len(cases)} scans has labels inside the boxes the model segments, "
+                        "so there is nothing to train on: label the hippocampi (anterior and posterior) first")
+    meta = json.loads((source / "dataset.json").read_text()) if (source / "dataset.json").exists() else {
+        "name": source.name, "labels": {str(c["index"]): c["name"] for c in card["classes"]}}
+    meta.update(training=training, numTraining=len(training), test=[], numTest=0)
+    atomic_write_bytes(out / "dataset.json", (json.dumps(meta, indent=1) + "\n").encode())
+    return len(training), len(cases)
+
+
+def _remove_if_empty(out: Path) -> None:
+    for folder in (out / "imagesTr", out / "labelsTr", out):  # empty: a corrected re-run may use them
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _crop_cases(cases, out: Path, card: Dict, training: List[Dict], on_case, on_warning) -> None:
+    """``crop_dataset``'s loop: each case's crops written together, appended to ``training`` as they are."""
+    import numpy as np
+    import SimpleITK as sitk
+    from .data import check_volume, read_image, read_label_map
+    from .localise import training_crops
     for number, case in enumerate(cases):
         image = read_image(case.image)
         check_volume(image, int(card["input"].get("image_channels", 1)), name=str(case.image))
@@ -541,17 +569,6 @@ def crop_dataset(source: Path, out: Path, card: Dict,
             training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
         if on_case is not None:
             on_case(number + 1, len(cases), case.name, [c.side or "whole (crop-sized)" for c in crops])
-    if not training:  # the warnings said why per scan; without this the trainer would only say "no cases"
-        for folder in (out / "imagesTr", out / "labelsTr", out):  # empty: a corrected re-run may use them
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise CDALError(f"{source}: none of its {len(cases)} scans has labels inside the boxes the model segments, "
-                        "so there is nothing to train on: label the hippocampi (anterior and posterior) first")
-    meta = json.loads((source / "dataset.json").read_text()) if (source / "dataset.json").exists() else {
-        "name": source.name, "labels": {str(c["index"]): c["name"] for c in card["classes"]}}
-    meta.update(training=training, numTraining=len(training), test=[], numTest=0)
-    atomic_write_bytes(out / "dataset.json", (json.dumps(meta, indent=1) + "\n").encode())
-    return len(training), len(cases)
 
 
 def cmd_info(args) -> int:

@@ -15,7 +15,7 @@ import gzip
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -52,7 +52,8 @@ def list_inputs(path: Path) -> List[ScanInput]:
         raise CDALError(f"{path}: not found: check the --input path")
     if path.is_file():
         return [ScanInput(path, stem_of(path))]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
+                   and not p.name.startswith("."))  # not macOS "._x.nii.gz" resource forks
     if files:
         return [ScanInput(p, stem_of(p)) for p in files]
     if _dicom_series(path):
@@ -136,10 +137,25 @@ def unreadable(path: Path, text: str) -> CDALError:
         return CDALError(f"{path}: {suffix or 'a file without extension'} is not a supported format: save 3D volumes "
                          "as .nii.gz/.nrrd/.mha, or 2D images as PNG/JPEG/TIFF")
     formats = "PNG/JPEG/TIFF image" if name.endswith(PNG_SUFFIXES) else ".nii.gz/.nrrd/.mha volume"
+    if _png_colour_type(path) == 4:  # ITK has no pixel type for grey + alpha ("Unknown PixelType ... (1)")
+        return CDALError(f"{path}: is a grey PNG with a transparency (alpha) channel, which cannot be read: save it "
+                         "without transparency (plain greyscale), or as RGB/RGBA")
     if "No such file or directory" in text and path.is_file():  # ITK's stale errno for data that end early
         return CDALError(f"{path}: is truncated or damaged (its data end early): copy or download it again")
     first = text.strip().splitlines()[-1][:200] if text.strip() else "unknown error"
     return CDALError(f"{path}: cannot be read as an image ({first}): is it a complete {formats}?")
+
+
+def _png_colour_type(path: Path) -> Optional[int]:
+    """A PNG's colour type from its header (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[25]
 
 
 #: what reading a cut or damaged gzip stream raises

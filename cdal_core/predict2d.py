@@ -64,6 +64,10 @@ def read_image_2d(path: Path, image_channels: int) -> np.ndarray:
     return image_array_2d(read_image(path), image_channels, str(path))
 
 
+#: an image is resized to the model's working size (e.g. 128 x 128): a strip or a thumbnail would be invented
+MIN_IMAGE_SIDE = 16
+
+
 def image_array_2d(image: sitk.Image, image_channels: int, name: str) -> np.ndarray:
     """A 2D SimpleITK image, or a 3D one of a single slice (how 3D Slicer holds a PNG/TIFF) -> ``(image_channels,
     H, W)`` float32, with ``read_image_2d``'s rules; ``name`` starts its messages."""
@@ -73,6 +77,10 @@ def image_array_2d(image: sitk.Image, image_channels: int, name: str) -> np.ndar
     if image.GetDimension() != 2:
         raise CDALError(f"{name}: has {image.GetDimension()} dimensions (size {size}), expected one 2D image: "
                         "save a single page/frame, or give 3D volumes as .nii.gz/.nrrd/.mha")
+    width, height = image.GetSize()[:2]
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise CDALError(f"{name}: is {width} x {height} pixels, too small to segment (each side needs at least "
+                        f"{MIN_IMAGE_SIDE} pixels): give the whole image, not a strip or a thumbnail")
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     array = array[..., None] if array.ndim == 2 else array               # (H, W, ch)
     channels = array.shape[-1]
@@ -344,6 +352,11 @@ def predict_images(args) -> int:
                       symmetries_choice)
     from .inference import check_takes_volumes, resolve_device
     from .model_io import load_model
+    ignored = [flag for flag, used in (("--roi", args.roi), ("--localise", args.localise != "auto"),
+                                       ("--allow-thick-slices", args.allow_thick_slices)) if used]
+    if ignored:
+        raise CDALError(f"{', '.join(ignored)}: only for 3D volumes; a 2D image is segmented whole: crop the image "
+                        "itself to segment part of it, and leave these options out")
     inputs = list_images(Path(args.input))
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():

@@ -629,3 +629,38 @@ def test_evaluate_never_writes_its_report_over_a_mask(grey_model, grey_data, tmp
     assert_error(run("evaluate", "--model", grey_model, "--data", data, "--json", mask, "--overwrite"), capsys,
                  "would replace", "which this evaluation reads")
     assert mask.read_bytes() == before
+
+
+def _grey_alpha_png(path, size=20):
+    """A grey + alpha PNG (colour type 4), written by hand: what some tools save for a grey X-ray with a mask."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = b"".join(b"\x00" + b"".join(bytes([(x * 12) % 256, 255]) for x in range(size)) for _ in range(size))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 4, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_grey_png_with_transparency_is_named_not_called_incomplete(grey_model, tmp_path, capsys):
+    image = _grey_alpha_png(tmp_path / "xray.png")
+    assert_error(run("predict", "--model", grey_model, "--input", image, "--output", tmp_path / "out"), capsys,
+                 "grey PNG with a transparency", "without transparency")
+
+
+def test_a_strip_or_thumbnail_is_too_small_to_segment(grey_model, tmp_path, capsys):
+    strip = tmp_path / "strip.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(512, dtype=np.uint8)[None] // 2), str(strip))
+    assert_error(run("predict", "--model", grey_model, "--input", strip, "--output", tmp_path / "out"), capsys,
+                 "512 x 1 pixels", "too small")
+    assert not (tmp_path / "out" / "strip_seg.png").exists()
+
+
+@pytest.mark.parametrize("flag", [["--roi", "1,2,3,4,5,6"], ["--localise", "off"], ["--allow-thick-slices"]])
+def test_3d_only_options_are_refused_for_2d_images_not_ignored(grey_model, grey_data, tmp_path, capsys, flag):
+    assert_error(run("predict", "--model", grey_model, "--input", grey_data / "images" / "img0.png", "--output",
+                     tmp_path / "out", *flag), capsys, flag[0], "only for 3D volumes")
+    assert not (tmp_path / "out").exists()

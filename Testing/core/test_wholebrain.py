@@ -467,3 +467,36 @@ def test_whole_heads_are_refused_for_training_and_cdal_crop_makes_them_trainable
     cdal("finetune", "--model", "hippocampus", "--data", crops, "--out", run, "--config", config,
          "--max-steps", 1, "--device", "cpu")
     assert (run / "model" / "model.json").exists()
+
+
+def test_a_crop_refused_part_way_leaves_nothing_that_blocks_the_corrected_rerun(synthetic_dir, tmp_path):
+    """A bad label in the third scan stopped `cdal crop` after two scans' crops were written; the re-run after
+    the fix was told that --out "exists and is not empty"."""
+    import shutil
+    from cdal_core.cli import crop_dataset
+    from cdal_core.errors import CDALError
+    from cdal_core.model_io import read_card, resolve_model
+    card = read_card(resolve_model("hippocampus"))
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    third = sorted((data / "labelsTr").glob("*.nii.gz"))[2]
+    good = third.read_bytes()
+    label = sitk.ReadImage(str(third))
+    sitk.WriteImage(sitk.Cast(label, sitk.sitkUInt8) * 0 + 7, str(third))  # a label value the model does not have
+    out = tmp_path / "crops"
+    with pytest.raises(CDALError, match="7"):
+        crop_dataset(data, out, card)
+    assert not out.exists()
+    third.write_bytes(good)
+    written, cases = crop_dataset(data, out, card)
+    assert cases == 6 and written == 6 and (out / "dataset.json").exists()
+
+
+def test_macos_resource_forks_in_a_scan_folder_are_not_scans(synthetic_dir, tmp_path):
+    import shutil
+    from cdal_core.inputs import list_inputs
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(synthetic_dir / "imagesTr" / "case_000.nii.gz", folder / "case_000.nii.gz")
+    (folder / "._case_000.nii.gz").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    assert [item.path.name for item in list_inputs(folder)] == ["case_000.nii.gz"]
