@@ -260,7 +260,7 @@ def cmd_predict(args) -> int:
     if _is_2d_request(args.input):
         from .predict2d import predict_images
         return predict_images(args)
-    from .inference import mirror_axis_for, resolve_device
+    from .inference import check_takes_volumes, mirror_axis_for, resolve_device
     from .inputs import list_inputs
     from .model_io import load_model
     from .scan import parse_roi
@@ -285,6 +285,7 @@ def cmd_predict(args) -> int:
                         "pass --overwrite or choose another --output")
     model = load_model(args.model, device=str(device))
     mirror_axis_for(model, symmetries_choice(args))  # refuses a mirror the model cannot take, before any work
+    check_takes_volumes(model, str(inputs[0].path) if len(inputs) == 1 else f"{args.input} (volumes)")
     ensure_writable_folder(out_dir, "--output")
     run_each(inputs, lambda item, bar: _predict_one(item, model, planned[item.stem], roi, str(device), args,
                                                    progress_bar=bar), device, item_name=lambda item: item.stem)

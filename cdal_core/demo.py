@@ -57,11 +57,11 @@ def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False) -> in
     if existing and not overwrite:
         raise CDALError(f"{out_dir / existing[0]}: already exists (an earlier demo run): pass --overwrite to "
                         "replace it, or choose another --output")
+    dev = str(resolve_device(device))  # an unusable --device is refused before the output folder appears
     ensure_writable_folder(out_dir, "--output")
     if not shipped:
         return _synthetic_demo(out_dir, device)
     start = time.perf_counter()
-    dev = str(resolve_device(device))
     image = sitk.ReadImage(str(template_path()))
     model = load_model("hippocampus", device=dev)
     with tqdm(total=100, desc="whole brain", unit="%", leave=False, disable=not on_terminal()) as bar:

@@ -271,6 +271,14 @@ def test_evaluate_never_writes_its_report_over_what_it_reads(tiny_model, synthet
     assert [t.read_bytes() for t in targets] == before
 
 
+def test_a_demo_on_a_device_this_machine_lacks_leaves_no_output_folder(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert_clean_error(cdal("demo", "--output", tmp_path / "demo", "--device", "cuda", check=False), "cuda")
+    assert not (tmp_path / "demo").exists()
+
+
 def test_a_demo_run_never_replaces_an_earlier_one_silently(tmp_path):
     from cdal_core.demo import run_demo
     from cdal_core.errors import CDALError

@@ -664,3 +664,9 @@ def test_3d_only_options_are_refused_for_2d_images_not_ignored(grey_model, grey_
     assert_error(run("predict", "--model", grey_model, "--input", grey_data / "images" / "img0.png", "--output",
                      tmp_path / "out", *flag), capsys, flag[0], "only for 3D volumes")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_volume_given_to_a_2d_model_leaves_no_output_folder(grey_model, synthetic_dir, tmp_path, capsys):
+    assert_error(run("predict", "--model", grey_model, "--input", synthetic_dir / "imagesTr" / "case_000.nii.gz",
+                     "--output", tmp_path / "out"), capsys, "is a 2D model")
+    assert not (tmp_path / "out").exists()
