@@ -458,15 +458,11 @@ def read_png_pairs(data_dir: os.PathLike) -> List[Case]:
 
 def load_png_case(case: Case, size: Sequence[int], image_channels: int) -> Volume:
     """A 2D pair as a one-slice volume: image (1, H, W[, ch]) in [0, 1], label (1, H, W) with mask>0 -> 1."""
-    img = read_image(case.image)
-    ch = img.GetNumberOfComponentsPerPixel()
-    if image_channels == 1 and ch >= 3:
-        raise CDALError(f"{case.image}: is RGB but the model expects greyscale: convert it or set image_channels 3")
-    arr = sitk.GetArrayFromImage(img).astype(np.float32)
-    if image_channels == 3 and ch == 1:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    arr = arr[..., :image_channels] if image_channels > 1 else arr
-    from .predict2d import read_mask_2d  # the mask rules of `cdal evaluate` (predict2d imports this module)
+    # the channel rules of `cdal predict`, so that a model trains on what it will be given: grey stored as RGB is
+    # grey, alpha is ignored, and grey images cannot train an RGB model (predict would refuse them)
+    from .predict2d import image_array_2d, read_mask_2d  # (predict2d imports this module)
+    arr = image_array_2d(read_image(case.image), image_channels, str(case.image))   # (ch, H, W)
+    arr = arr[0] if image_channels == 1 else np.moveaxis(arr, 0, -1)                # (H, W[, ch])
     mask = read_mask_2d(case.label, arr.shape[:2], num_classes=2)
     arr, mask = _resize2d(arr, size, linear=True), _resize2d(mask.astype(np.float32), size, linear=False)
     check_intensities(arr, str(case.image))

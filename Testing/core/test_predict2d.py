@@ -670,3 +670,17 @@ def test_a_volume_given_to_a_2d_model_leaves_no_output_folder(grey_model, synthe
     assert_error(run("predict", "--model", grey_model, "--input", synthetic_dir / "imagesTr" / "case_000.nii.gz",
                      "--output", tmp_path / "out"), capsys, "is a 2D model")
     assert not (tmp_path / "out").exists()
+
+
+def test_training_takes_images_by_the_channel_rules_predict_will_apply(grey_data, tmp_path_factory, tmp_path):
+    """An RGB model fine-tuned on grey images trained (grey was repeated to RGB), then `cdal predict` refused
+    every image it trained on; a grey image saved as RGB was refused for a grey model that predict accepts."""
+    from cdal_core.errors import CDALError
+    with pytest.raises(CDALError, match="greyscale image but the model expects RGB"):
+        _train(tmp_path_factory, grey_data, 3)
+    stored_rgb = tmp_path / "stored_rgb"
+    shutil.copytree(grey_data, stored_rgb)
+    for path in (stored_rgb / "images").glob("*.png"):
+        grey = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        _write(path, np.repeat(grey[..., None], 3, axis=-1))
+    assert (Path(_train(tmp_path_factory, stored_rgb, 1)) / "model.json").exists()
