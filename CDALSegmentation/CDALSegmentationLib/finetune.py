@@ -47,10 +47,11 @@ def _nodesByClass(scene, className):
     return nodes
 
 
-def labelArrayForPair(volumeNode, segmentationNode, card):
+def labelArrayForPair(volumeNode, segmentationNode, card, overlaps=None):
     """(K, J, I) uint8 label array in the volume's grid, classes matched by segment name (case-insensitive).
 
-    Returns (array, matchedClassNames). Raises CDALError when no segment matches a model class.
+    Returns (array, matchedClassNames). Raises CDALError when no segment matches a model class. Voxels in the
+    segments of two classes go to the later class; ``overlaps`` (a list) gets a line naming each such segment.
     """
     import slicer.util
 
@@ -77,6 +78,11 @@ def labelArrayForPair(volumeNode, segmentationNode, card):
             if mask is None or tuple(mask.shape) != labels.shape:
                 raise CDALError("segment '%s' of %s could not be resampled onto %s: check the segmentation's "
                                 "geometry" % (name, segmentationNode.GetName(), volumeNode.GetName()))
+            overlap = (mask > 0) & (labels != 0) & (labels != index)
+            if overlaps is not None and overlap.any():
+                overlaps.append("%s: segment '%s' overlaps another class's segment in %d voxels (trained as %s "
+                                "there): remove the overlap in Segment Editor if that is wrong"
+                                % (segmentationNode.GetName(), name, int(np.count_nonzero(overlap)), name))
             labels[mask > 0] = index
         matched.append(name)
     if not matched:
@@ -107,6 +113,7 @@ def exportTrainingData(pairs, outDir, card, cutHeads=True):
     training = []
     warnings = []
     used = set()
+    labelled = 0
     for number, (volumeNode, segNode) in enumerate(pairs):
         if volumeNode is None or volumeNode.GetImageData() is None:
             raise CDALError("segmentation %s has no image volume: set its source volume in Segment Editor"
@@ -115,7 +122,8 @@ def exportTrainingData(pairs, outDir, card, cutHeads=True):
             raise CDALError("%s has %d components per voxel, the model expects %d"
                             % (volumeNode.GetName(), volumeNode.GetImageData().GetNumberOfScalarComponents(),
                                channels))
-        labels, matched = labelArrayForPair(volumeNode, segNode, card)
+        labels, matched = labelArrayForPair(volumeNode, segNode, card, overlaps=warnings)
+        labelled += bool(labels.any())
         missing = [c["name"] for c in card["classes"] if int(c["index"]) != 0 and c["name"] not in matched]
         if missing:
             warnings.append("%s: no segment for %s (treated as background)" % (segNode.GetName(), ", ".join(missing)))
@@ -139,6 +147,7 @@ def exportTrainingData(pairs, outDir, card, cutHeads=True):
             sitk.WriteImage(crop.image, os.path.join(outDir, "imagesTr", name), cutHeads)
             sitk.WriteImage(crop.labels, os.path.join(outDir, "labelsTr", name), cutHeads)
             training.append({"image": "./imagesTr/" + name, "label": "./labelsTr/" + name})
+    _refuseUnlabelled(labelled, pairs)
     meta = {
         "name": "CDALSegmentation fine-tuning data",
         "description": "exported from 3D Slicer by CDALSegmentation",
@@ -155,6 +164,13 @@ def exportTrainingData(pairs, outDir, card, cutHeads=True):
     return outDir, warnings
 
 
+def _refuseUnlabelled(labelled, pairs):
+    """Segmentations whose segments are all empty teach the model to find nothing: refused before training."""
+    if not labelled:
+        raise CDALError("every segment of %s is empty, so there is nothing to learn: paint or correct the "
+                        "structures in Segment Editor first" % ", ".join(seg.GetName() for _, seg in pairs))
+
+
 def cutsHeadsInChild(card):
     """True for a volume model with template boxes (the hippocampus models): its fine-tuning child cuts the
     exported volumes into those boxes (``finetune_worker --cut-heads``), whole heads and crops alike."""
@@ -168,12 +184,13 @@ def _exportImagePairs(pairs, outDir, card, channels):
 
     for folder in ("images", "masks"):
         os.makedirs(os.path.join(outDir, folder), exist_ok=True)
-    warnings, used = [], set()
+    warnings, used, labelled = [], set(), 0
     for number, (volumeNode, segNode) in enumerate(pairs):
         if volumeNode is None or volumeNode.GetImageData() is None:
             raise CDALError("segmentation %s has no image volume: set its source volume in Segment Editor"
                             % segNode.GetName())
-        labels, _ = labelArrayForPair(volumeNode, segNode, card)
+        labels, _ = labelArrayForPair(volumeNode, segNode, card, overlaps=warnings)
+        labelled += bool(labels.any())
         if labels.shape[0] != 1:
             raise CDALError("%s has %d slices, but %s is a 2D model: fine-tune it on single images (PNG/TIFF "
                             "loaded in Slicer)" % (volumeNode.GetName(), labels.shape[0], card.get("name", "this")))
@@ -188,6 +205,7 @@ def _exportImagePairs(pairs, outDir, card, channels):
                         os.path.join(outDir, "images", stem + ".tif"))
         mask = (labels[0] > 0).astype(np.uint8) * 255 if len(card["classes"]) == 2 else labels[0]
         sitk.WriteImage(sitk.GetImageFromArray(mask), os.path.join(outDir, "masks", stem + ".tif"))
+    _refuseUnlabelled(labelled, pairs)
     return outDir, warnings
 
 

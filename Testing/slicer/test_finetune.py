@@ -131,3 +131,38 @@ def test_trainer_notes_reach_the_user(tmp_path):
     job.handleEvent(note)
     job.handleEvent({"event": "progress", "step": 1, "max_steps": 2})
     assert job.warnings == [note["message"]]
+
+
+def _pair_with_segments(app, logic, tiny_model, synthetic_data, arrays):
+    """A segmented case whose two segments are replaced by ``arrays`` (class name -> (K, J, I) mask)."""
+    volume = load_volume(os.path.join(str(synthetic_data), "imagesTr", "case_000.nii.gz"), name="case 0")
+    result = logic.segment(volume, model=tiny_model, samples=1, steps=1, seed=0)
+    segNode = result.segmentationNode
+    segmentation = segNode.GetSegmentation()
+    for i in range(segmentation.GetNumberOfSegments()):
+        name = segmentation.GetNthSegment(i).GetName()
+        slicer.util.updateSegmentBinaryLabelmapFromArray(arrays(result.labelArray())[name].astype(np.uint8),
+                                                         segNode, segmentation.GetNthSegmentID(i), volume)
+    return [(volume, segNode)], result.card
+
+
+def test_export_names_segments_of_two_classes_that_overlap(app, logic, tiny_model, synthetic_data, tmp_path):
+    def both_everywhere(labels):
+        return {"Anterior": labels > 0, "Posterior": labels > 0}
+
+    pairs, card = _pair_with_segments(app, logic, tiny_model, synthetic_data, both_everywhere)
+    _, warnings = finetune.exportTrainingData(pairs, str(tmp_path / "msd"), card)
+    assert any("'Posterior' overlaps another class's segment" in w for w in warnings), warnings
+
+
+def test_fine_tuning_on_empty_segments_is_refused_before_training(app, logic, tiny_model, synthetic_data, tmp_path):
+    """All-empty segments trained a model that finds nothing, and the GUI then offered to use it."""
+    import pytest
+    from cdal_core.errors import CDALError
+
+    def nothing(labels):
+        return {"Anterior": labels < 0, "Posterior": labels < 0}
+
+    pairs, card = _pair_with_segments(app, logic, tiny_model, synthetic_data, nothing)
+    with pytest.raises(CDALError, match="is empty, so there is nothing to learn"):
+        finetune.exportTrainingData(pairs, str(tmp_path / "msd"), card)
