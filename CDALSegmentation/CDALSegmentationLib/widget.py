@@ -23,6 +23,18 @@ from cdal_core.errors import CDALError
 TITLE = "CDAL Segmentation"
 
 
+def showError(exc):
+    """One message box for an exception caught in a slot: a CDALError is the user's to fix and says how, so it
+    comes alone; anything else is unexpected, so its traceback goes under "Show Details" for a bug report."""
+    if isinstance(exc, CDALError):
+        slicer.util.errorDisplay(str(exc), windowTitle=TITLE)
+        return
+    import traceback
+
+    slicer.util.errorDisplay("%s: %s" % (type(exc).__name__, exc), windowTitle=TITLE,
+                             detailedText=traceback.format_exc())
+
+
 class CDALSegmentationLogic(ScriptedLoadableModuleLogic, libLogic.CDALSegmentationLogic):
     """Slicer's logic base (parameter node) + the Qt-free logic, running children on qt.QProcess."""
 
@@ -249,10 +261,7 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
             with waitCursor():
                 job = start()
         except Exception as exc:  # CDALError: the user's to fix; anything else is shown too, not only logged
-            import traceback
-
-            slicer.util.errorDisplay(str(exc) if isinstance(exc, CDALError) else "%s: %s" % (type(exc).__name__, exc),
-                                     windowTitle=TITLE, detailedText=traceback.format_exc())
+            showError(exc)
             return
         panel.start(job)
 
@@ -276,11 +285,8 @@ class CDALSegmentationWidgetMixin(VTKObservationMixin):
             with waitCursor():
                 result = self.logic.finishSegmentation(job)
         except Exception as exc:  # CDALError: the user's to fix; anything else (e.g. MemoryError) is shown too
-            import traceback
-
             self.ui.statusLabel.text = "Failed - nothing was added to the scene."
-            slicer.util.errorDisplay(str(exc) if isinstance(exc, CDALError) else "%s: %s" % (type(exc).__name__, exc),
-                                     windowTitle=TITLE, detailedText=traceback.format_exc())
+            showError(exc)
             return
         self.showResult(result)
         self.ui.statusLabel.text = "Done in %s (%s) on %s.%s" % (
