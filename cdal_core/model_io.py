@@ -427,6 +427,11 @@ def load_model(name_or_path: os.PathLike, device: str = "cpu", with_discriminato
         config = NetworkConfig.from_dict(card["network"])
         for key in ("classes", "input"):
             card[key]  # noqa: B018 - presence check
+        if not isinstance(card["input"], dict):
+            raise ValueError(f"input is {type(card['input']).__name__}, expected an object")
+        for key in ("num_steps", "train_num_steps", "samples"):
+            if key in card and type(card[key]) is not int:
+                raise ValueError(f"{key} is {card[key]!r}, expected a whole number")
     except (KeyError, TypeError, ValueError) as exc:
         raise CDALError(f"{directory / CARD_NAME}: incomplete or incompatible model card ({exc}): "
                         "re-export the model with this version of cdal")
@@ -451,6 +456,11 @@ def _check_classes(card_path: Path, card: Dict, config: NetworkConfig) -> None:
     """The card must name every class the network outputs: an unnamed label would be written to the label map
     but left out of the report and the volume table."""
     classes = card["classes"]
+    if isinstance(classes, list) and not all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                             and type(c.get("index")) is int for c in classes):
+        raise CDALError(f"{card_path}: its classes must each be an entry like {{\"index\": 1, \"name\": "
+                        "\"Lungs\"}} (background first): fix the card, or use the model.json that came with these "
+                        "weights")
     if not isinstance(classes, list) or len(classes) != config.num_classes:
         count = len(classes) if isinstance(classes, list) else "no"
         raise CDALError(f"{card_path}: lists {count} classes but its network outputs {config.num_classes} "

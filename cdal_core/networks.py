@@ -61,6 +61,10 @@ class NetworkConfig:
         for key in ("channel_mults", "disc_mults"):
             if key in d:
                 d[key] = tuple(int(v) for v in d[key])
+        for f in fields(cls):  # a hand-edited card ("base_channels": "sixteen") would fail deep in the network
+            value, kind = d.get(f.name, f.default), {"int": int, "float": (int, float), "bool": bool}.get(str(f.type))
+            if kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                raise ValueError(f"network.{f.name} is {value!r}, expected {f.type}")
         return cls(**d)
 
 

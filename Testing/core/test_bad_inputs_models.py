@@ -64,6 +64,30 @@ def test_a_card_naming_fewer_classes_than_the_network_outputs_is_refused(tiny_mo
         load_model(broken)
 
 
+def _set(path, value):
+    def edit(card):
+        keys = path.split(".")
+        target = card
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("path, value, words", [
+    ("network.base_channels", "sixteen", "network.base_channels is 'sixteen'"),
+    ("network.dropout", "none", "network.dropout"),
+    ("classes", ["bg", "lung"], "must each be an entry like"),
+    ("num_steps", "two", "num_steps is 'two'"),
+    ("input", [], "input is list")])
+def test_a_hand_edited_card_is_refused_in_one_line_at_load(tiny_model, tmp_path, path, value, words):
+    """Such cards gave TypeError tracebacks deep in the network or the report, or a message about another field."""
+    broken = _copy(tiny_model, tmp_path / "edited", _set(path, value))
+    with pytest.raises(CDALError, match=words.replace("(", r"\(").replace("[", r"\[")) as info:
+        load_model(broken)
+    assert "model.json" in str(info.value)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_weights_with_nan_or_inf_are_refused_at_load(tiny_model, tmp_path, bad):
     broken = _copy(tiny_model, tmp_path / "nanw")
