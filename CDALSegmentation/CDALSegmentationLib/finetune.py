@@ -119,7 +119,8 @@ def exportTrainingData(pairs, outDir, card, cutHeads=True):
             raise CDALError("segmentation %s has no image volume: set its source volume in Segment Editor"
                             % segNode.GetName())
         if volumeNode.GetImageData().GetNumberOfScalarComponents() != channels:
-            raise CDALError("%s has %d components per voxel, the model expects %d"
+            raise CDALError("%s has %d components per voxel, the model expects %d: fine-tune on single 3D scalar "
+                            "volumes (one frame of a multi-frame series)"
                             % (volumeNode.GetName(), volumeNode.GetImageData().GetNumberOfScalarComponents(),
                                channels))
         labels, matched = labelArrayForPair(volumeNode, segNode, card, overlaps=warnings)
@@ -134,6 +135,7 @@ def exportTrainingData(pairs, outDir, card, cutHeads=True):
             stem = "%s_%03d" % (stem, number)
         used.add(stem)
         image = geometry.sitkImageFromVolumeNode(volumeNode)
+        _checkTrainingIntensities(image, volumeNode.GetName())
         label = sitk.GetImageFromArray(labels)
         label.CopyInformation(image if image.GetNumberOfComponentsPerPixel() == 1 else
                               sitk.VectorIndexSelectionCast(image, 0))
@@ -162,6 +164,21 @@ def exportTrainingData(pairs, outDir, card, cutHeads=True):
     with open(os.path.join(outDir, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return outDir, warnings
+
+
+def _checkTrainingIntensities(image, name):
+    """Segment's intensity checks, by the volume's name: NIfTI export would turn NaN into 0 without a word, and
+    the child would refuse a constant volume by its temporary file name."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise CDALError("%s has %d NaN/inf voxels: fix or mask them (e.g. replace with 0) before fine-tuning on it"
+                        % (name, int(array.size - np.count_nonzero(finite))))
+    if float(array.max()) == float(array.min()):
+        raise CDALError("%s is constant (every voxel = %g), nothing to learn from: check that the right image was "
+                        "loaded" % (name, float(array.min())))
 
 
 def _refuseUnlabelled(labelled, pairs):

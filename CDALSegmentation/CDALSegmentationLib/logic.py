@@ -369,7 +369,8 @@ class CDALSegmentationLogic(object):
                 raise CDALError("%s is an RGB/colour volume but model '%s' expects a greyscale image: convert it to "
                                 "a scalar volume (Vector to Scalar Volume module) first"
                                 % (volumeNode.GetName(), modelName))
-            raise CDALError("%s has %d components per voxel but model '%s' expects %d"
+            raise CDALError("%s has %d components per voxel (a multi-frame or vector volume) but model '%s' "
+                            "expects %d: select a single 3D scalar volume, e.g. one frame of the series"
                             % (volumeNode.GetName(), components, modelName, channels))
         ijkBox = None
         if roiNode is not None:

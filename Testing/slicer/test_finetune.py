@@ -166,3 +166,19 @@ def test_fine_tuning_on_empty_segments_is_refused_before_training(app, logic, ti
     pairs, card = _pair_with_segments(app, logic, tiny_model, synthetic_data, nothing)
     with pytest.raises(CDALError, match="is empty, so there is nothing to learn"):
         finetune.exportTrainingData(pairs, str(tmp_path / "msd"), card)
+
+
+def test_fine_tuning_on_a_volume_with_nan_voxels_is_refused_by_its_name(app, logic, tiny_model, synthetic_data,
+                                                                         tmp_path):
+    """NIfTI export turned NaN voxels into 0 without a word (Segment refuses such a volume)."""
+    import pytest
+    from cdal_core.errors import CDALError
+
+    pairs, card = _pair_with_segments(app, logic, tiny_model, synthetic_data, lambda labels: {
+        "Anterior": labels == 1, "Posterior": labels == 2})
+    volume = pairs[0][0]
+    voxels = slicer.util.arrayFromVolume(volume).astype(np.float32)
+    voxels[0, 0, :3] = np.nan
+    slicer.util.updateVolumeFromArray(volume, voxels)
+    with pytest.raises(CDALError, match="case 0 has 3 NaN/inf voxels"):
+        finetune.exportTrainingData(pairs, str(tmp_path / "msd"), card)
