@@ -303,6 +303,7 @@ def load_volume(case: Case, grid: ModelGrid, norm: Normalisation, num_classes: i
     """Read, check, move into the model grid and normalise one case (labels by nearest neighbour)."""
     image = read_image(case.image)
     check_volume(image, image_channels, name=str(case.image))
+    refuse_hidden_nonfinite(case.image)
     params = norm.fit(sitk.GetArrayViewFromImage(image))
     mapping = GridMapping(image, grid, fill=params.lo)
     array = norm.apply(mapping.model_array(), params)
@@ -317,6 +318,23 @@ def load_volume(case: Case, grid: ModelGrid, norm: Normalisation, num_classes: i
         else:
             label = sitk.GetArrayFromImage(lab_map.model_image).astype(np.int64)
     return Volume(case.name, array, label, tuple(mapping.model_image.GetSpacing()))
+
+
+def refuse_hidden_nonfinite(path: os.PathLike) -> None:
+    """A float NIfTI's NaN/inf voxels, which SimpleITK reads as 0 without a word (``cdal predict`` reads NIfTI with
+    nibabel and warns): training on them would learn zeros that are not in the scan."""
+    name = Path(path).name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+    img = nib.load(str(path))
+    if img.get_data_dtype().kind != "f":
+        return
+    data = np.asanyarray(img.dataobj)
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise CDALError(f"{path}: has {bad} NaN/inf voxels (read as 0 by ITK): replace them (e.g. with the "
+                        "background value) or mask them before training on it")
 
 
 def read_label_map(path: os.PathLike, image: sitk.Image, num_classes: int) -> np.ndarray:

@@ -412,3 +412,19 @@ def test_a_new_best_model_is_checkpointed_at_once(synthetic_dir, tmp_path):
     assert (tmp_path / "run" / "model" / "model.json").exists()
     saved = _checkpoint(tmp_path / "run")
     assert saved["best"] == trainer.best > -1 and saved["best_step"] == 0
+
+
+def test_training_refuses_a_nifti_whose_nan_voxels_itk_reads_as_zero(synthetic_dir, tmp_path):
+    import nibabel as nib
+    import numpy as np
+    data = tmp_path / "nan"
+    shutil.copytree(synthetic_dir, data)
+    path = sorted((data / "imagesTr").glob("*.nii.gz"))[1]
+    img = nib.load(str(path))
+    voxels = np.asanyarray(img.dataobj).astype(np.float32)
+    voxels[0, 0, :5] = np.nan
+    header = img.header.copy()
+    header.set_data_dtype(np.float32)
+    nib.save(nib.Nifti1Image(voxels, img.affine, header), str(path))
+    with pytest.raises(CDALError, match="has 5 NaN/inf voxels"):
+        train(str(data), str(tmp_path / "r"), TrainConfig.from_dict(TINY_CONFIG), max_steps=1, device="cpu")
