@@ -681,13 +681,16 @@ class CDALSegmentationLogic(object):
         volumeNode.GetIJKToRASMatrix(matrix)
         segmentation = segNode.GetSegmentation()
         for structure in structures:
-            K, J, I = structure.mask.shape
+            # each labelmap covers only its structure's bounding box (extents are absolute IJK indices, so the
+            # grid is the volume's): a whole head's hippocampus is ~0.1 % of it, and full-size copies per segment
+            # took seconds and gigabytes on the GUI thread
+            (k0, k1), (j0, j1), (i0, i1) = _boundingBox(structure.mask)
             image = slicer.vtkOrientedImageData()
-            image.SetExtent(0, I - 1, 0, J - 1, 0, K - 1)
+            image.SetExtent(i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
             image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
             image.SetImageToWorldMatrix(matrix)
             voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-            voxels[:] = structure.mask.astype(np.uint8).ravel()
+            voxels[:] = structure.mask[k0:k1, j0:j1, i0:i1].astype(np.uint8).ravel()
             image.Modified()
             segmentId = segNode.AddSegmentFromBinaryLabelmapRepresentation(image, structure.segmentName,
                                                                           list(structure.color))
@@ -959,6 +962,16 @@ class Structure(object):
         if self.side not in ("left", "right"):
             return self.className
         return "%s %s" % (self.side.capitalize(), self.className[:1].lower() + self.className[1:])
+
+
+def _boundingBox(mask):
+    """((k0, k1), (j0, j1), (i0, i1)) half-open bounds of a (K, J, I) mask's voxels; one voxel at the origin for an
+    empty mask (a segment with nothing in it)."""
+    bounds = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        bounds.append((int(present[0]), int(present[-1]) + 1) if present.size else (0, 1))
+    return bounds
 
 
 def sideStructures(labels, sides, classes):

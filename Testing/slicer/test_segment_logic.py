@@ -270,3 +270,25 @@ def test_model_summary_tells_sampling_ensemble_and_dice_with_standard_error(tmp_
     (folder / "model.json").write_text("{not json")
     line, tooltip = modelSummary(str(folder))
     assert "cannot be read" in line and line == tooltip
+
+
+def test_segment_labelmaps_cover_their_structures_not_the_whole_volume(app, logic, tiny_model, synthetic_data):
+    """A whole head's hippocampus is a small part of it: each segment's labelmap spans its structure's box (the
+    full-size labelmaps took seconds and gigabytes on the GUI thread), and reads back voxel for voxel."""
+    volume = load_volume(_synthetic_case(synthetic_data), name="boxes")
+    result = logic.segment(volume, model=tiny_model, **FAST)
+    labels = result.labelArray()
+    assert labels.any()
+    k, j, i = np.nonzero(labels)
+    box = [i.min(), i.max(), j.min(), j.max(), k.min(), k.max()]
+    segmentation = result.segmentationNode.GetSegmentation()
+    dims = volume.GetImageData().GetDimensions()
+    for n in range(segmentation.GetNumberOfSegments()):
+        extent = segmentation.GetNthSegment(n).GetRepresentation("Binary labelmap").GetExtent()
+        assert all(extent[2 * a] >= box[2 * a] and extent[2 * a + 1] <= box[2 * a + 1] for a in range(3)), extent
+        assert extent != (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    for index in np.unique(labels[labels > 0]):
+        name = [c for c in foregroundClasses(result.card) if c[0] == index][0][1]
+        segmentId = segmentation.GetSegmentIdBySegmentName(name)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(result.segmentationNode, segmentId, volume)
+        assert np.array_equal(mask > 0, labels == index)
