@@ -92,6 +92,7 @@ class _PreparedInput(object):
         self.volumeID = volumeNode.GetID()
         self.volumeName = volumeNode.GetName()
         self.voxelStamp = _voxelStamp(volumeNode)
+        self.frame = sequenceFrame(volumeNode)  # the item of a sequence (4D series) the proxy volume shows, or None
 
     def inputChangedSince(self):
         """What changed in the input volume since it was prepared (None when nothing did): a background run's
@@ -105,6 +106,19 @@ class _PreparedInput(object):
         if _voxelStamp(node) != self.voxelStamp:
             return "its voxel values changed"
         return None
+
+
+def sequenceFrame(volumeNode):
+    """The 1-based item number a sequence browser shows in ``volumeNode`` (a 4D series' proxy volume), else None:
+    the proxy's voxels change with the browser, so results must say which frame they came from."""
+    scene = volumeNode.GetScene()
+    if scene is None:
+        return None
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+        browser = scene.GetNthNodeByClass(i, "vtkMRMLSequenceBrowserNode")
+        if browser.IsProxyNodeID(volumeNode.GetID()):
+            return browser.GetSelectedItemNumber() + 1
+    return None
 
 
 def _voxelStamp(volumeNode):
@@ -605,7 +619,8 @@ class CDALSegmentationLogic(object):
             raise CDALError("input volume %s was changed while it was segmented (%s), so the results would not "
                             "match it: nothing was added; segment it again" % (prepared.volumeName, changed))
         full = self._pasteIntoFullGrid(prepared, arrays)
-        base = "%s CDAL" % prepared.volumeName
+        base = "%s CDAL" % (prepared.volumeName if prepared.frame is None
+                            else "%s frame %d" % (prepared.volumeName, prepared.frame))
         classes = foregroundClasses(prepared.card)
         structures = sideStructures(full["labels"], full["sides"], classes)
         result = SegmentationResult()

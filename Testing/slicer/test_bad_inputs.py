@@ -250,3 +250,23 @@ def test_a_grid_no_resampling_can_use_is_refused_in_one_line(app, logic, tiny_mo
         empty.SetDimensions(22, 20, 12)  # points, but no voxel values allocated
         node.SetAndObserveImageData(empty)
     _expect_error(app, lambda: logic.segment(node, model=tiny_model, samples=1, steps=1), words)
+
+
+def test_results_of_a_sequence_frame_say_which_frame(app, logic, tiny_model):
+    """A 4D series' proxy volume shows one frame at a time: the outputs are named after the frame segmented."""
+    sequences = slicer.vtkSlicerSequencesLogic()
+    sequences.SetMRMLScene(app.scene)
+    sequence = app.scene.AddNewNodeByClass("vtkMRMLSequenceNode", "cine")
+    for i in range(2):
+        frame = _volume(app, name="frame%d" % i)
+        sequence.SetDataNodeAtValue(frame, str(i))
+        app.scene.RemoveNode(frame)
+    browser = app.scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    browser.SetSelectedItemNumber(1)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    proxy = browser.GetProxyNode(sequence)
+    result = logic.segment(proxy, model=tiny_model, samples=1, steps=1)
+    assert result.segmentationNode.GetName().startswith("%s frame 2 CDAL" % proxy.GetName())
+    plain = logic.segment(_volume(app, name="still"), model=tiny_model, samples=1, steps=1)
+    assert plain.segmentationNode.GetName().startswith("still CDAL")
