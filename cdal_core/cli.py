@@ -62,7 +62,7 @@ def keep_outputs_apart(source: Path, out_dir: Path, inputs: Iterable[Path], outp
     source, out_dir, inputs = Path(source), Path(out_dir), [Path(p) for p in inputs]
     # a folder run: the folder given, and the folders its inputs were read from (a 2D dataset's images/); a single
     # file may have its outputs beside it
-    folders = [source] + [p.parent for p in inputs] if source.is_dir() else []
+    folders = [source] + [p if p.is_dir() else p.parent for p in inputs] if source.is_dir() else []  # DICOM: series
     if out_dir.exists() and out_dir.resolve() in {f.resolve() for f in folders}:
         held = source if out_dir.resolve() == source.resolve() else out_dir
         raise CDALError(f"{out_dir}: --output is the folder the inputs are read from, so the next run over it would "

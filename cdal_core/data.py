@@ -327,10 +327,13 @@ def refuse_hidden_nonfinite(path: os.PathLike) -> None:
     if not name.endswith((".nii", ".nii.gz")):
         return
     import nibabel as nib
-    img = nib.load(str(path))
-    if img.get_data_dtype().kind != "f":
+    try:
+        img = nib.load(str(path))
+        if img.get_data_dtype().kind != "f":
+            return
+        data = np.asanyarray(img.dataobj)
+    except Exception:  # nibabel is stricter than ITK about some headers; ITK has read this file already
         return
-    data = np.asanyarray(img.dataobj)
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
         raise CDALError(f"{path}: has {bad} NaN/inf voxels (read as 0 by ITK): replace them (e.g. with the "

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))  # ship_model, also when imported as a module (tests)
 
-from cdal_core.model_io import (CARD_NAME, atomic_write_bytes, learns_left_right_mirror, load_model,  # noqa: E402
+from cdal_core.model_io import (CARD_NAME, atomic_write_bytes, json_bytes, learns_left_right_mirror,  # noqa: E402
+                                load_model,
                                 member_mismatch, member_slice_axes, resolve_model, save_member, trained_mirrored)
 from ship_model import validation_block  # noqa: E402
 
@@ -108,7 +109,7 @@ def main() -> None:
     if card.get("input", {}).get("test_time_mirror") and not trained_mirrored(card):
         card["input"]["test_time_mirror"] = False  # a one-sided member must not be shown the mirror image
         print(f"{dst}: test-time mirror turned off ({args.member} never saw a mirrored head)")
-    atomic_write_bytes(tmp / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
+    atomic_write_bytes(tmp / CARD_NAME, json_bytes(card))
     load_model(tmp)  # refuse to ship anything that does not load
     old = dst.with_name("." + dst.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

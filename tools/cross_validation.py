@@ -30,6 +30,11 @@ def _mean_of_numbers(values: List) -> Optional[float]:
     return round(sum(numbers) / len(numbers), 4) if numbers else None
 
 
+def _mean_se_or_none(values: List[float]):
+    """``mean_se`` of the scored values; (None, None) when no case has a score."""
+    return mean_se(values) if values else (None, None)
+
+
 def pool(reports: List[Dict], folds: Optional[List[List[str]]] = None) -> Dict:
     """One report from per-fold reports: ``per_volume`` concatenated, ``summary`` per class (Dice in %)."""
     rows = [dict(row, fold=k) for k, report in enumerate(reports) for row in report["per_volume"]]
@@ -48,11 +53,15 @@ def pool(reports: List[Dict], folds: Optional[List[List[str]]] = None) -> Dict:
     keys = sorted(k for k in rows[0] if k.endswith("_dice"))
     summary = {"cases": len(rows), "folds": len(reports)}
     for key in keys:
-        mean, se = mean_se(_scores(rows, key))
-        fold_means = [mean_se(_scores(report["per_volume"], key))[0] for report in reports]
+        mean, se = _mean_se_or_none(_scores(rows, key))
+        if mean is None:
+            continue
+        # one entry per fold, in fold order (None: no case of that fold has a score)
+        fold_means = [_mean_se_or_none(_scores(report["per_volume"], key))[0] for report in reports]
+        scored = [m for m in fold_means if m is not None]
         summary[key] = {"mean": round(mean, 2), "se_cases": round(se, 2),
-                        "fold_means": [round(m, 2) for m in fold_means],
-                        "se_folds": round(mean_se(fold_means)[1], 2)}
+                        "fold_means": [None if m is None else round(m, 2) for m in fold_means],
+                        "se_folds": round(mean_se(scored)[1], 2)}
     uncertainty = [r["uncertainty"] for r in reports if r.get("uncertainty")]
     if len(uncertainty) == len(reports):
         summary["uncertainty_fold_mean"] = {k: _mean_of_numbers([u.get(k) for u in uncertainty])

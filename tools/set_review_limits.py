@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cdal_core.model_io import atomic_write_bytes  # noqa: E402
+from cdal_core.model_io import atomic_write_bytes, json_bytes  # noqa: E402
 from cdal_core.quality import REVIEW_FACTOR, limits_from_validation  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main() -> int:
         others[old.get("step_pooling", "last")] = {k: v for k, v in old.items() if k != "other_poolings"}
     if others:
         new["other_poolings"] = others
-    atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
+    atomic_write_bytes(card_path, json_bytes(card))
     print(json.dumps(card["quality"], indent=1))
     return 0
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdal_core.data import Normalisation, read_msd_cases, split_cases  # noqa: E402
-from cdal_core.model_io import CARD_NAME, atomic_write_bytes, load_model, shipped_models_dir  # noqa: E402
+from cdal_core.model_io import CARD_NAME, atomic_write_bytes, json_bytes, load_model, shipped_models_dir  # noqa: E402
 from cdal_core.trainer import _landmarks  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     card["training"]["recipe"] = args.recipe
     if args.validation:
         card["validation"] = validation_block(args.validation, args.cases)
-    atomic_write_bytes(tmp / CARD_NAME, (json.dumps(card, indent=2) + "\n").encode())
+    atomic_write_bytes(tmp / CARD_NAME, json_bytes(card))
     load_model(tmp)
     if dst.exists():  # swap by renames: a crash in between leaves the old model whole (beside), never half of it
         old = dst.with_name("." + dst.name + ".replaced")

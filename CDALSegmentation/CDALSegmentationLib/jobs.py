@@ -76,11 +76,11 @@ def formatDuration(seconds):
     return "%d h %02d min" % (seconds // 3600, (seconds % 3600) // 60)
 
 
-
 def killedFromOutside(exitCode):
     """Exit codes of a child killed by a signal: negative from subprocess (-9: SIGKILL, the out-of-memory killer),
     -1 from the Qt runner for a crash, 128 + signal through a shell or launcher (137: SIGKILL, 139: SIGSEGV)."""
     return exitCode is not None and (int(exitCode) < 0 or int(exitCode) in (134, 137, 139))
+
 
 class SubprocessRunner(object):
     """Process runner on ``subprocess`` for plain Python: reader threads move raw bytes into a queue (so a
@@ -321,8 +321,8 @@ class ProcessJob(object):
                 # no error event: the child never reached its own handlers (the out-of-memory killer, a crash);
                 # its last stderr line is then an unrelated warning at best (the whole log stays in stderrLines)
                 self.error = ("%s was stopped from outside before it finished (exit code %s), most often because "
-                              "the computer ran out of memory: close other programs, or use a smaller region (ROI) "
-                              "or fewer samples, and run again" % (self.name.capitalize(), exitCode))
+                              "the computer ran out of memory: close other programs, or give it less to do (a "
+                              "smaller region or fewer samples), and run again" % (self.name.capitalize(), exitCode))
             if not self.error:
                 lines = [l for l in self.stderrLines if l.strip()]
                 self.error = lines[-1].strip() if lines else "%s exited with code %s" % (self.name, exitCode)

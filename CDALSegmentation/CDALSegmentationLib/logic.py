@@ -103,9 +103,24 @@ class _PreparedInput(object):
             return "its voxels were replaced"
         if not np.allclose(geometry.ijkToRasArray(node), self.ijkToRas, rtol=0, atol=1e-6):
             return "its position or orientation changed (e.g. a hardened transform)"
-        if _voxelStamp(node) != self.voxelStamp:
+        if sequenceFrame(node) != self.frame:
+            return "its sequence browser shows another frame"
+        if _voxelStamp(node) != self.voxelStamp and not self._sameVoxels():
             return "its voxel values changed"
         return None
+
+    def _sameVoxels(self):
+        """The segmented voxels (the ROI box of them) compared with the volume's now: a sequence browser re-copies
+        its frame into the proxy volume on any change of the browser (even a playback setting, or a scene save),
+        which renews the voxel array without changing a value."""
+        import SimpleITK as sitk
+
+        now = geometry.volumeArray(self.volumeNode)  # the array the run was exported from (sitkImageFromVolumeNode)
+        if self.ijkBox is not None:
+            (i0, j0, k0), (i1, j1, k1) = self.ijkBox
+            now = now[k0:k1, j0:j1, i0:i1]
+        then = sitk.GetArrayViewFromImage(self.image)
+        return now.shape == then.shape and np.array_equal(now, then)
 
 
 def sequenceFrame(volumeNode):
@@ -123,7 +138,8 @@ def sequenceFrame(volumeNode):
 
 def _voxelStamp(volumeNode):
     """Which voxel array the volume holds, and its modification time: both change when the voxels are edited or
-    replaced (a sequence frame change, Crop/Resample in place, slicer.util.arrayFromVolumeModified)."""
+    replaced (Crop/Resample in place, slicer.util.arrayFromVolumeModified, a sequence browser's re-copy); a
+    changed stamp is then confirmed by comparing the voxels (``_PreparedInput._sameVoxels``)."""
     imageData = volumeNode.GetImageData()
     scalars = imageData.GetPointData().GetScalars() if imageData is not None else None
     if scalars is None:

@@ -190,9 +190,10 @@ def informativeLine(exc):
     """The line of an exception's text that says what went wrong: ITK's multi-line errors open with a source
     location and end in an "ITK ERROR" line (a failed write: "... No space left on device")."""
     lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
-    for line in lines:
-        if "ITK ERROR" in line or "No space" in line or "Permission denied" in line:
-            return line
+    for words in (("No space", "Permission denied"), ("ITK ERROR",)):  # the cause first, then ITK's summary
+        for line in lines:
+            if any(w in line for w in words):
+                return line
     return lines[-1] if lines else exc.__class__.__name__
 
 

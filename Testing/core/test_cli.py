@@ -466,3 +466,15 @@ def test_the_shipped_models_name_the_shared_cases_they_trained_on():
         checked.append(name)
     if not checked:
         pytest.skip("neither the shipped models nor ../shared/data are here")
+
+
+def test_a_dicom_series_may_write_its_outputs_beside_its_folder(tmp_path):
+    """`--input patient/DICOM --output patient`: the series is read from patient/DICOM, not from patient."""
+    from cdal_core.cli import keep_outputs_apart
+    from cdal_core.errors import CDALError
+    series = tmp_path / "patient" / "DICOM"
+    series.mkdir(parents=True)
+    (series / "IM0001.dcm").write_bytes(b"")
+    keep_outputs_apart(series, tmp_path / "patient", [series], [tmp_path / "patient" / "DICOM_seg.nii.gz"])
+    with pytest.raises(CDALError, match="is the folder the inputs are read from"):
+        keep_outputs_apart(series, series, [series], [series / "DICOM_seg.nii.gz"])

@@ -106,3 +106,11 @@ def test_pooled_folds_skip_missing_scores_and_write_strict_json(tmp_path):
     cv.main([str(p) for p in paths] + ["--json", str(tmp_path / "pooled.json")])
     text = (tmp_path / "pooled.json").read_text()
     assert "NaN" not in text and __import__("json").loads(text)["per_volume"][1]["Anterior_dice"] is None
+    # one scored case in one fold: both standard errors are undefined, written as null; a class no case scores
+    # is left out rather than dividing by zero
+    lone = [{"per_volume": [{"case": "a", "Anterior_dice": 0.8, "Posterior_dice": None}]}]
+    (tmp_path / "lone.json").write_text(__import__("json").dumps(lone[0]))
+    cv.main([str(tmp_path / "lone.json"), "--json", str(tmp_path / "lone_pooled.json")])
+    summary = __import__("json").loads((tmp_path / "lone_pooled.json").read_text())["summary"]
+    assert summary["Anterior_dice"]["se_cases"] is None and summary["Anterior_dice"]["se_folds"] is None
+    assert "Posterior_dice" not in summary

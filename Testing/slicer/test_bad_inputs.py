@@ -217,16 +217,20 @@ def test_a_full_disk_for_the_temporary_copy_is_one_line_and_leaves_nothing(app, 
     node = _volume(app, name="patient")
     message = _expect_error(app, lambda: logic.startSegmentation(node, model=tiny_model, samples=1, steps=1,
                                                                  device="cpu"),
-                            ["temporary copy of patient", "TMPDIR", "ITK ERROR"])
+                            ["temporary copy of patient", "TMPDIR", "No space left on device"])
     assert "itkNrrdImageIO.cxx" not in message
     assert not list(tmp_path.glob("cdal-segment-*"))
 
 
 def test_the_worker_names_a_full_disk_and_the_fix():
     from CDALSegmentationLib.segment_worker import informativeLine
-    exc = RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: /src/itkNrrdImageIO.cxx:1349:\n"
-                       "ITK ERROR: NrrdImageIO(0x5): Write: Error writing labels.nrrd: No space left on device")
-    assert informativeLine(exc).startswith("ITK ERROR") and "No space" in informativeLine(exc)
+    full = RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: /src/itkNrrdImageIO.cxx:1349:\n"
+                        "ITK ERROR: NrrdImageIO(0x5): Write: Error writing labels.nrrd:\n"
+                        "[nrrd] nrrdSave: No space left on device")
+    assert informativeLine(full) == "[nrrd] nrrdSave: No space left on device"
+    other = RuntimeError("Exception thrown in SimpleITK ImageFileReader_Execute: /src/itkImageFileReader.hxx:12:\n"
+                         "ITK ERROR: ImageFileReader(0x7): Could not create IO object for reading file x.nrrd")
+    assert informativeLine(other).startswith("ITK ERROR") and "Could not create IO object" in informativeLine(other)
     assert informativeLine(RuntimeError("")) == "RuntimeError"
 
 
@@ -270,3 +274,57 @@ def test_results_of_a_sequence_frame_say_which_frame(app, logic, tiny_model):
     assert result.segmentationNode.GetName().startswith("%s frame 2 CDAL" % proxy.GetName())
     plain = logic.segment(_volume(app, name="still"), model=tiny_model, samples=1, steps=1)
     assert plain.segmentationNode.GetName().startswith("still CDAL")
+
+
+def test_the_worker_reports_a_full_disk_as_one_error_event(app, tiny_model, tmp_path, monkeypatch, capsys):
+    import json
+    import SimpleITK as sitk
+    from CDALSegmentationLib import segment_worker
+
+    source = tmp_path / "input.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 20, (12, 20, 22)).astype(np.float32)),
+                    str(source))
+
+    def full_disk(outputs, folder):
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: /src/itkNrrdImageIO.cxx:1349:\n"
+                           "ITK ERROR: NrrdImageIO(0x5): Write: Error writing labels.nrrd:\n"
+                           "[nrrd] nrrdSave: No space left on device")
+
+    monkeypatch.setattr(segment_worker, "writeOutputs", full_disk)
+    code = segment_worker.main(["--input", str(source), "--model", tiny_model, "--output-dir", str(tmp_path / "out"),
+                                "--samples", "1", "--steps", "1", "--device", "cpu", "--localise", "off"])
+    errors = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"error"' in line]
+    assert code == 2 and len(errors) == 1
+    assert "disk is full" in errors[0]["message"] and "No space left on device" in errors[0]["message"]
+    assert "TMPDIR" in errors[0]["message"]
+
+
+def test_a_sequence_browser_touched_during_a_run_still_gets_its_results(app, logic, tiny_model):
+    """Sequences re-copy the frame into the proxy volume on any change of the browser (a playback setting, a scene
+    save adding storage nodes): the voxel array is new, its values are not, so the results are kept."""
+    sequences = slicer.vtkSlicerSequencesLogic()
+    sequences.SetMRMLScene(app.scene)
+    sequence = app.scene.AddNewNodeByClass("vtkMRMLSequenceNode", "cine")
+    for i in range(2):
+        frame = _volume(app, name="frame%d" % i)
+        sequence.SetDataNodeAtValue(frame, str(i))
+        app.scene.RemoveNode(frame)
+    browser = app.scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    browser.SetSelectedItemNumber(0)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    proxy = browser.GetProxyNode(sequence)
+    job = logic.startSegmentation(proxy, model=tiny_model, samples=1, steps=1, device="cpu")
+    try:
+        browser.SetPlaybackRateFps(browser.GetPlaybackRateFps() + 1.0)
+        sequences.UpdateProxyNodesFromSequences(browser)  # what the Sequences logic does on that change
+        assert job.wait(timeout=180, interval=0.2) == "done", job.error
+        assert logic.finishSegmentation(job).segmentationNode.GetName().startswith("%s frame 1" % proxy.GetName())
+        job2 = logic.startSegmentation(proxy, model=tiny_model, samples=1, steps=1, device="cpu")
+        browser.SetSelectedItemNumber(1)
+        sequences.UpdateProxyNodesFromSequences(browser)
+        assert job2.wait(timeout=180, interval=0.2) == "done", job2.error
+        _expect_error(app, lambda: logic.finishSegmentation(job2), ["another frame", "segment it again"])
+        job2.cleanup()
+    finally:
+        job.cleanup()
