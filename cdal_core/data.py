@@ -64,14 +64,21 @@ def check_volume(image: sitk.Image, image_channels: int = 1, name: str = "input"
     check_intensities(sitk.GetArrayViewFromImage(image), name)
 
 
-def check_intensities(array: np.ndarray, name: str = "input") -> None:
+#: how check_intensities words its refusals: (before what, nothing to what)
+INTENSITY_PURPOSES = {"segment": ("before segmenting", "nothing to segment"),
+                      "train": ("before training on it", "nothing to learn from")}
+
+
+def check_intensities(array: np.ndarray, name: str = "input", purpose: str = "segment") -> None:
+    """Refuse an empty, non-finite or constant image (``purpose``: a key of ``INTENSITY_PURPOSES``)."""
+    before, nothing = INTENSITY_PURPOSES[purpose]
     if array.size == 0:
         raise CDALError(f"{name}: is empty (no voxels): check that the file holds image data")
     if not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise CDALError(f"{name}: has {bad} NaN/inf voxels: fix or mask them (e.g. replace with 0) before segmenting")
+        raise CDALError(f"{name}: has {bad} NaN/inf voxels: fix or mask them (e.g. replace with 0) {before}")
     if float(np.max(array)) == float(np.min(array)):
-        raise CDALError(f"{name}: is constant (every voxel = {float(np.min(array)):g}), nothing to segment: "
+        raise CDALError(f"{name}: is constant (every voxel = {float(np.min(array)):g}), {nothing}: "
                         "check that the right image was loaded")
 
 

@@ -17,6 +17,7 @@ from .segment_worker import isImageModel
 from .paths import ensureCoreOnPath, subprocessEnvironment
 
 ensureCoreOnPath()
+from cdal_core.data import check_intensities  # noqa: E402  (numpy + SimpleITK, no torch)
 from cdal_core.errors import CDALError  # noqa: E402
 from cdal_core.localise import TrainingCrop, region_specs, training_crops  # noqa: E402
 
@@ -135,7 +136,9 @@ def exportTrainingData(pairs, outDir, card, cutHeads=True):
             stem = "%s_%03d" % (stem, number)
         used.add(stem)
         image = geometry.sitkImageFromVolumeNode(volumeNode)
-        _checkTrainingIntensities(image, volumeNode.GetName())
+        # Segment's checks, by the volume's name: NIfTI export would turn NaN into 0 without a word, and the child
+        # would refuse a constant volume by its temporary file name
+        check_intensities(sitk.GetArrayViewFromImage(image), volumeNode.GetName(), purpose="train")
         label = sitk.GetImageFromArray(labels)
         label.CopyInformation(image if image.GetNumberOfComponentsPerPixel() == 1 else
                               sitk.VectorIndexSelectionCast(image, 0))
@@ -164,21 +167,6 @@ def exportTrainingData(pairs, outDir, card, cutHeads=True):
     with open(os.path.join(outDir, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return outDir, warnings
-
-
-def _checkTrainingIntensities(image, name):
-    """Segment's intensity checks, by the volume's name: NIfTI export would turn NaN into 0 without a word, and
-    the child would refuse a constant volume by its temporary file name."""
-    import SimpleITK as sitk
-
-    array = sitk.GetArrayViewFromImage(image)
-    finite = np.isfinite(array)
-    if not finite.all():
-        raise CDALError("%s has %d NaN/inf voxels: fix or mask them (e.g. replace with 0) before fine-tuning on it"
-                        % (name, int(array.size - np.count_nonzero(finite))))
-    if float(array.max()) == float(array.min()):
-        raise CDALError("%s is constant (every voxel = %g), nothing to learn from: check that the right image was "
-                        "loaded" % (name, float(array.min())))
 
 
 def _refuseUnlabelled(labelled, pairs):
@@ -213,7 +201,9 @@ def _exportImagePairs(pairs, outDir, card, channels):
                             "loaded in Slicer)" % (volumeNode.GetName(), labels.shape[0], card.get("name", "this")))
         if not labels.any():
             warnings.append("%s: all segments are empty" % segNode.GetName())
-        pixels = _imagePixels(geometry.sitkImageFromVolumeNode(volumeNode), channels, volumeNode.GetName())
+        image = geometry.sitkImageFromVolumeNode(volumeNode)
+        check_intensities(sitk.GetArrayViewFromImage(image), volumeNode.GetName(), purpose="train")
+        pixels = _imagePixels(image, channels, volumeNode.GetName())
         stem = safeName(volumeNode.GetName())[:40]
         if stem in used:
             stem = "%s_%03d" % (stem, number)

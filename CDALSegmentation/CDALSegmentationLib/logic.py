@@ -485,15 +485,9 @@ class CDALSegmentationLogic(object):
     @staticmethod
     def _checkIntensities(image, name):
         import SimpleITK as sitk
+        from cdal_core.data import check_intensities  # numpy + SimpleITK, no torch
 
-        array = sitk.GetArrayViewFromImage(image)
-        finite = np.isfinite(array)
-        if not finite.all():
-            raise CDALError("%s has %d NaN/inf voxels: fix or mask them (e.g. replace with 0) before segmenting"
-                            % (name, int(array.size - np.count_nonzero(finite))))
-        if float(array.max()) == float(array.min()):
-            raise CDALError("%s is constant (every voxel = %g), nothing to segment: check that the right image was "
-                            "loaded" % (name, float(array.min())))
+        check_intensities(sitk.GetArrayViewFromImage(image), name)
 
     # ---- synchronous run ---------------------------------------------------------------------------------
     def loadModel(self, modelPath, device="cpu"):
