@@ -194,6 +194,11 @@ def _check_nifti(path: Path, scan: Scan, header, raw: np.ndarray) -> None:
     if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
         scan.warnings.append(f"{path}: the header has no orientation (qform and sform codes are 0), so the scan's "
                              "geometry is assumed and left/right cannot be trusted: fix the header if sides matter")
+    disagree = _orientations_disagree(header)
+    if disagree:
+        scan.warnings.append(f"{path}: the header's two orientations disagree (qform {disagree[0]}, sform "
+                             f"{disagree[1]}): tools that read the other one will see the scan "
+                             "flipped, and left/right may be swapped: fix the header (make qform and sform agree)")
     if np.issubdtype(raw.dtype, np.floating):
         bad = ~np.isfinite(raw)
         if bad.any():
@@ -202,6 +207,20 @@ def _check_nifti(path: Path, scan: Scan, header, raw: np.ndarray) -> None:
             image = sitk.GetImageFromArray(array, isVector=scan.image.GetNumberOfComponentsPerPixel() > 1)
             image.CopyInformation(scan.image)
             scan.image = image
+
+
+def _orientations_disagree(header) -> Optional[Tuple[str, str]]:
+    """(qform axes, sform axes), e.g. ("RAS", "LAS"), when both are set and point different ways, else None. Readers
+    differ in which one they use (nibabel the sform, ITK by its own rules), so such a file has two left/rights."""
+    import nibabel as nib
+    qform, sform = header.get_qform(coded=True)[0], header.get_sform(coded=True)[0]
+    if qform is None or sform is None:
+        return None
+    try:
+        codes = "".join(nib.aff2axcodes(qform)), "".join(nib.aff2axcodes(sform))
+    except Exception:  # a degenerate matrix: refused elsewhere
+        return None
+    return codes if codes[0] != codes[1] else None
 
 
 def replace_nonfinite(image: sitk.Image, name: str = "input") -> Tuple[sitk.Image, str]:

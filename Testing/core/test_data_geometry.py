@@ -184,3 +184,22 @@ def test_histogram_standardisation_maps_contrast_onto_the_training_landmarks():
     assert Normalisation.from_dict(norm.to_dict()).landmarks == landmarks
     plain = Normalisation()(smooth_template)
     assert not np.allclose(np.percentile(plain, LANDMARK_PERCENTILES), landmarks, atol=0.05)
+
+
+def test_a_nifti_whose_qform_and_sform_disagree_on_left_right_is_flagged(tmp_path):
+    """Readers differ in which header orientation they use, so such a file has two left/rights: for a tool that
+    reports left and right hippocampi, the user must hear of it."""
+    import nibabel as nib
+    import numpy as np
+    from cdal_core.inputs import ScanInput, read_scan
+    voxels = np.random.default_rng(0).normal(100, 20, (40, 48, 36)).astype(np.float32)
+    flipped = nib.Nifti1Image(voxels, np.eye(4))
+    flipped.set_qform(np.diag([-1.0, 1.0, 1.0, 1.0]), code=1)
+    flipped.set_sform(np.eye(4), code=1)
+    nib.save(flipped, tmp_path / "flipped.nii.gz")
+    warnings = read_scan(ScanInput(tmp_path / "flipped.nii.gz", "flipped")).warnings
+    assert any("disagree (qform LAS, sform RAS)" in w and "left/right" in w for w in warnings), warnings
+    agreeing = nib.Nifti1Image(voxels, np.eye(4))
+    agreeing.set_qform(np.eye(4), code=1)
+    nib.save(agreeing, tmp_path / "agreeing.nii.gz")
+    assert not read_scan(ScanInput(tmp_path / "agreeing.nii.gz", "agreeing")).warnings
