@@ -452,7 +452,10 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
         pred = result.labels.astype(np.int64)
         error = pred != truth
         m = segmentation_metrics(pred, truth, len(names), (1.0, 1.0))
-        return {"metrics": m, "auroc": error_auroc(result.uncertainty, error),
+        empty = [] if truth.any() else [f"{case.label}: marks nothing (every pixel is background), so this image's "
+                                        "Dice is 0 or undefined and not meaningful: check the mask or leave the "
+                                        "image out"]  # as the 3D path says of an empty label map
+        return {"metrics": m, "auroc": error_auroc(result.uncertainty, error), "warnings": empty,
                 "ece": expected_calibration_error(result.probabilities.max(axis=0), ~error),
                 "mean_uncertainty": float(result.uncertainty.mean()), "error_rate": float(error.mean()),
                 "row": {"case": case.name, "seconds": round(result.seconds, 3),
@@ -476,6 +479,7 @@ def evaluate_pairs(model: LoadedModel, cases: Sequence, steps: Optional[int] = N
             "symmetries": bool(model.card.get("input", {}).get("test_time_symmetries", False)
                                if symmetries is None else symmetries),
             "step_pooling": step_pooling or model.step_pooling,
+            **({"warnings": [w for d in done for w in d["warnings"]]} if any(d["warnings"] for d in done) else {}),
             **({"images_at_once": workers, "volumes_at_once": workers,  # the alias the shared table reads
                 "wall_seconds": round(time.perf_counter() - start, 2)} if workers > 1 else {})}
 

@@ -684,3 +684,13 @@ def test_training_takes_images_by_the_channel_rules_predict_will_apply(grey_data
         grey = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
         _write(path, np.repeat(grey[..., None], 3, axis=-1))
     assert (Path(_train(tmp_path_factory, stored_rgb, 1)) / "model.json").exists()
+
+
+def test_evaluate_warns_of_a_mask_that_marks_nothing(grey_model, grey_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(grey_data, data)
+    _write(data / "masks" / "img2.png", np.zeros((72, 80), np.uint8))
+    report_path = tmp_path / "r.json"
+    assert run("evaluate", "--model", grey_model, "--data", data, "--samples", 1, "--json", report_path) == 0
+    assert "img2.png: marks nothing" in capsys.readouterr().out
+    assert any("img2.png: marks nothing" in w for w in json.loads(report_path.read_text())["warnings"])
