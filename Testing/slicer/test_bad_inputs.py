@@ -256,8 +256,9 @@ def test_a_grid_no_resampling_can_use_is_refused_in_one_line(app, logic, tiny_mo
     _expect_error(app, lambda: logic.segment(node, model=tiny_model, samples=1, steps=1), words)
 
 
-def test_results_of_a_sequence_frame_say_which_frame(app, logic, tiny_model):
-    """A 4D series' proxy volume shows one frame at a time: the outputs are named after the frame segmented."""
+def _two_frame_series(app, shown):
+    """A 4D series "cine" of two frames in a sequence browser showing frame ``shown`` (0-based) in its proxy
+    volume: (the Sequences logic, the browser, the proxy volume)."""
     sequences = slicer.vtkSlicerSequencesLogic()
     sequences.SetMRMLScene(app.scene)
     sequence = app.scene.AddNewNodeByClass("vtkMRMLSequenceNode", "cine")
@@ -267,9 +268,14 @@ def test_results_of_a_sequence_frame_say_which_frame(app, logic, tiny_model):
         app.scene.RemoveNode(frame)
     browser = app.scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "browser")
     browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
-    browser.SetSelectedItemNumber(1)
+    browser.SetSelectedItemNumber(shown)
     sequences.UpdateProxyNodesFromSequences(browser)
-    proxy = browser.GetProxyNode(sequence)
+    return sequences, browser, browser.GetProxyNode(sequence)
+
+
+def test_results_of_a_sequence_frame_say_which_frame(app, logic, tiny_model):
+    """A 4D series' proxy volume shows one frame at a time: the outputs are named after the frame segmented."""
+    _, _, proxy = _two_frame_series(app, shown=1)
     result = logic.segment(proxy, model=tiny_model, samples=1, steps=1)
     assert result.segmentationNode.GetName().startswith("%s frame 2 CDAL" % proxy.GetName())
     plain = logic.segment(_volume(app, name="still"), model=tiny_model, samples=1, steps=1)
@@ -302,18 +308,7 @@ def test_the_worker_reports_a_full_disk_as_one_error_event(app, tiny_model, tmp_
 def test_a_sequence_browser_touched_during_a_run_still_gets_its_results(app, logic, tiny_model):
     """Sequences re-copy the frame into the proxy volume on any change of the browser (a playback setting, a scene
     save adding storage nodes): the voxel array is new, its values are not, so the results are kept."""
-    sequences = slicer.vtkSlicerSequencesLogic()
-    sequences.SetMRMLScene(app.scene)
-    sequence = app.scene.AddNewNodeByClass("vtkMRMLSequenceNode", "cine")
-    for i in range(2):
-        frame = _volume(app, name="frame%d" % i)
-        sequence.SetDataNodeAtValue(frame, str(i))
-        app.scene.RemoveNode(frame)
-    browser = app.scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "browser")
-    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
-    browser.SetSelectedItemNumber(0)
-    sequences.UpdateProxyNodesFromSequences(browser)
-    proxy = browser.GetProxyNode(sequence)
+    sequences, browser, proxy = _two_frame_series(app, shown=0)
     job = logic.startSegmentation(proxy, model=tiny_model, samples=1, steps=1, device="cpu")
     try:
         browser.SetPlaybackRateFps(browser.GetPlaybackRateFps() + 1.0)
